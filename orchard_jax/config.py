@@ -1,0 +1,426 @@
+"""Frozen, validated configuration for orchard_jax trials.
+
+Two value objects hold every setting the trial loop reads:
+
+* :class:`TrainingConfig`: the reference's ``training:`` section (same field
+  names, defaults and ranges), plus ``precision``.
+* :class:`OptunaConfig`: the parts of the reference's ``optuna:`` section that
+  the study and the loop read.
+
+Both are frozen, hashable, keyword-only dataclasses. They are checked whenever
+one is built, so also by :meth:`~_Config.replace` and :meth:`~_Config.from_dict`.
+Every problem raises :class:`ConfigError`, a ``ValueError`` whose message names
+the class, the field, the value received and what is allowed::
+
+    TrainingConfig.learning_rate must be in (1e-08, 1), got -0.1
+
+Deliberate differences from the reference (orchard-ml v0.2.5):
+
+* ``batch_size`` has no upper bound. The reference caps it at 128 to suit 8 GB
+  GPUs; that cap does not fit TPU/GPU JAX users.
+* ``precision`` (new) picks a jmp-style dtype policy, checked by
+  ``core.precision.parse_policy`` (imported only when ``precision`` is set).
+  ``None`` derives it from ``use_amp``; see :func:`resolve_precision`.
+* ``min_lr`` must be ``<= learning_rate``.
+* ``monitor_metric`` takes any metric name, since task adapters can report
+  their own metrics. The reference allows only ``'auc'`` and ``'accuracy'``.
+* ``OptunaConfig.storage`` is a single field: ``'sqlite'``, ``'memory'`` or a
+  database URL. The reference uses storage_type, storage_path and
+  postgresql_url. ``n_jobs`` must be ``>= 1`` (the reference also allows
+  ``-1``), ``timeout`` must be ``> 0`` and the default ``study_name`` is
+  ``'orchard_jax'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import numbers
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+__all__ = ["ConfigError", "TrainingConfig", "OptunaConfig", "resolve_precision"]
+
+_C = TypeVar("_C", bound="_Config")
+_REFUSE = object()  # Sentinel: None is not an allowed value.
+
+
+class ConfigError(ValueError):
+  """An invalid configuration value, unknown field or inconsistent combination."""
+
+
+def _show(value: Any) -> str:
+  return f"{value!r} ({type(value).__name__})"
+
+
+def _closest(word: str, allowed: Any) -> str:
+  match = difflib.get_close_matches(word.lower(), list(allowed), n=1, cutoff=0.6)
+  return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _bound(x: float) -> str:
+  return format(x, "g")
+
+
+# Field checks. Each takes (where, value) and returns the normalised value.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Int:
+  lo: int | None = None
+
+  def __call__(self, where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+      raise ConfigError(f"{where} must be an int, got {_show(value)}")
+    if self.lo is not None and value < self.lo:
+      raise ConfigError(f"{where} must be >= {self.lo}, got {value!r}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Float:
+  lo: float | None = None
+  hi: float | None = None
+  lo_open: bool = False
+  hi_open: bool = False
+  none: Any = _REFUSE  # What None becomes; _REFUSE: None is an error.
+
+  def allowed(self) -> str:
+    if self.hi is None:
+      return f"{'>' if self.lo_open else '>='} {_bound(self.lo)}"
+    left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+    return f"in {left}{_bound(self.lo)}, {_bound(self.hi)}{right}"
+
+  def __call__(self, where: str, value: Any) -> float | None:
+    if value is None and self.none is not _REFUSE:
+      return self.none
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      kind = "a float" if self.none is _REFUSE else "a float or None"
+      raise ConfigError(f"{where} must be {kind}, got {_show(value)}")
+    raw, value = value, float(value)
+    if not math.isfinite(value):
+      raise ConfigError(f"{where} must be a finite float, got {raw!r}")
+    too_low = self.lo is not None and (
+        value <= self.lo if self.lo_open else value < self.lo)
+    too_high = self.hi is not None and (
+        value >= self.hi if self.hi_open else value > self.hi)
+    if too_low or too_high:
+      raise ConfigError(f"{where} must be {self.allowed()}, got {raw!r}")
+    return value
+
+
+def _bool(where: str, value: Any) -> bool:
+  if not isinstance(value, bool):
+    raise ConfigError(f"{where} must be True or False, got {_show(value)}")
+  return value
+
+
+def _name(where: str, value: Any) -> str:
+  if not isinstance(value, str) or not value.strip():
+    raise ConfigError(f"{where} must be a non-empty str, got {_show(value)}")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Choice:
+  options: tuple[str, ...]
+
+  def __call__(self, where: str, value: Any) -> str:
+    if value not in self.options or not isinstance(value, str):
+      hint = _closest(value, self.options) if isinstance(value, str) else ""
+      allowed = ", ".join(map(repr, self.options))
+      raise ConfigError(
+          f"{where} must be one of {allowed}, got {value!r}{hint}")
+    return value
+
+
+def _check_precision(where: str, value: Any) -> str | None:
+  """None, or a policy string that ``core.precision.parse_policy`` accepts.
+
+  The parser is imported here, not at module level, so that loading or
+  building a config without ``precision`` never imports jax.
+  """
+  if value is None:
+    return None
+  if not isinstance(value, str):
+    raise ConfigError(
+        f"{where} must be None or a dtype policy str, got {_show(value)}")
+  from orchard_jax.core.precision import parse_policy
+  try:
+    parse_policy(value)
+  except ValueError as e:
+    raise ConfigError(f"{where}={value!r} is invalid: {e}") from e
+  return value
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://\S*")
+
+
+def _check_storage(where: str, value: Any) -> str:
+  if isinstance(value, str) and (value in ("sqlite", "memory")
+                                 or _URL.fullmatch(value)):
+    return value
+  shown = re.sub(r"//[^/@]*@", "//***@", value) if isinstance(value, str) else value
+  raise ConfigError(
+      f"{where} must be 'sqlite', 'memory' or a database URL such as "
+      f"'postgresql://user:pass@host/db' or 'sqlite:///path/study.db', "
+      f"got {shown!r}")
+
+
+def _field(default: Any, check: Callable[[str, Any], Any]) -> Any:
+  return dataclasses.field(default=default, metadata={"check": check})
+
+
+class _Config:
+  """Shared behaviour: unknown-field refusal, checks, dict I/O, replace."""
+
+  __slots__ = ()
+  # Keys of the reference's section that orchard_jax does not read: why.
+  _NOT_READ: ClassVar[Mapping[str, str]] = {}
+
+  def __new__(cls, *args: Any, **kwargs: Any):
+    # Runs before the generated __init__, so an unknown keyword gets a
+    # ConfigError with a suggestion instead of a bare TypeError.
+    cls._refuse_unknown(kwargs)
+    return super().__new__(cls)
+
+  def __post_init__(self) -> None:
+    owner = type(self).__name__
+    for f in dataclasses.fields(self):
+      checked = f.metadata["check"](f"{owner}.{f.name}", getattr(self, f.name))
+      object.__setattr__(self, f.name, checked)
+    self._check_combinations()
+
+  def _check_combinations(self) -> None:
+    """Checks that involve several fields; run after the per-field checks."""
+
+  @classmethod
+  def _refuse_unknown(cls, keys: Any) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in keys:
+      if not isinstance(key, str):
+        raise ConfigError(f"{cls.__name__} field names must be str, got {_show(key)}")
+      if key in names:
+        continue
+      if key in cls._NOT_READ:
+        raise ConfigError(
+            f"{cls.__name__} has no field {key!r}: {cls._NOT_READ[key]}; "
+            f"remove it")
+      hint = _closest(key, names) or f"; valid fields: {', '.join(names)}"
+      raise ConfigError(f"{cls.__name__} has no field {key!r}{hint}")
+
+  @classmethod
+  def from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
+    """Builds a config from a mapping, e.g. a recipe section from yaml.safe_load.
+
+    Unknown keys are refused, naming the closest field. Missing keys take
+    their defaults. For float fields a numeric string is parsed: PyYAML reads
+    ``1e-6`` (no dot) as the string ``'1e-6'``, and reference recipes write
+    ``min_lr: 1e-6``. Every other value must already have the right type.
+    """
+    if not isinstance(data, Mapping):
+      raise ConfigError(
+          f"{cls.__name__}.from_dict expects a mapping, got {_show(data)}")
+    cls._refuse_unknown(data)
+    kwargs = dict(data)
+    for f in dataclasses.fields(cls):
+      value = kwargs.get(f.name)
+      if isinstance(f.metadata["check"], _Float) and isinstance(value, str):
+        try:
+          kwargs[f.name] = float(value)
+        except ValueError:
+          pass  # Left as is: the field check names the bad string.
+    return cls(**kwargs)
+
+  def to_dict(self) -> dict[str, Any]:
+    """Every field by name; ``from_dict(cfg.to_dict()) == cfg``."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+  def replace(self: _C, **changes: Any) -> _C:
+    """A copy with ``changes`` applied, checked like a new config."""
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingConfig(_Config):
+  """Hyperparameters of one training run (the reference's ``training:``).
+
+  Attributes:
+    seed: Seed of every random stream of the run (any int).
+    batch_size: Samples per batch, ``>= 1``. Unlike the reference, no upper
+      bound (the reference's cap of 128 suits 8 GB GPUs, not TPU/GPU JAX).
+    epochs: Epochs of a full run, ``>= 1``.
+    optimizer_type: ``'sgd'`` (coupled weight decay) or ``'adamw'`` (decoupled).
+    learning_rate: Initial learning rate, in ``(1e-08, 1)``.
+    min_lr: Floor of the cosine/plateau schedules, in ``(1e-08, 1)`` and
+      ``<= learning_rate``.
+    momentum: SGD momentum, in ``[0, 1)``.
+    weight_decay: In ``[0, 0.2]``.
+    grad_clip: Max global gradient norm, in ``[0, 100]``; 0 disables it.
+      ``None`` also disables it and is stored as ``0.0``.
+    label_smoothing: In ``[0, 0.3]``.
+    mixup_alpha: Beta(alpha, alpha) parameter of MixUp, ``>= 0``.
+    mixup_epochs: MixUp is applied while ``epoch <= mixup_epochs``; ``>= 0``.
+    scheduler_type: ``'cosine'``, ``'plateau'``, ``'step'`` or ``'none'``.
+    monitor_metric: Validation metric that is tracked, reported and given to
+      the plateau scheduler (any non-empty name).
+    monitor_direction: ``'maximize'`` or ``'minimize'``.
+    scheduler_patience: Plateau patience in epochs, ``>= 0``.
+    scheduler_factor: Plateau/step LR multiplier, in ``[0, 1]``.
+    step_size: Step scheduler period in epochs, ``>= 1``.
+    use_amp: Low-precision compute (the reference's AMP); needs
+      ``batch_size >= 4``. Used only when ``precision`` is None.
+    criterion_type: ``'cross_entropy'`` or ``'focal'``.
+    weighted_loss: Class weights ``N / (num_classes * count_c)``.
+    focal_gamma: Focal loss exponent, ``>= 0``.
+    precision: Dtype policy, as read by
+      :func:`orchard_jax.core.precision.parse_policy`: ``'float32'``, a low
+      dtype such as ``'bfloat16'`` (compute in it, params/output float32), or
+      ``'params=float32,compute=bfloat16,output=float32'``. ``None`` (the
+      default) derives it from ``use_amp``; see :func:`resolve_precision`.
+    patience: Early stopping of a full run (:func:`orchard_jax.fit`): stop
+      after this many epochs without improvement of ``monitor_metric``.
+    use_tqdm: Show a per-epoch progress bar.
+    use_tta: Accepted so that reference recipes load; test-time augmentation
+      is not implemented, and ``True`` logs a warning when training starts.
+  """
+
+  seed: int = _field(42, _Int())
+  batch_size: int = _field(16, _Int(lo=1))
+  epochs: int = _field(60, _Int(lo=1))
+  optimizer_type: str = _field("sgd", _Choice(("sgd", "adamw")))
+  learning_rate: float = _field(0.008, _Float(1e-8, 1, lo_open=True, hi_open=True))
+  min_lr: float = _field(1e-6, _Float(1e-8, 1, lo_open=True, hi_open=True))
+  momentum: float = _field(0.9, _Float(0, 1, hi_open=True))
+  weight_decay: float = _field(5e-4, _Float(0, 0.2))
+  grad_clip: float | None = _field(1.0, _Float(0, 100, none=0.0))
+  label_smoothing: float = _field(0.0, _Float(0, 0.3))
+  mixup_alpha: float = _field(0.2, _Float(lo=0))
+  mixup_epochs: int = _field(20, _Int(lo=0))
+  scheduler_type: str = _field(
+      "cosine", _Choice(("cosine", "plateau", "step", "none")))
+  monitor_metric: str = _field("auc", _name)
+  monitor_direction: str = _field("maximize", _Choice(("maximize", "minimize")))
+  scheduler_patience: int = _field(5, _Int(lo=0))
+  scheduler_factor: float = _field(0.1, _Float(0, 1))
+  step_size: int = _field(20, _Int(lo=1))
+  use_amp: bool = _field(True, _bool)
+  criterion_type: str = _field("cross_entropy", _Choice(("cross_entropy", "focal")))
+  weighted_loss: bool = _field(False, _bool)
+  focal_gamma: float = _field(2.0, _Float(lo=0))
+  precision: str | None = _field(None, _check_precision)
+  # Keys of reference recipes, accepted so that a ``training:`` section loads unchanged.
+  patience: int = _field(15, _Int(lo=1))
+  use_tqdm: bool = _field(True, _bool)
+  use_tta: bool = _field(False, _bool)
+
+  def _check_combinations(self) -> None:
+    if self.use_amp and self.batch_size < 4:
+      raise ConfigError(
+          f"TrainingConfig.batch_size must be >= 4 when use_amp=True (AMP with "
+          f"very small batches can give NaN gradients), got "
+          f"batch_size={self.batch_size}; set use_amp=False or a larger batch")
+    if self.min_lr > self.learning_rate:
+      raise ConfigError(
+          f"TrainingConfig.min_lr must be <= learning_rate, got "
+          f"min_lr={self.min_lr!r}, learning_rate={self.learning_rate!r}")
+
+  def resolved_precision(self, backend: str) -> str:
+    """Shorthand for ``resolve_precision(self, backend)``."""
+    return resolve_precision(self, backend)
+
+
+_LOW_PRECISION_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def resolve_precision(cfg: TrainingConfig, backend: str) -> str:
+  """The dtype policy string a run uses on ``backend``.
+
+  ``cfg.precision`` when set (it overrides ``use_amp``). Otherwise the
+  reference's ``use_amp`` (float16 autocast on CUDA) maps to ``'bfloat16'``
+  on GPU/TPU backends and to ``'float32'`` on CPU, where low precision is not
+  faster; ``use_amp=False`` gives ``'float32'``. Backends other than
+  gpu/cuda/rocm/tpu get ``'float32'``, which is always correct.
+
+  Args:
+    cfg: The training config.
+    backend: Backend name, normally ``jax.default_backend()`` (case ignored).
+  """
+  if not isinstance(backend, str) or not backend:
+    raise ConfigError(f"backend must be a non-empty str, got {_show(backend)}")
+  if cfg.precision is not None:
+    return cfg.precision
+  if cfg.use_amp and backend.lower() in _LOW_PRECISION_BACKENDS:
+    return "bfloat16"
+  return "float32"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class OptunaConfig(_Config):
+  """Study settings (the reference's ``optuna:`` parts the loop reads).
+
+  The metric and its direction are ``TrainingConfig.monitor_metric`` and
+  ``monitor_direction``; they are not repeated here.
+
+  Attributes:
+    study_name: Optuna study name (non-empty).
+    n_trials: Trials to run, ``>= 1``.
+    epochs: Epochs of each trial, ``>= 1``.
+    timeout: Study time limit in seconds, ``> 0``; None means no limit.
+    enable_pruning: Whether trials report to a pruner and may be pruned.
+    pruning_warmup_epochs: First epoch at which a trial may be pruned,
+      ``>= 0``; must be ``< epochs`` when pruning.
+    pruner_type: ``'median'``, ``'percentile'`` (25th), ``'hyperband'`` or
+      ``'none'``; ``'none'`` needs ``enable_pruning=False``.
+    sampler_type: ``'tpe'``, ``'cmaes'`` or ``'random'``.
+    storage: ``'sqlite'`` (a file the caller places), ``'memory'``, or a
+      database URL such as ``'postgresql://user:pass@host/db'`` or
+      ``'sqlite:///path/study.db'``.
+    load_if_exists: Resume a stored study of the same name.
+    n_jobs: Trials run in parallel, ``>= 1``.
+    search_space_preset: ``'quick'`` or ``'full'``.
+    enable_early_stopping: Stop the study once trials reach the threshold.
+    early_stopping_threshold: Metric value that counts as reached; None
+      lets the study pick one from the metric.
+    early_stopping_patience: Consecutive trials at the threshold that stop
+      the study, ``>= 1``.
+  """
+
+  study_name: str = _field("orchard_jax", _name)
+  n_trials: int = _field(50, _Int(lo=1))
+  epochs: int = _field(15, _Int(lo=1))
+  timeout: float | None = _field(None, _Float(lo=0, lo_open=True, none=None))
+  enable_pruning: bool = _field(True, _bool)
+  pruning_warmup_epochs: int = _field(5, _Int(lo=0))
+  pruner_type: str = _field(
+      "median", _Choice(("median", "percentile", "hyperband", "none")))
+  sampler_type: str = _field("tpe", _Choice(("tpe", "cmaes", "random")))
+  storage: str = _field("sqlite", _check_storage)
+  load_if_exists: bool = _field(True, _bool)
+  n_jobs: int = _field(1, _Int(lo=1))
+  search_space_preset: str = _field("full", _Choice(("quick", "full")))
+  enable_early_stopping: bool = _field(True, _bool)
+  early_stopping_threshold: float | None = _field(None, _Float(none=None))
+  early_stopping_patience: int = _field(2, _Int(lo=1))
+
+  _NOT_READ: ClassVar[Mapping[str, str]] = {
+      "metric_name": "the metric is TrainingConfig.monitor_metric",
+      "direction": "the direction is TrainingConfig.monitor_direction",
+      "storage_type": "use storage='sqlite', 'memory' or a database URL",
+      "storage_path": "use storage='sqlite:///path/study.db'",
+      "postgresql_url": "use storage='postgresql://user:pass@host/db'",
+  }
+
+  def _check_combinations(self) -> None:
+    if self.enable_pruning and self.pruner_type == "none":
+      raise ConfigError(
+          "OptunaConfig.pruner_type must be 'median', 'percentile' or "
+          "'hyperband' when enable_pruning=True, got 'none'; or set "
+          "enable_pruning=False")
+    if self.enable_pruning and self.pruning_warmup_epochs >= self.epochs:
+      raise ConfigError(
+          f"OptunaConfig.pruning_warmup_epochs must be < epochs when "
+          f"enable_pruning=True, got pruning_warmup_epochs="
+          f"{self.pruning_warmup_epochs}, epochs={self.epochs}")

@@ -1,0 +1,122 @@
+"""The pure, jitted training and evaluation steps.
+
+``train_step(state, batch) -> (state, metrics)`` and
+``eval_step(state, batch) -> outputs`` are functions of their inputs only.
+Each is compiled once per (model, optimizer structure, criterion, precision,
+batch shape), because everything else a trial varies is an array in the
+state. ``train_step`` donates its state. Nothing here forces a host sync:
+metrics are on-device sums that the epoch loop fetches once per epoch.
+
+A batch is ``{"image": [B, ...], "label": int [B], "mask": bool [B]}``;
+padding rows (mask False) count nowhere: not in the loss, not in the
+metrics, not in BatchNorm statistics of models that accept a mask.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from orchard_jax.core import losses
+from orchard_jax.core.precision import all_finite, select_tree
+from orchard_jax.core.state import StepSpec, TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def check_batch(spec: StepSpec, batch: Batch) -> None:
+  """Raises ``ValueError`` if the batch's structure disagrees with the spec.
+
+  Runs at trace time (shapes are static), so it costs nothing per step.
+  """
+  missing = {"image", "label", "mask"} - set(batch)
+  if missing:
+    raise ValueError(f"batch is missing key(s) {sorted(missing)}; a batch has 'image', 'label' and 'mask'")
+  image, label, mask = batch["image"], batch["label"], batch["mask"]
+  if tuple(image.shape[1:]) != spec.input_shape:
+    raise ValueError(f"batch image shape {tuple(image.shape)} does not match the model's input shape "
+                     f"(B, {', '.join(map(str, spec.input_shape))})")
+  if label.shape != image.shape[:1] or mask.shape != image.shape[:1]:
+    raise ValueError(f"label and mask must have shape ({image.shape[0]},), got label {label.shape}, "
+                     f"mask {mask.shape}")
+  if not jnp.issubdtype(label.dtype, jnp.integer):
+    raise ValueError(f"labels must be integer class ids, got dtype {label.dtype}")
+  if not jnp.issubdtype(image.dtype, jnp.floating):
+    raise ValueError(f"images must be floating point, got dtype {image.dtype}")
+
+
+def _criterion(spec: StepSpec, hparams, logits_BxC, labels_B, mask_B):
+  if spec.criterion == "focal":
+    return losses.focal_loss(logits_BxC, labels_B, mask_B, hparams.class_weights, hparams.focal_gamma)
+  return losses.cross_entropy(logits_BxC, labels_B, mask_B, hparams.class_weights,
+                              hparams.label_smoothing)
+
+
+def _batch_metrics(loss, logits_BxC, labels_B, mask_B) -> dict[str, jax.Array]:
+  count = mask_B.sum().astype(jnp.float32)
+  correct = ((jnp.argmax(logits_BxC, -1) == labels_B) & mask_B).sum().astype(jnp.float32)
+  return {"loss_sum": loss * count, "correct": correct, "count": count}
+
+
+def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+  spec, hp, policy = state.spec, state.hparams, state.spec.policy
+  check_batch(spec, batch)
+  labels_B, mask_B = batch["label"].astype(jnp.int32), batch["mask"]
+  mix_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  inputs, labels_perm_B, lam = losses.mixup(mix_key, batch["image"], labels_B, mask_B,
+                                            hp.mixup_alpha, hp.mixup_on)
+
+  def loss_fn(params):
+    logits, model_state = spec.model.apply(
+        policy.cast_to_compute(params), state.model_state, policy.cast_to_compute(inputs),
+        train=True, rng=dropout_key, mask=mask_B)
+    logits = policy.cast_to_output(logits)
+    loss = (lam * _criterion(spec, hp, logits, labels_B, mask_B)
+            + (1.0 - lam) * _criterion(spec, hp, logits, labels_perm_B, mask_B))
+    return state.loss_scale.scale_value(loss), (loss, logits, model_state)
+
+  grads, (loss, logits, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads = state.loss_scale.unscale(grads)
+  updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  if state.loss_scale.dynamic:  # float16: skip the update when gradients overflowed
+    finite = all_finite(grads)
+    params, opt_state, model_state = select_tree(
+        finite, (params, opt_state, model_state), (state.params, state.opt_state, state.model_state))
+    loss_scale = state.loss_scale.adjust(finite)
+  else:
+    loss_scale = state.loss_scale
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            model_state=model_state, loss_scale=loss_scale)
+  return new_state, _batch_metrics(loss, logits, labels_B, mask_B)
+
+
+def _eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+  spec, policy = state.spec, state.spec.policy
+  check_batch(spec, batch)
+  labels_B, mask_B = batch["label"].astype(jnp.int32), batch["mask"]
+  logits, _ = spec.model.apply(policy.cast_to_compute(state.params), state.model_state,
+                               policy.cast_to_compute(batch["image"]), train=False,
+                               rng=state.rng, mask=mask_B)
+  logits_BxC = policy.cast_to_output(logits).astype(jnp.float32)
+  loss_B = losses.per_sample_cross_entropy(logits_BxC, labels_B)
+  return {"logits": logits_BxC, "loss": jnp.where(mask_B, loss_B, 0.0), "mask": mask_B,
+          **_batch_metrics(loss_B.sum(where=mask_B) / jnp.maximum(mask_B.sum(), 1),
+                           logits_BxC, labels_B, mask_B)}
+
+
+train_step = jax.jit(_train_step, donate_argnums=0)
+train_step.__doc__ = """One optimizer step on one (possibly padded) batch; the state is donated.
+
+Returns the new state and on-device metrics ``{"loss_sum", "correct",
+"count"}`` (float32 scalars; ``loss_sum`` is the batch's mean loss times its
+unpadded sample count, so epoch means are sample-weighted).
+"""
+
+eval_step = jax.jit(_eval_step)
+eval_step.__doc__ = """Evaluation-mode forward pass on one (possibly padded) batch.
+
+Returns ``{"logits": float32 [B, C], "loss": per-sample cross-entropy [B]
+(0 on padding), "mask": [B], "loss_sum", "correct", "count"}``.
+"""

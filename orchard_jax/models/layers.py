@@ -1,0 +1,52 @@
+"""Small stateless layers shared by the built-in models (NHWC layout)."""
+
+from __future__ import annotations
+
+import jax
+
+
+def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
+  """2x2 max pooling with stride 2, as torch's ``nn.MaxPool2d(2, 2)``.
+
+  Written as reshape-then-max, which has the same values as
+  ``flax.linen.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")`` but a
+  much cheaper backward pass on XLA:CPU (``reduce_window``'s gradient is a
+  slow ``select_and_scatter``). Measured on 2 CPU cores: value-and-gradient
+  of the pool on ``[64, 32, 32, 32]`` ~7x faster, a MiniCNN gradient step on
+  ``[64, 28, 28, 3]`` ~1.7x faster.
+
+  Odd sizes are floored like torch (``ceil_mode=False``): the last row/column
+  is dropped when ``H`` / ``W`` is odd, so the output is
+  ``[B, H // 2, W // 2, C]``.
+
+  Gradient on ties: when several elements of a window share the maximum, the
+  incoming gradient is split *equally* among them (``jnp.max``'s rule), while
+  ``flax.linen.max_pool`` and torch give all of it to the first maximum in
+  row-major window order. Both are valid subgradients (the window's gradient
+  sums to the incoming one either way), and they agree whenever the window's
+  maximum is unique. After a ReLU, all-zero windows are ties, but the ReLU's
+  gradient there is 0, so the choice does not reach the parameters.
+
+  Args:
+    x_BxHxWxC: array of rank 4, NHWC.
+
+  Returns:
+    The pooled array ``[B, H // 2, W // 2, C]``, same dtype.
+  """
+  if x_BxHxWxC.ndim != 4:
+    raise ValueError(
+        f"max_pool_2x2 expects an NHWC array of rank 4, got shape {x_BxHxWxC.shape}"
+    )
+  b, h, w, c = x_BxHxWxC.shape
+  h2, w2 = h // 2, w // 2
+  x = x_BxHxWxC[:, : 2 * h2, : 2 * w2, :]
+  return x.reshape(b, h2, 2, w2, 2, c).max(axis=(2, 4))
+
+
+def global_avg_pool(x_BxHxWxC: jax.Array) -> jax.Array:
+  """Mean over the spatial axes, as torch's ``AdaptiveAvgPool2d(1)`` + flatten: ``[B, C]``."""
+  if x_BxHxWxC.ndim != 4:
+    raise ValueError(
+        f"global_avg_pool expects an NHWC array of rank 4, got shape {x_BxHxWxC.shape}"
+    )
+  return x_BxHxWxC.mean(axis=(1, 2))
