@@ -7,6 +7,9 @@ Two value objects hold every setting the trial loop reads:
 * :class:`OptunaConfig`: the parts of the reference's ``optuna:`` section that
   the study and the loop read.
 
+:class:`TrialConfig` bundles them with what one trial trains: the model, the
+data loaders and optional task adapters.
+
 Both are frozen, hashable, keyword-only dataclasses. They are checked whenever
 one is built, so also by :meth:`~_Config.replace` and :meth:`~_Config.from_dict`.
 Every problem raises :class:`ConfigError`, a ``ValueError`` whose message names
@@ -37,11 +40,13 @@ import dataclasses
 import difflib
 import math
 import numbers
+import os
 import re
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
-__all__ = ["ConfigError", "TrainingConfig", "OptunaConfig", "resolve_precision"]
+__all__ = ["ConfigError", "TrainingConfig", "OptunaConfig", "TrialConfig", "resolve_precision"]
 
 _C = TypeVar("_C", bound="_Config")
 _REFUSE = object()  # Sentinel: None is not an allowed value.
@@ -424,3 +429,163 @@ class OptunaConfig(_Config):
           f"OptunaConfig.pruning_warmup_epochs must be < epochs when "
           f"enable_pruning=True, got pruning_warmup_epochs="
           f"{self.pruning_warmup_epochs}, epochs={self.epochs}")
+
+
+# TrialConfig checks: objects rather than recipe values.
+
+_REQUIRED = object()  # Sentinel default of the fields a TrialConfig must be given.
+
+
+def _present(where: str, value: Any) -> Any:
+  if value is _REQUIRED:
+    raise ConfigError(f"{where} is required; pass {where.split('.')[-1]}=...")
+  if value is None:
+    raise ConfigError(f"{where} is required, got None")
+  return value
+
+
+def _required(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+  def checked(where: str, value: Any) -> Any:
+    return check(where, _present(where, value))
+  return checked
+
+
+def _loader(where: str, value: Any) -> Any:
+  if not hasattr(value, "__iter__"):
+    raise ConfigError(
+        f"{where} must be an iterable of (inputs, labels) batches such as a "
+        f"torch DataLoader, got {_show(value)}")
+  return value
+
+
+def _optional_callable(where: str, value: Any) -> Any:
+  if value is not None and not callable(value):
+    raise ConfigError(f"{where} must be None or a callable, got {_show(value)}")
+  return value
+
+
+def _section(cls: type[_C]) -> Callable[[str, Any], _C]:
+  def check(where: str, value: Any) -> _C:
+    if isinstance(value, cls):
+      return value
+    if isinstance(value, Mapping):
+      return cls.from_dict(value)
+    raise ConfigError(
+        f"{where} must be a {cls.__name__} or a mapping, got {_show(value)}")
+  return check
+
+
+def _input_shape(where: str, value: Any) -> tuple[int, ...] | None:
+  if value is None:
+    return None
+  if (not isinstance(value, (tuple, list)) or not value or any(
+      isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1
+      for d in value)):
+    raise ConfigError(
+        f"{where} must be None or a non-empty tuple of ints >= 1 (the "
+        f"per-sample shape, channels last, e.g. (28, 28, 1)), got {value!r}")
+  return tuple(int(d) for d in value)
+
+
+def _fallback(where: str, value: Any) -> Mapping[str, float] | None:
+  if value is None:
+    return None
+  if not isinstance(value, Mapping) or not all(
+      isinstance(k, str) and isinstance(v, numbers.Real)
+      and not isinstance(v, bool) for k, v in value.items()):
+    raise ConfigError(
+        f"{where} must be None or a mapping of metric names (str) to numbers, "
+        f"got {value!r}")
+  return MappingProxyType({k: float(v) for k, v in value.items()})
+
+
+def _directory(where: str, value: Any) -> str | None:
+  if value is None:
+    return None
+  if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+    raise ConfigError(
+        f"{where} must be None or a non-empty path (str or os.PathLike), "
+        f"got {_show(value)}")
+  return os.fspath(value)
+
+
+def _labels(where: str, value: Any) -> Any:
+  if value is None:
+    return None
+  import numpy as np  # numpy only; loading a config never imports jax
+  labels = np.asarray(value)
+  if labels.dtype.kind not in "iu" or labels.ndim != 1 or labels.size == 0:
+    raise ConfigError(
+        f"{where} must be None or a non-empty 1-D array of integer class ids, "
+        f"got dtype {labels.dtype}, shape {labels.shape}")
+  return labels
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class TrialConfig(_Config):
+  """Everything one trial (or one :func:`orchard_jax.engine.fit` run) reads.
+
+  Frozen and checked like :class:`TrainingConfig`; it holds objects (a model,
+  loaders) rather than recipe values, so it compares by identity. A typical
+  objective builds one per trial::
+
+    def objective(trial):
+      training = base.replace(learning_rate=trial.suggest_float("lr", 1e-4, 0.1, log=True))
+      return run_trial(trial, TrialConfig(model=model, train_loader=train,
+                                          val_loader=val, num_classes=10,
+                                          training=training, optuna=optuna_cfg))
+
+  Attributes:
+    model: A flax Linen or NNX module or an ``orchard_jax.models.Model``.
+      Reuse one model (or equal ones) across trials: the compiled steps are
+      cached on it.
+    train_loader: Iterable of ``(inputs, labels)`` training batches, e.g. a
+      torch DataLoader (see :func:`orchard_jax.data.make_loader`). A torch
+      DataLoader with a ``generator`` is reseeded with ``training.seed`` at the
+      start of every run, so the same config gives the same result.
+    val_loader: Iterable of ``(inputs, labels)`` validation batches.
+    num_classes: Number of classes, ``>= 2``.
+    training: A :class:`TrainingConfig`, or a mapping given to its
+      ``from_dict``. A trial trains ``optuna.epochs`` epochs with
+      ``mixup_epochs`` capped to them; :func:`~orchard_jax.engine.fit` trains
+      ``training.epochs``.
+    optuna: An :class:`OptunaConfig`, or a mapping. The loop reads
+      ``epochs``, ``enable_pruning`` and ``pruning_warmup_epochs``.
+    log_interval: Log a progress line every ``log_interval`` epochs (and at
+      the last one), ``>= 1``.
+    input_shape: Per-sample input shape, channels last (e.g. ``(8, 8, 1)``);
+      None takes it from the first training batch.
+    layout: ``'NCHW'`` (torch's convention) or ``'NHWC'``, for 4-D inputs.
+    train_labels: Training labels for ``training.weighted_loss``; None reads
+      them from one pass over ``train_loader`` when weights are needed.
+    train_epoch_fn: Task adapter replacing
+      :func:`orchard_jax.engine.train_epoch` (same signature:
+      ``fn(state, loader, *, epoch, layout) -> (state, loss)``), e.g. to
+      train with a custom loss step.
+    validate_fn: Task adapter replacing :func:`orchard_jax.engine.evaluate`:
+      ``fn(state, loader, *, epoch, layout) -> Mapping[str, float]``. Values
+      may be device arrays; they are fetched inside the fallback's guard.
+    fallback_metrics: Metrics an epoch uses when validation fails; None means
+      ``{'loss': 999.0}``. The monitored metric is added with ``0.0`` when
+      missing. Stored read-only.
+    output_dir: Where the best state is written with orbax-checkpoint (see
+      :func:`orchard_jax.engine.load_best_state`); None keeps it in memory only.
+    reraise_errors: :func:`~orchard_jax.engine.run_trial` re-raises a failure
+      (so Optuna marks the trial FAIL) instead of returning the worst value.
+  """
+
+  model: Any = _field(_REQUIRED, _present)
+  train_loader: Any = _field(_REQUIRED, _required(_loader))
+  val_loader: Any = _field(_REQUIRED, _required(_loader))
+  num_classes: int = _field(_REQUIRED, _required(_Int(lo=2)))
+  training: TrainingConfig = _field(TrainingConfig(), _section(TrainingConfig))
+  optuna: OptunaConfig = _field(OptunaConfig(), _section(OptunaConfig))
+  log_interval: int = _field(10, _Int(lo=1))
+  input_shape: tuple[int, ...] | None = _field(None, _input_shape)
+  layout: str = _field("NCHW", _Choice(("NCHW", "NHWC")))
+  train_labels: Any = _field(None, _labels)
+  train_epoch_fn: Callable[..., Any] | None = _field(None, _optional_callable)
+  validate_fn: Callable[..., Any] | None = _field(None, _optional_callable)
+  fallback_metrics: Mapping[str, float] | None = _field(None, _fallback)
+  output_dir: str | None = _field(None, _directory)
+  reraise_errors: bool = _field(False, _bool)

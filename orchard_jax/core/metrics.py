@@ -135,8 +135,8 @@ def roc_auc(probs: np.ndarray, labels: np.ndarray) -> float:
   * ``C == 2``: binary AUC of ``probs[:, 1]`` (class 1 is positive);
   * ``C > 2``: one-vs-rest AUC per class, unweighted (macro) mean.
 
-  Returns NaN where the reference's ``roc_auc_score`` call raises and it
-  reports NaN: ``C < 2``; fewer than 2 rows; binary with one class only;
+  Returns NaN where the reference's ``roc_auc_score`` call raises (or, in
+  recent scikit-learn, warns and returns NaN) and it reports NaN: ``C < 2``; fewer than 2 rows; binary with one class only;
   multiclass with any class absent from ``labels`` (scikit-learn: "Number of
   classes in y_true not equal to the number of columns in 'y_score'");
   multiclass rows that do not sum to 1 (``np.allclose``); non-finite scores.

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from orchard_jax.core import losses
+from orchard_jax.core.metrics import masked_sums
 from orchard_jax.core.precision import all_finite, select_tree
 from orchard_jax.core.state import StepSpec, TrainState
 
@@ -53,12 +54,6 @@ def _criterion(spec: StepSpec, hparams, logits_BxC, labels_B, mask_B):
                               hparams.label_smoothing)
 
 
-def _batch_metrics(loss, logits_BxC, labels_B, mask_B) -> dict[str, jax.Array]:
-  count = mask_B.sum().astype(jnp.float32)
-  correct = ((jnp.argmax(logits_BxC, -1) == labels_B) & mask_B).sum().astype(jnp.float32)
-  return {"loss_sum": loss * count, "correct": correct, "count": count}
-
-
 def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
   spec, hp, policy = state.spec, state.hparams, state.spec.policy
   check_batch(spec, batch)
@@ -89,7 +84,8 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, 
     loss_scale = state.loss_scale
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             model_state=model_state, loss_scale=loss_scale)
-  return new_state, _batch_metrics(loss, logits, labels_B, mask_B)
+  # The batch's mean loss counts once per unpadded sample: epoch means are sample-weighted.
+  return new_state, masked_sums(jnp.broadcast_to(loss, labels_B.shape), logits, labels_B, mask_B)
 
 
 def _eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
@@ -101,9 +97,8 @@ def _eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
                                rng=state.rng, mask=mask_B)
   logits_BxC = policy.cast_to_output(logits).astype(jnp.float32)
   loss_B = losses.per_sample_cross_entropy(logits_BxC, labels_B)
-  return {"logits": logits_BxC, "loss": jnp.where(mask_B, loss_B, 0.0), "mask": mask_B,
-          **_batch_metrics(loss_B.sum(where=mask_B) / jnp.maximum(mask_B.sum(), 1),
-                           logits_BxC, labels_B, mask_B)}
+  return {"logits": logits_BxC, "loss": jnp.where(mask_B, loss_B, 0.0),
+          **masked_sums(loss_B, logits_BxC, labels_B, mask_B)}
 
 
 train_step = jax.jit(_train_step, donate_argnums=0)
@@ -118,5 +113,5 @@ eval_step = jax.jit(_eval_step)
 eval_step.__doc__ = """Evaluation-mode forward pass on one (possibly padded) batch.
 
 Returns ``{"logits": float32 [B, C], "loss": per-sample cross-entropy [B]
-(0 on padding), "mask": [B], "loss_sum", "correct", "count"}``.
+(0 on padding), "loss_sum", "correct", "count"}`` (sums over unpadded rows).
 """

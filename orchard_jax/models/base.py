@@ -3,7 +3,8 @@
 The training core calls a model only through :class:`Model`::
 
   params, model_state = model.init(rng, sample_input)
-  logits_BxC, model_state = model.apply(params, model_state, x, train=..., rng=...)
+  logits_BxC, model_state = model.apply(params, model_state, x, train=..., rng=...,
+                                        mask=None)
 
 * ``params`` is the pytree of trainable parameters, and nothing else: it is
   what ``jax.grad`` differentiates and what the optimizer updates.
@@ -15,6 +16,12 @@ The training core calls a model only through :class:`Model`::
   step). Dropout is active only when ``train=True``, and its masks are a pure
   function of ``rng``.
 * ``train`` must be a Python ``bool`` (a static argument under ``jax.jit``).
+* ``mask`` (optional, bool ``[B]``) is False on padding rows of a padded
+  batch. A model may use it to keep padding out of batch statistics
+  (BatchNorm), so that a padded batch trains like the unpadded one; it must
+  not otherwise change the logits of real rows. The adapters pass it on to
+  modules whose ``__call__`` has a ``mask`` parameter and drop it otherwise
+  (such a module's BatchNorm then counts padding rows in its statistics).
 
 Model objects are hashable and compare *by value*: the core keeps the model in
 a static field of its state, so two equal models built in two Optuna trials
@@ -65,6 +72,7 @@ class Model(Protocol):
       *,
       train: bool,
       rng: jax.Array,
+      mask: jax.Array | None = None,
   ) -> tuple[jax.Array, ModelState]:
     """Returns logits ``[B, num_classes]`` and the new ``model_state``."""
     ...
@@ -77,6 +85,18 @@ def _static_bool(train: Any) -> bool:
         f" train={train!r} of type {type(train).__name__}"
     )
   return bool(train)
+
+
+def _accepts_kwarg(fn: Any, name: str) -> bool:
+  """Whether ``fn`` can be called with the keyword argument ``name``."""
+  params = inspect.signature(fn).parameters
+  return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _mask_kwarg(fn: Any, mask: jax.Array | None) -> dict[str, jax.Array]:
+  if mask is None or not _accepts_kwarg(fn, "mask"):
+    return {}
+  return {"mask": jnp.asarray(mask, jnp.bool_)}
 
 
 def _as_typed_key(rng: jax.Array) -> jax.Array:
@@ -101,8 +121,9 @@ class LinenModel:
   ``init`` runs the module in eval mode; ``params`` is the ``"params"``
   collection and ``model_state`` the dict of every other collection except
   ``"intermediates"`` (e.g. ``{"batch_stats": ...}``, or ``{}``). ``apply``
-  feeds ``rng`` to the ``"dropout"`` RNG stream and, when ``train=True``, lets
-  the module write the collections of ``model_state``. Equality and hash are
+  feeds ``rng`` to the ``"dropout"`` RNG stream, passes ``mask`` on if
+  ``__call__`` has a ``mask`` parameter and, when ``train=True``, lets the
+  module write the collections of ``model_state``. Equality and hash are
   those of the module (Linen modules are value-compared dataclasses).
   """
 
@@ -121,12 +142,11 @@ class LinenModel:
           " attributes must be hashable (tuples, not lists or dicts) so that"
           f" jax.jit can cache the compiled step on it ({e})"
       ) from e
-    params = inspect.signature(self.module.__call__).parameters
-    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    if self.train_kwarg not in params and not has_var_kw:
+    if not _accepts_kwarg(self.module.__call__, self.train_kwarg):
+      params = tuple(inspect.signature(self.module.__call__).parameters)
       raise TypeError(
           f"{type(self.module).__name__}.__call__ has no keyword argument"
-          f" {self.train_kwarg!r} (its parameters: {tuple(params)}); pass"
+          f" {self.train_kwarg!r} (its parameters: {params}); pass"
           " as_model(module, train_kwarg=<name>, invert=<True if the flag"
           " means eval mode>)"
       )
@@ -146,15 +166,15 @@ class LinenModel:
     }
     return params, model_state
 
-  def apply(self, params, model_state, x, *, train, rng):
+  def apply(self, params, model_state, x, *, train, rng, mask=None):
     train = _static_bool(train)
     variables = {"params": params, **model_state}
     rngs = {"dropout": rng}
+    kwargs = {**self._flag(train), **_mask_kwarg(self.module.__call__, mask)}
     if not (train and model_state):
-      logits = self.module.apply(variables, x, rngs=rngs, **self._flag(train))
-      return logits, model_state
+      return self.module.apply(variables, x, rngs=rngs, **kwargs), model_state
     logits, updates = self.module.apply(
-        variables, x, rngs=rngs, mutable=tuple(model_state), **self._flag(True)
+        variables, x, rngs=rngs, mutable=tuple(model_state), **kwargs
     )
     return logits, {**model_state, **updates}
 
@@ -185,7 +205,8 @@ class NNXModel:
     ``use_running_average``), reseeds *every* RNG stream of the module from
     ``rng`` (stream ``tag`` gets ``fold_in(rng, crc32(tag))``, so dropout is a
     pure function of ``rng`` whichever stream its ``Dropout`` draws from), calls
-    ``module(x)`` and splits the new ``model_state`` back out.
+    ``module(x)`` (``module(x, mask=mask)`` if ``__call__`` has a ``mask``
+    parameter) and splits the new ``model_state`` back out.
 
   Equality and hash use only the static structure (``graphdef`` and the RNG
   stream layout), never the arrays: two modules of the same architecture and
@@ -198,6 +219,15 @@ class NNXModel:
   rng_tags: tuple[str, ...]
   initial_params: Any = dataclasses.field(default=None, compare=False, repr=False)
   initial_state: Any = dataclasses.field(default=None, compare=False, repr=False)
+  _hash: int = dataclasses.field(init=False, compare=False, repr=False)
+
+  def __post_init__(self):
+    # jax.jit hashes static arguments on every call; a GraphDef hash is slow.
+    key = (self.graphdef, self.rng_treedef, self.rng_leaves, self.rng_tags)
+    object.__setattr__(self, "_hash", hash(key))
+
+  def __hash__(self) -> int:
+    return self._hash
 
   @classmethod
   def from_module(cls, module: nnx.Module) -> NNXModel:
@@ -243,7 +273,7 @@ class NNXModel:
     ]
     return jax.tree_util.tree_unflatten(self.rng_treedef, leaves)
 
-  def apply(self, params, model_state, x, *, train, rng):
+  def apply(self, params, model_state, x, *, train, rng, mask=None):
     train = _static_bool(train)
     key = _as_typed_key(rng)
     # Fresh Variables (tree.map rebuilds them in the current trace): merging
@@ -260,7 +290,7 @@ class NNXModel:
           policy="match_shape",
           **{tag: jax.random.fold_in(key, _stream_salt(tag)) for tag in self.rng_tags},
       )
-    logits = module(x)
+    logits = module(x, **_mask_kwarg(module.__call__, mask))
     if not train:
       return logits, model_state
     nnx.pop(module, nnx.Intermediate)
@@ -280,7 +310,10 @@ def as_model(obj: Any, *, train_kwarg: str = "train", invert: bool = False) -> M
        the opposite meaning is adapted with ``train_kwarg`` / ``invert``, e.g.
        ``as_model(m, train_kwarg="deterministic", invert=True)``;
     2. a flax NNX module (``flax.nnx.Module``) -> :class:`NNXModel`; it is
-       called as ``module(x)`` with its mode set by ``train()`` / ``eval()``;
+       called as ``module(x)`` with its mode set by ``train()`` / ``eval()``
+       (note: ``nnx.BatchNorm`` promotes to the dtype of its float32
+       statistics unless built with ``dtype=``, so such a module computes in
+       float32 under a bfloat16 policy);
     3. an object that already has ``init`` and ``apply`` methods (returned
        as is).
 

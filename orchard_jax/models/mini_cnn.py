@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from orchard_jax.models.layers import global_avg_pool, max_pool_2x2
@@ -59,8 +60,14 @@ class MiniCNN(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """``x``: ``[B, H, W, C]`` -> logits ``[B, num_classes]``."""
+  def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
+    """``x``: ``[B, H, W, C]`` -> logits ``[B, num_classes]``.
+
+    ``mask`` (bool ``[B]``, optional) keeps padding rows (False) out of the
+    train-mode batch statistics, so a padded batch normalises, and updates the
+    running statistics, exactly like the batch of its real rows. A mask with no
+    True row is treated as all True (finite statistics rather than NaN).
+    """
     if x.ndim != 4:
       raise ValueError(f"MiniCNN expects NHWC inputs of rank 4, got shape {x.shape}")
     if self.in_channels is not None and x.shape[-1] != self.in_channels:
@@ -68,6 +75,12 @@ class MiniCNN(nn.Module):
           f"MiniCNN was built with in_channels={self.in_channels}, got inputs of"
           f" shape {x.shape} (NHWC, {x.shape[-1]} channels)"
       )
+    bn_mask = None
+    if mask is not None:
+      if mask.shape != x.shape[:1]:
+        raise ValueError(f"mask must have shape ({x.shape[0]},), got mask.shape={mask.shape}")
+      mask = jnp.asarray(mask, jnp.bool_)
+      bn_mask = jnp.where(mask.any(), mask, True)[:, None, None, None]
     for i, features in enumerate((32, 64, 128), start=1):
       x = nn.Conv(features, (3, 3), padding="SAME", name=f"conv{i}")(x)
       x = nn.BatchNorm(
@@ -75,7 +88,7 @@ class MiniCNN(nn.Module):
           momentum=_BN_MOMENTUM,
           epsilon=_BN_EPSILON,
           name=f"bn{i}",
-      )(x)
+      )(x, mask=bn_mask)
       x = nn.relu(x)
       if i < 3:
         x = max_pool_2x2(x)

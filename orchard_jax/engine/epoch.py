@@ -1,0 +1,97 @@
+"""One pass over a loader: ``train_epoch`` and ``evaluate``.
+
+Both feed padded, masked, prefetched device batches from
+:func:`orchard_jax.data.device_batches` to the jitted steps, accumulate the
+metrics on the device, and fetch them once, at the end of the epoch: there is
+exactly one host sync per epoch, and the padded last batch neither recompiles
+nor counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from typing import Iterable
+
+import jax
+import numpy as np
+
+from orchard_jax.core.metrics import METRIC_KEYS, add_sums, classification_metrics
+from orchard_jax.core.state import TrainState
+from orchard_jax.core.steps import eval_step, train_step
+from orchard_jax.data.adapter import device_batches
+
+logger = logging.getLogger(__name__)
+
+_add_sums = jax.jit(add_sums)
+
+
+def _batches(state: TrainState, loader: Iterable, epoch: int | None, layout: str):
+  return contextlib.closing(device_batches(loader, num_classes=state.spec.num_classes,
+                                           layout=layout, epoch=epoch))
+
+
+def train_epoch(state: TrainState, loader: Iterable, *, epoch: int | None = None,
+                layout: str = "NCHW") -> tuple[TrainState, float]:
+  """Runs ``train_step`` over every batch of ``loader``.
+
+  Args:
+    state: the trial's state; donated batch by batch (do not reuse it).
+    loader: a torch DataLoader or any iterable of ``(inputs, labels)``.
+    epoch: the 1-indexed epoch, used in messages.
+    layout: ``"NCHW"`` (torch's convention) or ``"NHWC"`` for 4-D inputs.
+
+  Returns:
+    ``(state, loss)``: the new state and the epoch's sample-weighted mean
+    training loss (0.0, with a warning, for an empty loader).
+
+  Raises:
+    RuntimeError: ``"Training diverged: loss=… at epoch …"`` if the loss is
+      NaN or Inf (checked at the epoch's one host sync, not per step).
+  """
+  sums = None
+  with _batches(state, loader, epoch, layout) as batches:
+    for batch in batches:
+      state, metrics = train_step(state, batch)
+      sums = metrics if sums is None else _add_sums(sums, metrics)
+  if sums is None:
+    warnings.warn(f"the training loader yielded no batch at epoch {epoch}; epoch loss is 0.0",
+                  RuntimeWarning, stacklevel=2)
+    return state, 0.0
+  sums = jax.device_get(sums)  # the epoch's one host sync
+  loss = float(sums["loss_sum"]) / max(float(sums["count"]), 1.0)
+  if not math.isfinite(loss):
+    raise RuntimeError(f"Training diverged: loss={loss} at epoch {epoch}")
+  return state, loss
+
+
+def evaluate(state: TrainState, loader: Iterable, *, epoch: int | None = None,
+             layout: str = "NCHW") -> dict[str, float]:
+  """Evaluation-mode pass over ``loader`` with the reference's metrics.
+
+  Returns:
+    ``{"loss", "accuracy", "auc", "f1"}``: mean per-sample cross-entropy,
+    accuracy, ROC-AUC from softmax probabilities (binary: class 1;
+    multiclass: one-vs-rest macro; NaN when undefined) and macro F1 with
+    zero_division 0. Padded rows never count. An empty loader gives NaN for
+    all four.
+  """
+  sums, logits, labels, masks = None, [], [], []
+  with _batches(state, loader, epoch, layout) as batches:
+    for batch in batches:
+      out = eval_step(state, batch)
+      sums = {k: out[k] for k in ("loss_sum", "correct", "count")} if sums is None else _add_sums(
+          sums, {k: out[k] for k in ("loss_sum", "correct", "count")})
+      logits.append(out["logits"])
+      labels.append(batch["label"])
+      masks.append(batch["mask"])
+  if sums is None:
+    return {key: float("nan") for key in METRIC_KEYS}
+  sums, logits, labels, masks = jax.device_get((sums, logits, labels, masks))  # one host sync
+  logits = np.concatenate(logits).astype(np.float64)
+  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+  probs /= probs.sum(axis=1, keepdims=True)
+  return classification_metrics(probs, np.concatenate(labels), float(sums["loss_sum"]),
+                                float(sums["count"]), mask=np.concatenate(masks))

@@ -1,0 +1,134 @@
+"""train_step / eval_step: purity, compile reuse, masking, precision, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from orchard_jax import MLP, MiniCNN, create_train_state, eval_step, train_step
+from orchard_jax.core.steps import _train_step
+
+B, C = 8, 3
+
+
+def _batch(seed=0, n_valid=B, shape=(4, 4, 1)):
+  rng = np.random.default_rng(seed)
+  return {"image": jnp.asarray(rng.normal(size=(B, *shape)), jnp.float32),
+          "label": jnp.asarray(rng.integers(0, C, B), jnp.int32),
+          "mask": jnp.arange(B) < n_valid}
+
+
+def _mlp_state(**kw):
+  kw = {"optimizer": "sgd", "learning_rate": 0.1, "mixup_alpha": 0.0, **kw}
+  return create_train_state(MLP(num_classes=C, hidden=(16,)), input_shape=(4, 4, 1), num_classes=C, **kw)
+
+
+def test_train_step_compiles_once_across_lr_mixup_switch_new_batch_and_new_trial():
+  train_step.clear_cache() if hasattr(train_step, "clear_cache") else None
+  state = _mlp_state(mixup_alpha=0.4, seed=1)
+  state, _ = train_step(state, _batch(0))
+  state = state.with_learning_rate(0.01).with_mixup(False)
+  state, _ = train_step(state, _batch(1, n_valid=5))
+  # A second trial: other seed, lr, momentum, decay, smoothing, focal gamma, class weights.
+  other = _mlp_state(seed=2, learning_rate=0.5, momentum=0.1, weight_decay=0.01, grad_clip=0.0,
+                     label_smoothing=0.2, class_weights=np.array([1.0, 2.0, 0.5]))
+  other, _ = train_step(other, _batch(2))
+  assert train_step._cache_size() == 1
+
+
+def test_train_step_is_pure_given_the_same_state_and_batch():
+  run = lambda: jax.device_get(_train_step(_mlp_state(mixup_alpha=0.3), _batch(0)))
+  (s1, m1), (s2, m2) = run(), run()
+  jax.tree.map(np.testing.assert_array_equal, s1.params, s2.params)
+  jax.tree.map(np.testing.assert_array_equal, m1, m2)
+
+
+def test_padded_rows_do_not_change_the_update_or_metrics():
+  full = _batch(0, n_valid=5)
+  garbage = {**full, "image": full["image"].at[5:].set(1e3), "label": full["label"].at[5:].set(2)}
+  s1, m1 = _train_step(_mlp_state(), full)
+  s2, m2 = _train_step(_mlp_state(), garbage)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), s1.params, s2.params)
+  assert float(m1["count"]) == 5.0
+  np.testing.assert_allclose(m1["loss_sum"], m2["loss_sum"], rtol=1e-6)
+
+
+def test_mini_cnn_batchnorm_statistics_ignore_padding_rows():
+  make = lambda: create_train_state(MiniCNN(num_classes=C), input_shape=(4, 4, 1), num_classes=C,
+                                    mixup_alpha=0.0)
+  full = _batch(0, n_valid=5)
+  garbage = {**full, "image": full["image"].at[5:].set(50.0)}
+  s1, _ = _train_step(make(), full)
+  s2, _ = _train_step(make(), garbage)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               s1.model_state, s2.model_state)
+
+
+def test_one_sgd_train_step_matches_torch_end_to_end():
+  state = _mlp_state(learning_rate=0.1, momentum=0.9, weight_decay=1e-2, grad_clip=0.5,
+                     label_smoothing=0.1, class_weights=np.array([0.5, 1.0, 2.0], np.float32))
+  batch = _batch(3, n_valid=6)
+  p = jax.device_get(state.params)
+  torch_mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                  torch.nn.Linear(16, C))
+  with torch.no_grad():
+    for layer, name in ((torch_mlp[1], "Dense_0"), (torch_mlp[3], "Dense_1")):
+      layer.weight.copy_(torch.tensor(np.asarray(p[name]["kernel"]).T))
+      layer.bias.copy_(torch.tensor(np.asarray(p[name]["bias"])))
+  opt = torch.optim.SGD(torch_mlp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+  x = torch.tensor(np.asarray(batch["image"][:6]))
+  y = torch.tensor(np.asarray(batch["label"][:6]), dtype=torch.long)
+  loss = torch.nn.functional.cross_entropy(torch_mlp(x), y, weight=torch.tensor([0.5, 1.0, 2.0]),
+                                           label_smoothing=0.1)
+  loss.backward()
+  torch.nn.utils.clip_grad_norm_(torch_mlp.parameters(), 0.5)
+  opt.step()
+  new_state, metrics = train_step(state, batch)
+  np.testing.assert_allclose(float(metrics["loss_sum"]) / 6, loss.item(), rtol=1e-5)
+  new_p = jax.device_get(new_state.params)
+  np.testing.assert_allclose(new_p["Dense_0"]["kernel"], torch_mlp[1].weight.detach().numpy().T,
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(new_p["Dense_1"]["bias"], torch_mlp[3].bias.detach().numpy(),
+                             rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "params=float32,compute=bfloat16,output=float32"])
+def test_bfloat16_policy_keeps_float32_params_and_outputs(precision):
+  state = create_train_state(MiniCNN(num_classes=C), input_shape=(4, 4, 1), num_classes=C,
+                             precision=precision)
+  state, metrics = train_step(state, _batch(0))
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.model_state))
+  assert not state.loss_scale.dynamic
+  out = eval_step(state, _batch(1))
+  assert out["logits"].dtype == jnp.float32
+  assert np.isfinite(float(metrics["loss_sum"])) and np.isfinite(np.asarray(out["logits"])).all()
+
+
+def test_float16_skips_non_finite_steps_and_lowers_the_scale():
+  state = create_train_state(MLP(num_classes=C, hidden=(16,)), input_shape=(4, 4, 1),
+                             num_classes=C, precision="float16", mixup_alpha=0.0)
+  assert state.loss_scale.dynamic
+  huge = {**_batch(0), "image": _batch(0)["image"] * 6e4}  # overflows float16 activations
+  before = jax.device_get(state.params)
+  scale_before = float(state.loss_scale.scale)
+  state, _ = train_step(state, huge)
+  jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(state.params))
+  assert float(state.loss_scale.scale) < scale_before
+  state, _ = train_step(state, _batch(1))  # a normal batch updates again
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                      jax.tree.leaves(jax.device_get(state.params))))
+
+
+def test_batch_shape_that_disagrees_with_the_model_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"batch image shape \(8, 5, 5, 1\) does not match the model's "
+                                       r"input shape \(B, 4, 4, 1\)"):
+    train_step(_mlp_state(), _batch(0, shape=(5, 5, 1)))
+  with pytest.raises(ValueError, match="labels must be integer class ids"):
+    eval_step(_mlp_state(), {**_batch(0), "label": _batch(0)["label"].astype(jnp.float32)})
+
+
+def test_unknown_precision_string_is_refused_with_the_bad_token():
+  with pytest.raises(ValueError, match="bfloat61"):
+    _mlp_state(precision="bfloat61")
