@@ -1,0 +1,181 @@
+"""Epoch-end callbacks of :func:`orchard_jax.engine.loop.run_loop`.
+
+* :class:`OptunaReportPrune` -- ``trial.report`` (NaN skipped) and, from
+  ``pruning_warmup_epochs`` on, ``trial.should_prune()`` -> ``TrialPruned``.
+* :class:`LRSchedulerStep` -- one scheduler step per epoch; the plateau
+  scheduler gets the monitored value.
+* :class:`EarlyStopping` -- stops after ``patience`` epochs without a new best.
+* :class:`BestState` -- keeps the best epoch's parameters (a device copy) and,
+  given a directory, writes them with orbax-checkpoint at the end of the run;
+  :func:`load_best` reads them back into a state of the same structure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optuna
+
+from orchard_jax.core.schedules import LRController
+from orchard_jax.core.state import TrainState
+from orchard_jax.engine.loop import Callback, EpochLog, LoopResult
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoint"
+SUMMARY_FILE = "best.json"
+
+
+class OptunaReportPrune(Callback):
+  """Reports each epoch's value to an Optuna trial and prunes after warmup.
+
+  ``trial.report(value, epoch)`` unless the value is NaN. When pruning is
+  enabled and ``epoch >= warmup_epochs``, asks ``trial.should_prune()`` and,
+  if so, logs and raises ``optuna.TrialPruned``. With warmup 2 the first
+  possible prune is at epoch 2, as in the reference.
+  """
+
+  def __init__(self, trial: optuna.Trial, *, enable_pruning: bool, warmup_epochs: int,
+               metric_name: str):
+    self.trial, self.enable_pruning = trial, enable_pruning
+    self.warmup_epochs, self.metric_name = warmup_epochs, metric_name
+
+  def on_epoch_end(self, log: EpochLog, state: TrainState) -> bool:
+    if not math.isnan(log.value):
+      self.trial.report(log.value, log.epoch)
+    if self.enable_pruning and log.epoch >= self.warmup_epochs and self.trial.should_prune():
+      logger.info("Trial %d pruned at epoch %d (%s=%.4f)", self.trial.number, log.epoch,
+                  self.metric_name, log.value)
+      raise optuna.TrialPruned(f"Trial {self.trial.number} pruned at epoch {log.epoch} "
+                               f"({self.metric_name}={log.value:.4f})")
+    return False
+
+
+class LRSchedulerStep(Callback):
+  """Steps an :class:`LRController` once per epoch with the monitored value
+  (only the plateau scheduler reads it, as torch's ``step(metric)``)."""
+
+  def __init__(self, controller: LRController):
+    self.controller = controller
+
+  def on_epoch_end(self, log: EpochLog, state: TrainState) -> bool:
+    self.controller.step(log.value)
+    return False
+
+
+class EarlyStopping(Callback):
+  """Stops the run once ``patience`` consecutive epochs set no new best."""
+
+  def __init__(self, patience: int, *, metric_name: str):
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+      raise ValueError(f"patience must be an int >= 1, got patience={patience!r}")
+    self.patience, self.metric_name, self.wait = patience, metric_name, 0
+
+  def on_epoch_end(self, log: EpochLog, state: TrainState) -> bool:
+    self.wait = 0 if log.improved else self.wait + 1
+    if self.wait < self.patience:
+      return False
+    logger.info("Early stopping at epoch %d: no new best %s for %d epochs (best %.4f)",
+                log.epoch, self.metric_name, self.wait, log.best)
+    return True
+
+
+def _copy(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+class BestState(Callback):
+  """Keeps the parameters and model state of the best epoch.
+
+  The copy stays on the device (the state itself is donated to the next
+  step). With a ``directory``, the best is written there at the end of the
+  run: an orbax checkpoint of ``{"params", "model_state"}`` in
+  ``directory/checkpoint`` and ``directory/best.json`` (epoch, value,
+  metric). Read it back with :func:`load_best`.
+
+  Attributes:
+    epoch: The best epoch, or None before any epoch improved.
+    value: Its monitored value.
+    params, model_state: Copies of that epoch's arrays.
+  """
+
+  def __init__(self, directory: str | pathlib.Path | None = None, *, metric_name: str):
+    self.directory = None if directory is None else pathlib.Path(directory).absolute()
+    self.metric_name = metric_name
+    self.epoch: int | None = None
+    self.value = math.nan
+    self.params = self.model_state = None
+
+  def on_epoch_end(self, log: EpochLog, state: TrainState) -> bool:
+    if log.improved:
+      self.epoch, self.value = log.epoch, log.value
+      self.params, self.model_state = _copy((state.params, state.model_state))
+    return False
+
+  def on_train_end(self, result: LoopResult) -> None:
+    if self.directory is None:
+      return
+    if self.epoch is None:
+      logger.warning("No epoch set a best %s (all NaN); nothing written to %s",
+                     self.metric_name, self.directory)
+      return
+    save_best(self.directory, self.params, self.model_state,
+              {"epoch": self.epoch, "value": self.value, "metric": self.metric_name})
+
+  def apply_to(self, state: TrainState) -> TrainState | None:
+    """``state`` with the best parameters and model state; None if none yet."""
+    if self.epoch is None:
+      return None
+    return state.replace(params=self.params, model_state=self.model_state)
+
+
+def save_best(directory: str | pathlib.Path, params: Any, model_state: Any,
+              summary: dict[str, Any]) -> pathlib.Path:
+  """Writes ``{"params", "model_state"}`` with orbax and ``summary`` as JSON.
+
+  Overwrites a previous best in the same directory. Returns the directory.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  directory = pathlib.Path(directory).absolute()
+  directory.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory / CHECKPOINT_SUBDIR,
+                      {"params": params, "model_state": model_state}, force=True)
+  (directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+  return directory
+
+
+def load_best(directory: str | pathlib.Path, template: TrainState) -> TrainState:
+  """``template`` with the parameters and model state saved in ``directory``.
+
+  Args:
+    directory: A directory written by :class:`BestState` / :func:`save_best`.
+    template: A state of the same structure (same model, precision and
+      input shape), e.g. a freshly initialised one; only its structure and
+      non-parameter fields are used.
+
+  Raises:
+    FileNotFoundError: when ``directory`` holds no checkpoint.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  path = pathlib.Path(directory).absolute() / CHECKPOINT_SUBDIR
+  if not path.is_dir():
+    raise FileNotFoundError(f"no best-state checkpoint in {directory} (expected {path}); "
+                            f"was the run given an output directory, and did it finish?")
+  target = {"params": template.params, "model_state": template.model_state}
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(path, target)
+  return template.replace(params=restored["params"], model_state=restored["model_state"])
+
+
+def read_summary(directory: str | pathlib.Path) -> dict[str, Any]:
+  """The ``best.json`` written beside a checkpoint: epoch, value and metric."""
+  return json.loads((pathlib.Path(directory) / SUMMARY_FILE).read_text())

@@ -1,0 +1,237 @@
+"""The one epoch loop, shared by :func:`run_trial` and :func:`fit`.
+
+Each epoch, in this order (the reference's trial loop, UPSTREAM.md):
+
+1. write the epoch's learning rate into the state and switch MixUp on iff
+   ``epoch <= mixup_epochs`` (both are arrays: nothing recompiles);
+2. train one epoch;
+3. validate; a ``RuntimeError`` or ``ValueError`` -- raised by the validation
+   function *or by fetching its results to the host*, where XLA runtime errors
+   surface -- is logged and the epoch uses a fresh copy of the fallback
+   metrics; the third consecutive failure aborts the run;
+4. extract the monitored metric (a missing key raises ``KeyError``);
+5. track the best value, direction-aware, ignoring NaN;
+6. run the epoch-end callbacks in order (Optuna report and prune, LR
+   scheduler step, early stopping, best-state keeping); any of them may stop
+   the run;
+7. log at every ``log_interval``-th epoch, the last one, and a stopping one.
+
+Everything that differs between ``run_trial`` and ``fit`` is a callback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import jax
+from tqdm.auto import tqdm
+
+from orchard_jax.core.state import TrainState
+
+logger = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_VAL_FAILURES = 3
+DEFAULT_FALLBACK = MappingProxyType({"loss": 999.0})
+DIRECTIONS = ("maximize", "minimize")
+
+TrainFn = Callable[[TrainState, int], tuple[TrainState, float]]
+ValidateFn = Callable[[TrainState, int], Mapping[str, Any]]
+
+
+class EpochLog(NamedTuple):
+  """What one epoch produced; the argument of every epoch-end callback."""
+  epoch: int                     # 1-indexed
+  epochs: int                    # epochs planned for the run
+  learning_rate: float           # the rate this epoch trained with
+  mixup: bool                    # whether MixUp was on this epoch
+  train_loss: float              # sample-weighted mean training loss
+  metrics: Mapping[str, float]   # validation metrics (or the fallback's copy)
+  value: float                   # metrics[monitor_metric]
+  best: float                    # best value so far, this epoch included
+  improved: bool                 # whether this epoch set ``best``
+  validation_failed: bool        # whether ``metrics`` is the fallback
+
+
+class Callback:
+  """Epoch-end hook of :func:`run_loop`. Subclasses override what they need.
+
+  ``on_epoch_end`` runs after validation with the epoch's log and the trained
+  state, and returns True to stop the run after this epoch. Raising stops the
+  run too (``optuna.TrialPruned``). The state is donated to the next epoch's
+  ``train_step``: copy any array that must outlive the call.
+  ``on_train_end`` runs once after the last epoch of a run that was not
+  stopped by an exception.
+  """
+
+  def on_epoch_end(self, log: EpochLog, state: TrainState) -> bool:
+    del log, state
+    return False
+
+  def on_train_end(self, result: "LoopResult") -> None:
+    del result
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochLoop:
+  """The settings of one run of :func:`run_loop`.
+
+  Attributes:
+    epochs: Epochs to run, ``>= 1``.
+    train_fn: ``fn(state, epoch) -> (state, train_loss)``.
+    validate_fn: ``fn(state, epoch) -> metrics`` (values may be device arrays).
+    lr_for_epoch: ``fn(epoch) -> learning rate`` for 1-indexed epochs.
+    monitor_metric: The metric that is tracked and given to the callbacks.
+    direction: ``'maximize'`` or ``'minimize'``.
+    mixup_epochs: MixUp is on while ``epoch <= mixup_epochs``.
+    fallback: The task's metrics for an epoch whose validation failed; None
+      means ``{'loss': 999.0}``. Stored as :func:`fallback_metrics` makes it
+      (the monitored metric added, read-only).
+    log_interval: Log every ``log_interval`` epochs, ``>= 1``.
+    label: Prefix of the progress lines, e.g. ``'T3'`` for trial 3.
+    progress: Show a tqdm bar that advances once per epoch.
+  """
+  epochs: int
+  train_fn: TrainFn
+  validate_fn: ValidateFn
+  lr_for_epoch: Callable[[int], float]
+  monitor_metric: str
+  direction: str = "maximize"
+  mixup_epochs: int = 0
+  fallback: Mapping[str, float] | None = None
+  log_interval: int = 1
+  label: str = "run"
+  progress: bool = False
+
+  def __post_init__(self):
+    if self.direction not in DIRECTIONS:
+      raise ValueError(f"direction must be one of {DIRECTIONS}, got direction={self.direction!r}")
+    if self.epochs < 1 or self.log_interval < 1:
+      raise ValueError(f"epochs and log_interval must be >= 1, got epochs={self.epochs}, "
+                       f"log_interval={self.log_interval}")
+    object.__setattr__(self, "fallback", fallback_metrics(self.fallback, self.monitor_metric))
+
+
+class LoopResult(NamedTuple):
+  """What :func:`run_loop` returns."""
+  state: TrainState            # the state after the last epoch
+  best: float                  # best monitored value; -inf/+inf if every value was NaN
+  best_epoch: int | None       # epoch of ``best``; None if every value was NaN
+  history: tuple[EpochLog, ...]
+  stopped_early: bool          # a callback stopped the run before ``epochs``
+
+  @property
+  def final_train_loss(self) -> float:
+    return self.history[-1].train_loss
+
+
+def worst_value(direction: str) -> float:
+  """``-inf`` when maximizing, ``+inf`` when minimizing: the start of the best."""
+  return -math.inf if direction == "maximize" else math.inf
+
+
+def update_best(best: float, value: float, direction: str) -> tuple[float, bool]:
+  """``(new_best, improved)``: strict improvement; a NaN value never improves."""
+  if math.isnan(value):
+    return best, False
+  improved = value > best if direction == "maximize" else value < best
+  return (value, True) if improved else (best, False)
+
+
+def fallback_metrics(task_fallback: Mapping[str, float] | None,
+                     monitor_metric: str) -> Mapping[str, float]:
+  """The read-only fallback: the task's mapping, else ``{'loss': 999.0}``,
+  with ``monitor_metric`` added as ``0.0`` when missing."""
+  base = dict(DEFAULT_FALLBACK if task_fallback is None else task_fallback)
+  base.setdefault(monitor_metric, 0.0)
+  return MappingProxyType(base)
+
+
+def validate_with_fallback(loop: EpochLoop, state: TrainState, epoch: int,
+                           failures: int) -> tuple[dict[str, float], int, bool]:
+  """Validates one epoch; returns ``(metrics, consecutive_failures, failed)``.
+
+  Raises:
+    RuntimeError: on the third consecutive failure.
+  """
+  try:
+    raw = jax.device_get(dict(loop.validate_fn(state, epoch)))  # the host fetch
+    metrics = {name: float(value) for name, value in raw.items()}
+  except (RuntimeError, ValueError) as e:
+    failures += 1
+    logger.error("Validation failed (x%d) at epoch %d: %s", failures, epoch, e)
+    if failures >= MAX_CONSECUTIVE_VAL_FAILURES:
+      raise RuntimeError(
+          f"Validation failed {failures} consecutive times, aborting trial") from e
+    return dict(loop.fallback), failures, True
+  return metrics, 0, False
+
+
+def monitored_value(metrics: Mapping[str, float], name: str) -> float:
+  """``metrics[name]``; raises ``KeyError`` listing the available keys."""
+  if name not in metrics:
+    raise KeyError(f"monitor_metric {name!r} is not among the validation metrics; "
+                   f"available: {sorted(metrics)}")
+  return metrics[name]
+
+
+def _log_epoch(loop: EpochLoop, log: EpochLog) -> None:
+  logger.info("%s E%d/%d | Loss:%.4f | %s:%.4f (Best:%.4f)", loop.label, log.epoch,
+              log.epochs, log.train_loss, loop.monitor_metric, log.value, log.best)
+
+
+def _run_callbacks(callbacks: Sequence[Callback], log: EpochLog, state: TrainState) -> bool:
+  stop = False
+  for callback in callbacks:  # every callback runs, even after one asked to stop
+    stop = bool(callback.on_epoch_end(log, state)) or stop
+  return stop
+
+
+def run_loop(state: TrainState, loop: EpochLoop,
+             callbacks: Sequence[Callback] = ()) -> LoopResult:
+  """Runs up to ``loop.epochs`` epochs; see the module docstring for the order.
+
+  Args:
+    state: The initial state; donated (do not reuse it).
+    loop: The run's settings.
+    callbacks: Epoch-end hooks, called in order every epoch.
+
+  Returns:
+    A :class:`LoopResult`; ``best`` is the best monitored value, NaN ignored.
+
+  Raises:
+    RuntimeError: training diverged, or validation failed three consecutive
+      times. ``KeyError``: the monitored metric is missing. Whatever a
+      callback raises (e.g. ``optuna.TrialPruned``).
+  """
+  best, best_epoch, failures, history = worst_value(loop.direction), None, 0, []
+  stop = False
+  with tqdm(total=loop.epochs, desc=loop.label, unit="epoch", leave=False, mininterval=0,
+            disable=not loop.progress) as bar:
+    for epoch in range(1, loop.epochs + 1):
+      lr, mixup = loop.lr_for_epoch(epoch), epoch <= loop.mixup_epochs
+      state = state.with_learning_rate(lr).with_mixup(mixup)
+      state, train_loss = loop.train_fn(state, epoch)
+      metrics, failures, failed = validate_with_fallback(loop, state, epoch, failures)
+      value = monitored_value(metrics, loop.monitor_metric)
+      best, improved = update_best(best, value, loop.direction)
+      best_epoch = epoch if improved else best_epoch
+      log = EpochLog(epoch, loop.epochs, lr, mixup, train_loss, metrics, value, best,
+                     improved, failed)
+      history.append(log)
+      stop = _run_callbacks(callbacks, log, state)
+      if epoch % loop.log_interval == 0 or epoch == loop.epochs or stop:
+        _log_epoch(loop, log)
+      bar.set_postfix({"train_loss": f"{train_loss:.4f}",
+                       f"val_{loop.monitor_metric}": f"{value:.4f}", "best": f"{best:.4f}"})
+      bar.update()
+      if stop:
+        break
+  result = LoopResult(state, best, best_epoch, tuple(history), stop and epoch < loop.epochs)
+  for callback in callbacks:
+    callback.on_train_end(result)
+  return result
