@@ -106,7 +106,10 @@ def mixup(key: jax.Array, inputs: jax.Array, labels_B: jax.Array, mask_B: jax.Ar
   key_lam, key_perm = jax.random.split(key)
   on = jnp.logical_and(enabled, alpha > 0)
   safe_alpha = jnp.where(on, alpha, 1.0)
-  lam = jnp.where(on, jax.random.beta(key_lam, safe_alpha, safe_alpha), 1.0).astype(jnp.float32)
+  # Beta(a, a) = G1 / (G1 + G2) with G ~ Gamma(a): one vectorised log-gamma draw, which
+  # compiles faster than jax.random.beta's two and stays finite for tiny alpha.
+  log_g = jax.random.loggamma(key_lam, jnp.stack([safe_alpha, safe_alpha]))
+  lam = jnp.where(on, jax.nn.sigmoid(log_g[0] - log_g[1]), 1.0).astype(jnp.float32)
   perm_B = masked_permutation(key_perm, mask_B)
   mixed = lam.astype(inputs.dtype) * inputs + (1 - lam).astype(inputs.dtype) * inputs[perm_B]
   mixed = jnp.where(on, mixed, inputs)
