@@ -475,6 +475,20 @@ def _section(cls: type[_C]) -> Callable[[str, Any], _C]:
   return check
 
 
+def _devices(where: str, value: Any) -> int | tuple[int, ...] | None:
+  if value is None:
+    return None
+  if isinstance(value, int) and not isinstance(value, bool):
+    if value < 1:
+      raise ConfigError(f"{where} must be >= 1, got {value}")
+    return value
+  if isinstance(value, (list, tuple)) and value and all(
+      isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+    return tuple(value)
+  raise ConfigError(f"{where} must be None, a device count >= 1 or a non-empty list of device "
+                    f"ids, got {_show(value)}")
+
+
 def _input_shape(where: str, value: Any) -> tuple[int, ...] | None:
   if value is None:
     return None
@@ -570,6 +584,10 @@ class TrialConfig(_Config):
       missing. Stored read-only.
     output_dir: Where the best state is written with orbax-checkpoint (see
       :func:`orchard_jax.engine.load_best_state`); None keeps it in memory only.
+    devices: Local devices a run trains on, data-parallel: None for all of
+      them (one device when only one is present), an int ``n`` for the first
+      ``n``, or a tuple of device ids. The batch is split over the devices
+      (its size must be divisible by their count) and the state replicated.
     reraise_errors: :func:`~orchard_jax.engine.run_trial` re-raises a failure
       (so Optuna marks the trial FAIL) instead of returning the worst value.
   """
@@ -589,3 +607,4 @@ class TrialConfig(_Config):
   fallback_metrics: Mapping[str, float] | None = _field(None, _fallback)
   output_dir: str | None = _field(None, _directory)
   reraise_errors: bool = _field(False, _bool)
+  devices: int | tuple[int, ...] | None = _field(None, _devices)

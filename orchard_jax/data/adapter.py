@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from orchard_jax.core.sharding import check_batch_size
+
 LAYOUTS = ("NCHW", "NHWC")
 THREAD_NAME = "orchard_jax-prefetch"
 _JOIN_TIMEOUT_S = 5.0
@@ -141,7 +143,7 @@ def _host_batch(batch: Any, num_classes: int, layout: str, full: int | None,
 
 
 def _produce(loader: Iterable, out: queue.Queue, stop: threading.Event, num_classes: int,
-             layout: str, full: int | None, epoch: int | None) -> None:
+             layout: str, full: int | None, epoch: int | None, sharding: Any) -> None:
   """Thread body: read, convert, check, ``device_put``; ends with ``_DONE`` or an exception."""
 
   def put(item: Any) -> bool:
@@ -168,7 +170,9 @@ def _produce(loader: Iterable, out: queue.Queue, stop: threading.Event, num_clas
       host, sample_shape = _host_batch(batch, num_classes, layout, full, sample_shape,
                                        _where(batch_index, epoch))
       full = host["mask"].shape[0]
-      if not put(jax.device_put(host)):
+      if sharding is not None:
+        check_batch_size(full, len(sharding.device_set))
+      if not put(jax.device_put(host, sharding)):
         return
       batch_index += 1
     put(_DONE)
@@ -177,11 +181,11 @@ def _produce(loader: Iterable, out: queue.Queue, stop: threading.Event, num_clas
 
 
 def _consume(loader: Iterable, num_classes: int, layout: str, prefetch: int,
-             full: int | None, epoch: int | None) -> Iterator[dict[str, jax.Array]]:
+             full: int | None, epoch: int | None, sharding: Any) -> Iterator[dict[str, jax.Array]]:
   out: queue.Queue = queue.Queue(maxsize=prefetch)
   stop = threading.Event()
   thread = threading.Thread(target=_produce, name=THREAD_NAME, daemon=True,
-                            args=(loader, out, stop, num_classes, layout, full, epoch))
+                            args=(loader, out, stop, num_classes, layout, full, epoch, sharding))
   thread.start()
   try:
     while True:
@@ -202,7 +206,7 @@ def _consume(loader: Iterable, num_classes: int, layout: str, prefetch: int,
 
 
 def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", prefetch: int = 2,
-                   epoch: int | None = None) -> Iterator[dict[str, jax.Array]]:
+                   epoch: int | None = None, sharding: Any = None) -> Iterator[dict[str, jax.Array]]:
   """Iterates ``loader`` as padded, checked device batches, prefetched on a thread.
 
   Args:
@@ -219,6 +223,10 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
       dataset's transforms, as torch users do.
     prefetch: how many converted batches may wait on the device (>= 1).
     epoch: only used in error messages.
+    sharding: where batches go (``jax.device_put``'s second argument); a
+      ``NamedSharding`` over a multi-device mesh splits each batch along its
+      first axis (see :mod:`orchard_jax.core.sharding`). None: the default
+      device.
 
   Yields:
     ``{"image": float32 [B, ...], "label": int32 [B], "mask": bool [B]}``.
@@ -233,7 +241,8 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
       is "fork" and it has no ``multiprocessing_context``). While iterating:
       labels outside ``[0, num_classes)``, labels not of shape [B] or [B, 1],
       a per-sample input shape different from the first batch's, a batch
-      larger than ``B``, an empty batch.
+      larger than ``B``, an empty batch, a ``B`` that the sharding's devices
+      do not divide.
     TypeError: non-numeric inputs or non-integer labels.
     Exception: whatever the loader raises, with its type kept and a note
       (``exc.add_note``) naming the batch index (0-based) and epoch.
@@ -251,7 +260,10 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
   if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
     raise ValueError(f"prefetch must be an int >= 1, got prefetch={prefetch!r}")
   _check_workers(loader)
-  return _consume(loader, num_classes, layout, prefetch, _full_batch_size(loader), epoch)
+  full = _full_batch_size(loader)
+  if sharding is not None and full is not None:
+    check_batch_size(full, len(sharding.device_set))
+  return _consume(loader, num_classes, layout, prefetch, full, epoch, sharding)
 
 
 def make_loader(dataset: Any, batch_size: int, *, shuffle: bool, num_workers: int = 0,

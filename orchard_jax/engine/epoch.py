@@ -4,7 +4,8 @@ Both feed padded, masked, prefetched device batches from
 :func:`orchard_jax.data.device_batches` to the jitted steps, accumulate the
 metrics on the device, and fetch them once, at the end of the epoch: there is
 exactly one host sync per epoch, and the padded last batch neither recompiles
-nor counts.
+nor counts. A state replicated on a multi-device mesh
+(:mod:`orchard_jax.core.sharding`) gets its batches split over that mesh.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Iterable
 import jax
 import numpy as np
 
+from orchard_jax.core.sharding import batch_sharding
 from orchard_jax.core.metrics import METRIC_KEYS, add_sums, classification_metrics
 from orchard_jax.core.state import TrainState
 from orchard_jax.core.steps import eval_step, train_step
@@ -30,7 +32,8 @@ _add_sums = jax.jit(add_sums)
 
 def _batches(state: TrainState, loader: Iterable, epoch: int | None, layout: str):
   return contextlib.closing(device_batches(loader, num_classes=state.spec.num_classes,
-                                           layout=layout, epoch=epoch))
+                                           layout=layout, epoch=epoch,
+                                           sharding=batch_sharding(state)))
 
 
 def train_epoch(state: TrainState, loader: Iterable, *, epoch: int | None = None,

@@ -31,6 +31,7 @@ import optuna
 from orchard_jax.config import TrainingConfig, TrialConfig
 from orchard_jax.core.losses import compute_class_weights
 from orchard_jax.core.schedules import LRController
+from orchard_jax.core.sharding import data_mesh, replicate_state
 from orchard_jax.core.state import TrainState, state_from_config
 from orchard_jax.data.adapter import device_batches
 from orchard_jax.engine.callbacks import (BestState, EarlyStopping, LRSchedulerStep,
@@ -96,13 +97,16 @@ def _class_weights(cfg: TrialConfig, training: TrainingConfig) -> np.ndarray | N
 
 
 def initial_state(cfg: TrialConfig, training: TrainingConfig | None = None) -> TrainState:
-  """A fresh state for ``cfg`` (input shape from the first batch unless given)."""
+  """A fresh state for ``cfg`` (input shape from the first batch unless given),
+  replicated over ``cfg.devices`` when that is more than one device."""
   training = cfg.training if training is None else training
   _reseed(cfg.train_loader, training.seed)
   input_shape = cfg.input_shape or _first_input_shape(cfg)
-  return state_from_config(cfg.model, training, input_shape=input_shape,
-                           num_classes=cfg.num_classes,
-                           class_weights=_class_weights(cfg, training))
+  state = state_from_config(cfg.model, training, input_shape=input_shape,
+                            num_classes=cfg.num_classes,
+                            class_weights=_class_weights(cfg, training))
+  mesh = data_mesh(cfg.devices)
+  return replicate_state(state, mesh) if mesh.size > 1 else state
 
 
 def _epoch_loop(cfg: TrialConfig, training: TrainingConfig, controller: LRController,
