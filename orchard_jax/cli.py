@@ -1,0 +1,179 @@
+"""The ``orchard-jax`` command: Optuna studies (or single training runs) from YAML recipes.
+
+::
+
+  orchard-jax run [RECIPE] [--set key.path=value ...] [--output DIR]
+  orchard-jax init [PATH]
+
+``run`` without a recipe runs the bundled default (a small study of MiniCNN
+on scikit-learn's digits). Recipe errors stop before any training with a
+one-line message on stderr and exit status 2; Ctrl-C exits with 130 after
+writing what finished (see :mod:`orchard_jax.study.runner`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+import warnings
+from collections.abc import Sequence
+
+PROG = "orchard-jax"
+EXIT_RECIPE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+  from orchard_jax import __version__
+
+  parser = argparse.ArgumentParser(
+      prog=PROG, description="Optuna hyperparameter studies on JAX from YAML recipes.",
+      epilog=f"Start with '{PROG} run' (the bundled digits study) or '{PROG} init' "
+             f"(write the default recipe to edit).")
+  parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+  commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+  run = commands.add_parser(
+      "run", help="run a study (or, without an optuna section, one training run)",
+      description="Run the study a recipe describes; a recipe without an 'optuna' section "
+                  "(such as a study's best_config.yaml) is a single training run that reports "
+                  "validation and test metrics. Running the same command again resumes an "
+                  "interrupted study.")
+  run.add_argument("recipe", nargs="?", metavar="RECIPE",
+                   help="YAML recipe (default: the bundled recipe, digits + MiniCNN)")
+  run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set optuna.n_trials=20 (repeatable; "
+                        "VALUE is read as YAML)")
+  run.add_argument("--output", metavar="DIR",
+                   help="run folder (default: telemetry.output_dir, else outputs/<study_name>, "
+                        "or outputs/train for a single run)")
+  run.add_argument("--debug", action="store_true",
+                   help="show Python tracebacks of unexpected errors")
+  run.set_defaults(func=_run)
+  init = commands.add_parser("init", help="write the commented default recipe",
+                             description="Write the bundled, commented default recipe to PATH.")
+  init.add_argument("path", nargs="?", default="recipe.yaml", metavar="PATH",
+                    help="where to write it (default: recipe.yaml)")
+  init.add_argument("--force", action="store_true", help="overwrite an existing file")
+  init.set_defaults(func=_init)
+  return parser
+
+
+def _configure_logging(level: str) -> None:
+  import optuna
+
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(message)s"))
+  package = logging.getLogger("orchard_jax")
+  package.handlers[:] = [handler]
+  package.setLevel(level)
+  package.propagate = False
+  # The runner logs one line per trial; the engine's per-trial summary would repeat it.
+  logging.getLogger("orchard_jax.engine.trial").setLevel(max(package.level, logging.WARNING))
+  optuna.logging.set_verbosity(optuna.logging.ERROR)  # the runner logs each trial itself
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def _compilation_cache(path: str | None) -> None:
+  """Turns on JAX's persistent compilation cache, unless off or already set by JAX_* variables."""
+  if path is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+  # A run compiles a few dozen small programs; cache them all, not only those over 1 s.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def _run_dir(recipe, output: str | None) -> pathlib.Path:
+  if output is not None:
+    return pathlib.Path(output)
+  if recipe.telemetry.output_dir is not None:
+    return pathlib.Path(os.path.expanduser(recipe.telemetry.output_dir))
+  name = recipe.study.config.study_name if recipe.study is not None else "train"
+  return pathlib.Path("outputs") / name
+
+
+def _describe(source) -> str:
+  splits = getattr(source, "splits", None)
+  sizes = "" if splits is None else " (" + ", ".join(
+      f"{len(y)} {name}" for name, (_, y) in splits.items()) + ")"
+  shape = "x".join(map(str, source.input_shape))
+  return f"{source.name}{sizes}, inputs {shape}, {source.num_classes} classes"
+
+
+def _run(args: argparse.Namespace) -> int:
+  from orchard_jax.study.build import architecture_for, model_for
+  from orchard_jax.study.recipe import load_recipe
+  from orchard_jax.study.sources import load_source
+
+  recipe = load_recipe(args.recipe, args.sets)
+  source = load_source(recipe.dataset, batch_size=recipe.training.batch_size,
+                       seed=recipe.training.seed)
+  model_for(architecture_for(recipe, {}), source)  # bad architecture options fail here
+  _configure_logging(recipe.telemetry.log_level)  # process-wide: only once the recipe is good
+  _compilation_cache(recipe.telemetry.compilation_cache)
+  run_dir = _run_dir(recipe, args.output)
+  logger = logging.getLogger("orchard_jax.cli")
+  if recipe.study is None:
+    from orchard_jax.study.train import run_training
+    logger.info("Training %s on %s -> %s", recipe.architecture.name, _describe(source), run_dir)
+    return run_training(recipe, source, run_dir)
+  from orchard_jax.study.runner import run_study, storage_url
+  config = recipe.study.config
+  logger.info("Study %r: %d trials of %d epochs, %s preset, %s sampler, pruning %s, on %s -> %s",
+              config.study_name, config.n_trials, config.epochs, config.search_space_preset,
+              config.sampler_type, config.pruner_type if config.enable_pruning else "off",
+              _describe(source), run_dir)
+  url = storage_url(config.storage, run_dir)
+  if url is not None and url.startswith("sqlite:"):
+    logger.info("Storage %s (optuna-dashboard %s)", url, url)
+  return run_study(recipe, source, run_dir)
+
+
+def _init(args: argparse.Namespace) -> int:
+  from orchard_jax.study.recipe import bundled_recipe_text
+  from orchard_jax.study.checks import RecipeError
+
+  path = pathlib.Path(args.path)
+  if path.exists() and not args.force:
+    raise RecipeError(f"{path} exists; use --force to overwrite it")
+  if path.parent != pathlib.Path("") and not path.parent.is_dir():
+    raise RecipeError(f"folder {path.parent} does not exist")
+  path.write_text(bundled_recipe_text())
+  print(f"Wrote {path}; edit it, then run: {PROG} run {path}")
+  return 0
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of the ``orchard-jax`` command; returns the exit status."""
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if args.command is None:
+    parser.print_help(sys.stderr)
+    return EXIT_RECIPE
+  from orchard_jax.config import ConfigError
+
+  try:
+    return args.func(args)
+  except ConfigError as e:  # RecipeError included: a bad recipe, data source or setting
+    print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_RECIPE
+  except KeyboardInterrupt:
+    print(f"\n{PROG}: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+  except Exception as e:  # pylint: disable=broad-except
+    if getattr(args, "debug", False):
+      raise
+    print(f"{PROG}: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the "
+          f"traceback)", file=sys.stderr)
+    return EXIT_FAILED
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,153 @@
+"""Study callbacks of the runner, and its SIGINT handler.
+
+Each callback is ``callback(study, frozen_trial)``, called by
+``study.optimize`` after every finished trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from orchard_jax.study.outputs import ERROR, best_trial
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_THRESHOLDS", "FailureStreak", "GracefulInterrupt", "KeepBestCheckpoint",
+           "Progress", "StudyEarlyStopping", "threshold_for"]
+
+MAX_CONSECUTIVE_FAILURES = 3
+# The reference's default early-stopping thresholds (orchard-ml optimization/early_stopping.py).
+DEFAULT_THRESHOLDS = {"maximize": {"auc": 0.9999, "accuracy": 0.995, "f1": 0.98},
+                      "minimize": {"loss": 0.01}}
+
+
+def threshold_for(metric: str, direction: str, threshold: float | None) -> float | None:
+  """The early-stopping threshold: the configured one, else the metric's default."""
+  return threshold if threshold is not None else DEFAULT_THRESHOLDS[direction].get(metric)
+
+
+def _reached(value: float | None, threshold: float, direction: str) -> bool:
+  if value is None or math.isnan(value):
+    return False
+  return value >= threshold if direction == "maximize" else value <= threshold
+
+
+class StudyEarlyStopping:
+  """Stops the study after ``patience`` consecutive finished trials reach ``threshold``.
+
+  A pruned or failed trial, or one below the threshold, resets the count.
+  ``count`` may start from stored trials (see :meth:`count_from`).
+  """
+
+  def __init__(self, threshold: float, direction: str, patience: int, count: int = 0):
+    self.threshold, self.direction, self.patience, self.count = threshold, direction, patience, count
+
+  @property
+  def reached(self) -> bool:
+    return self.count >= self.patience
+
+  def count_from(self, trials: Sequence[FrozenTrial]) -> "StudyEarlyStopping":
+    """Sets ``count`` to the trailing streak of the stored, finished trials."""
+    self.count = 0
+    for trial in sorted((t for t in trials if t.state.is_finished()), key=lambda t: t.number):
+      self._observe(trial)
+    return self
+
+  def _observe(self, trial: FrozenTrial) -> None:
+    ok = trial.state == TrialState.COMPLETE and _reached(trial.value, self.threshold, self.direction)
+    self.count = self.count + 1 if ok else 0
+
+  def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+    self._observe(trial)
+    if self.reached:
+      logger.info("Early stop: %d consecutive trials reached %s (value %.6f); stopping the study",
+                  self.count, self.threshold, trial.value)
+      study.stop()
+
+
+class FailureStreak:
+  """Stops the study after ``limit`` consecutive failed trials (a broken setup)."""
+
+  def __init__(self, limit: int = MAX_CONSECUTIVE_FAILURES):
+    self.limit, self.count = limit, 0
+
+  def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+    self.count = self.count + 1 if trial.state == TrialState.FAIL else 0
+    if self.count >= self.limit:
+      logger.error("%d consecutive trials failed (last: %s); stopping the study", self.count,
+                   trial.user_attrs.get(ERROR, "see the log"))
+      study.stop()
+
+
+class KeepBestCheckpoint:
+  """Deletes the checkpoints of finished trials that are not the best."""
+
+  def __init__(self, trials_dir: pathlib.Path, direction: str):
+    self.trials_dir, self.direction = trials_dir, direction
+
+  def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+    trials = study.get_trials(deepcopy=False)
+    best = best_trial(trials, self.direction)
+    for t in trials:
+      if t.state.is_finished() and (best is None or t.number != best.number):
+        shutil.rmtree(self.trials_dir / f"trial_{t.number}", ignore_errors=True)
+
+
+class Progress:
+  """A tqdm bar over trials and one log line per finished trial."""
+
+  def __init__(self, bar: Any, metric: str, direction: str):
+    self.bar, self.metric, self.direction = bar, metric, direction
+
+  def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+    best = best_trial(study.get_trials(deepcopy=False), self.direction)
+    seconds = (trial.duration.total_seconds() if trial.duration else float("nan"))
+    value = trial.value if trial.state == TrialState.COMPLETE else (
+        trial.intermediate_values.get(trial.last_step) if trial.last_step is not None else None)
+    shown = "-" if value is None else f"{value:.4f}"
+    best_text = "-" if best is None else f"{best.value:.4f} (trial {best.number})"
+    logger.info("Trial %d %s | %s %s | epochs %s | %.1f s | best %s", trial.number,
+                trial.state.name, self.metric, shown, trial.last_step or 0, seconds, best_text)
+    if trial.state == TrialState.FAIL:
+      logger.warning("Trial %d failed: %s", trial.number, trial.user_attrs.get(ERROR, "unknown error"))
+    self.bar.update(1)
+    if best is not None:
+      self.bar.set_postfix({"best": f"{best.value:.4f}", "trial": best.number})
+
+
+class GracefulInterrupt:
+  """SIGINT handler: the first stops the study after the running trial, the second at once."""
+
+  def __init__(self, study: optuna.Study):
+    self.study, self.requested, self._previous = study, False, None
+
+  def __enter__(self) -> "GracefulInterrupt":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    print("\nInterrupted: the running trial finishes, then the study stops and its outputs are "
+          "written (Ctrl-C again stops now). The same command resumes.", file=sys.stderr, flush=True)
+    try:
+      self.study.stop()
+    except RuntimeError:  # not optimizing yet; run_study checks `requested` before optimize
+      pass

@@ -1,0 +1,175 @@
+"""Value checks of recipe keys, and :class:`RecipeError`.
+
+Each check is ``check(where, value) -> value`` (``where`` is the key path,
+e.g. ``'dataset.val_fraction'``) and raises :class:`RecipeError` with a
+one-line message that names the key, the value received and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from orchard_jax.config import ConfigError
+
+Check = Callable[[str, Any], Any]
+
+
+class RecipeError(ConfigError):
+  """An invalid recipe, data source or command-line setting (one-line message)."""
+
+
+def show(value: Any) -> str:
+  return f"{value!r} ({type(value).__name__})"
+
+
+def closest(word: Any, allowed: Iterable[str]) -> str:
+  """``" (did you mean 'x'?)"`` for the closest allowed word, else ``""``."""
+  if not isinstance(word, str):
+    return ""
+  match = difflib.get_close_matches(word, list(allowed), n=1, cutoff=0.6)
+  return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def refuse_unknown(where: str, data: Mapping, allowed: Iterable[str], what: str = "key") -> None:
+  allowed = list(allowed)
+  for key in data:
+    if key not in allowed:
+      prefix = "" if where == "recipe" else f"{where}."
+      hint = closest(key, allowed) or f"; valid {what}s: {', '.join(allowed)}"
+      raise RecipeError(f"unknown {what} '{prefix}{key}' in the recipe{hint}")
+
+
+def as_mapping(where: str, data: Any) -> Mapping:
+  if data is None:
+    return {}
+  if not isinstance(data, Mapping):
+    raise RecipeError(f"{where} must be a mapping of keys to values, got {show(data)}")
+  return data
+
+
+def section(where: str, data: Any, schema: Mapping[str, Check]) -> dict[str, Any]:
+  """Checks the keys present in ``data`` (a dataclass's defaults fill in the rest)."""
+  data = as_mapping(where, data)
+  refuse_unknown(where, data, schema)
+  return {key: schema[key](f"{where}.{key}", value) for key, value in data.items()}
+
+
+def renamed(build: Callable[[Mapping], Any], data: Mapping) -> Any:
+  """Calls a config's ``from_dict``; its messages name recipe keys, not classes."""
+  try:
+    return build(data)
+  except ConfigError as e:
+    message = str(e).replace("TrainingConfig.", "training.").replace("OptunaConfig.", "optuna.")
+    raise RecipeError(message) from None
+
+
+# ------------------------------------------------------------------ checks --
+
+
+def boolean(where: str, value: Any) -> bool:
+  if not isinstance(value, bool):
+    raise RecipeError(f"{where} must be true or false, got {show(value)}")
+  return value
+
+
+def text(where: str, value: Any) -> str:
+  if not isinstance(value, str) or not value.strip():
+    raise RecipeError(f"{where} must be a non-empty string, got {show(value)}")
+  return value
+
+
+def names(where: str, value: Any) -> tuple[str, ...]:
+  if not isinstance(value, (list, tuple)):
+    raise RecipeError(f"{where} must be a list of names, got {show(value)}")
+  return tuple(text(f"{where}[{i}]", v) for i, v in enumerate(value))
+
+
+def mapping(where: str, value: Any) -> dict[str, Any]:
+  if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+    raise RecipeError(f"{where} must be a mapping with string keys, got {show(value)}")
+  return dict(value)
+
+
+_ENTRY = re.compile(r"[^:\s]+:[A-Za-z_][A-Za-z0-9_]*")
+
+
+def entry_point(where: str, value: Any) -> str:
+  if not isinstance(value, str) or not _ENTRY.fullmatch(value):
+    raise RecipeError(f"{where} must be 'module:function' or 'path/file.py:function', "
+                      f"got {value!r}")
+  return value
+
+
+def optional(check: Check) -> Check:
+  def checked(where: str, value: Any) -> Any:
+    return None if value is None else check(where, value)
+  return checked
+
+
+def choice(options: tuple[str, ...], upper: bool = False) -> Check:
+  def checked(where: str, value: Any) -> str:
+    if isinstance(value, str) and upper:
+      value = value.upper()
+    if not isinstance(value, str) or value not in options:
+      raise RecipeError(f"{where} must be one of {', '.join(map(repr, options))}, "
+                        f"got {value!r}{closest(value, options)}")
+    return value
+  return checked
+
+
+def integer(lo: int | None = None) -> Check:
+  def checked(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+      raise RecipeError(f"{where} must be an integer, got {show(value)}")
+    if lo is not None and value < lo:
+      raise RecipeError(f"{where} must be >= {lo}, got {value!r}")
+    return int(value)
+  return checked
+
+
+def number(where: str, value: Any) -> float:
+  """A finite float; numeric strings such as YAML's ``1e-5`` are parsed."""
+  if isinstance(value, str):
+    try:
+      value = float(value)
+    except ValueError:
+      pass
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    raise RecipeError(f"{where} must be a finite number, got {show(value)}")
+  return float(value)
+
+
+def real(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Check:
+  def checked(where: str, value: Any) -> float:
+    value = number(where, value)
+    if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+      interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+      raise RecipeError(f"{where} must be in {interval}, got {value!r}")
+    return value
+  return checked
+
+
+# ------------------------------------------------------------- conversions --
+
+
+def hashable(value: Any) -> Any:
+  """Lists become tuples (module attributes must hash); mappings stay dicts."""
+  if isinstance(value, Mapping):
+    return {k: hashable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(hashable(v) for v in value)
+  return value
+
+
+def plain(value: Any) -> Any:
+  """Tuples become lists and mappings dicts, for ``yaml.safe_dump``."""
+  if isinstance(value, Mapping):
+    return {k: plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [plain(v) for v in value]
+  return value

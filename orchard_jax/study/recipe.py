@@ -1,0 +1,336 @@
+"""Recipes: one YAML file describes a study, or a single training run.
+
+A recipe has up to five sections, as the reference's recipes do:
+
+=============  ======================================================  ====================
+section        what it holds                                           parsed into
+=============  ======================================================  ====================
+dataset        where the data comes from (see :mod:`.sources`)         :class:`DatasetSpec`
+architecture   the model: registry name, dropout, extra options        :class:`ArchitectureSpec`
+training       :class:`~orchard_jax.config.TrainingConfig` fields      ``TrainingConfig``
+optuna         :class:`~orchard_jax.config.OptunaConfig` fields and    :class:`StudySpec`
+               the study's own keys (search space, plots, ...)
+telemetry      output folder, logging, compilation cache               :class:`TelemetrySpec`
+=============  ======================================================  ====================
+
+A recipe *with* an ``optuna`` section runs a study; one *without* it is a
+single training run of ``training.epochs`` epochs (what ``best_config.yaml``
+is). Every value is checked before anything runs; an unknown key raises a
+:class:`RecipeError` naming it and the closest valid key.
+
+A reference (orchard-ml) recipe's ``training:`` and ``optuna:`` sections load
+unchanged: ``storage_type``/``storage_path``/``postgresql_url`` become
+``storage``, ``metric_name``/``direction`` must agree with ``training``, and
+``n_jobs: -1`` means one job per CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import importlib.util
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+from orchard_jax.config import OptunaConfig, TrainingConfig
+from orchard_jax.study import checks as c
+from orchard_jax.study.checks import RecipeError
+from orchard_jax.study.space import Overrides, parse_overrides
+
+__all__ = ["ArchitectureSpec", "DatasetSpec", "Recipe", "RecipeError", "StudySpec",
+           "TelemetrySpec", "apply_sets", "bundled_recipe_text", "load_recipe", "parse_recipe"]
+
+SECTIONS = ("dataset", "architecture", "training", "optuna", "telemetry")
+# Sections of orchard-ml recipes that orchard_jax does not implement.
+REFERENCE_ONLY_SECTIONS = ("augmentation", "hardware", "evaluation", "tracking", "export")
+DEFAULT_CACHE = "~/.cache/orchard_jax/jax"
+BUNDLED = "<bundled default recipe>"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """The ``dataset:`` section; see :mod:`orchard_jax.study.sources`."""
+  source: str = "digits"              # 'digits' | 'npz' | 'function'
+  path: str | None = None             # npz: the file
+  function: str | None = None         # function: 'module:function' or 'file.py:function'
+  num_classes: int | None = None      # None: from the labels (npz) or the function
+  layout: str = "NCHW"                # function: layout of 4-D inputs
+  val_fraction: float = 0.15          # digits: validation share
+  test_fraction: float = 0.15         # digits: test share
+  split_seed: int = 0                 # digits: seed of the stratified split
+  eval_batch_size: int = 256          # batch size of validation and test loaders
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchitectureSpec:
+  """The ``architecture:`` section: a model of :func:`orchard_jax.models.build_model`."""
+  name: str = "mini_cnn"
+  dropout: float | None = None      # None: the architecture's default
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # build_model keywords
+  pretrained: bool = False
+  weight_variant: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TelemetrySpec:
+  """The ``telemetry:`` section."""
+  output_dir: str | None = None       # None: outputs/<study_name> (or outputs/train)
+  log_level: str = "INFO"
+  log_interval: int = 10              # log a line every this many epochs (and the last)
+  compilation_cache: str | None = DEFAULT_CACHE  # JAX persistent compilation cache; None: off
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySpec:
+  """The ``optuna:`` section: an OptunaConfig and the study's own keys."""
+  config: OptunaConfig
+  overrides: Overrides
+  enable_model_search: bool = False
+  model_pool: tuple[str, ...] | None = None
+  pruner_startup_trials: int = 5
+  show_progress_bar: bool = True
+  save_plots: bool = True
+  save_best_config: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A validated recipe. ``study`` is None for a single training run."""
+  dataset: DatasetSpec
+  architecture: ArchitectureSpec
+  training: TrainingConfig
+  study: StudySpec | None
+  telemetry: TelemetrySpec
+  origin: str = BUNDLED
+
+  def to_dict(self) -> dict[str, Any]:
+    """The recipe as plain YAML-ready data (``parse_recipe(to_dict())`` is equal)."""
+    out: dict[str, Any] = {
+        "dataset": dataclasses.asdict(self.dataset),
+        "architecture": c.plain(dataclasses.asdict(self.architecture)),
+        "training": self.training.to_dict(),
+    }
+    if self.study is not None:
+      s = self.study
+      out["optuna"] = {**s.config.to_dict(), "enable_model_search": s.enable_model_search,
+                       "model_pool": None if s.model_pool is None else list(s.model_pool),
+                       "pruner_startup_trials": s.pruner_startup_trials,
+                       "show_progress_bar": s.show_progress_bar, "save_plots": s.save_plots,
+                       "save_best_config": s.save_best_config,
+                       "search_space_overrides": s.overrides.to_dict()}
+    out["telemetry"] = dataclasses.asdict(self.telemetry)
+    return out
+
+
+# ------------------------------------------------------------- sections ---
+
+_DATASET = {
+    "source": c.choice(("digits", "npz", "function")),
+    "path": c.optional(c.text), "function": c.optional(c.entry_point),
+    "num_classes": c.optional(c.integer(2)), "layout": c.choice(("NCHW", "NHWC")),
+    "val_fraction": c.real(0, 1, lo_open=True, hi_open=True),
+    "test_fraction": c.real(0, 1, lo_open=True, hi_open=True),
+    "split_seed": c.integer(), "eval_batch_size": c.integer(1),
+}
+_ONLY_FOR = {"path": "npz", "function": "function", "layout": "function",
+             "val_fraction": "digits", "test_fraction": "digits", "split_seed": "digits"}
+_ARCHITECTURE = {"name": c.text, "dropout": c.optional(c.real(0, 1, hi_open=True)),
+                 "options": c.mapping, "pretrained": c.boolean,
+                 "weight_variant": c.optional(c.text)}
+_TELEMETRY = {"output_dir": c.optional(c.text),
+              "log_level": c.choice(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), upper=True),
+              "log_interval": c.integer(1), "compilation_cache": c.optional(c.text)}
+_STUDY = {"enable_model_search": c.boolean, "model_pool": c.optional(c.names),
+          "pruner_startup_trials": c.integer(0), "show_progress_bar": c.boolean,
+          "save_plots": c.boolean, "save_best_config": c.boolean,
+          "search_space_overrides": c.optional(c.mapping)}
+_REFERENCE_STORAGE = ("storage_type", "storage_path", "postgresql_url")
+_REFERENCE_TARGET = {"metric_name": "monitor_metric", "direction": "monitor_direction"}
+RECIPE_METRICS = ("auc", "accuracy", "f1", "loss")
+
+
+def _dataset(data: Any) -> DatasetSpec:
+  values = c.section("dataset", data, _DATASET)
+  spec = DatasetSpec(**values)
+  defaults = DatasetSpec()
+  for key, source in _ONLY_FOR.items():
+    if getattr(spec, key) != getattr(defaults, key) and spec.source != source:
+      raise RecipeError(f"dataset.{key} is read only when dataset.source is {source!r}, "
+                        f"got source={spec.source!r}")
+  if spec.source == "npz" and spec.path is None:
+    raise RecipeError("dataset.path is required when dataset.source is 'npz' (a MedMNIST-format "
+                      ".npz file with train_images, train_labels, val_images, val_labels)")
+  if spec.source == "function" and spec.function is None:
+    raise RecipeError("dataset.function is required when dataset.source is 'function' "
+                      "('module:function' returning loaders)")
+  if spec.val_fraction + spec.test_fraction >= 1:
+    raise RecipeError(f"dataset.val_fraction + dataset.test_fraction must be < 1, got "
+                      f"{spec.val_fraction} + {spec.test_fraction}")
+  return spec
+
+
+def _architecture(data: Any) -> ArchitectureSpec:
+  spec = ArchitectureSpec(**c.section("architecture", data, _ARCHITECTURE))
+  if spec.pretrained or spec.weight_variant is not None:
+    raise RecipeError("architecture.pretrained / weight_variant: pretrained weights are not "
+                      "supported by recipes; set pretrained: false and weight_variant: null")
+  from orchard_jax.study.space import registry_names  # imports the models (jax)
+  names = registry_names()
+  if spec.name not in names:
+    raise RecipeError(f"architecture.name must be one of {', '.join(map(repr, names))}, "
+                      f"got {spec.name!r}{c.closest(spec.name, names)}")
+  return dataclasses.replace(spec, options=c.hashable(spec.options))
+
+
+def _training(data: Any) -> TrainingConfig:
+  data = c.as_mapping("training", data)
+  c.refuse_unknown("training", data, [f.name for f in dataclasses.fields(TrainingConfig)])
+  training = c.renamed(TrainingConfig.from_dict, data)
+  if training.monitor_metric not in RECIPE_METRICS:
+    raise RecipeError(f"training.monitor_metric must be one of {', '.join(map(repr, RECIPE_METRICS))} "
+                      f"in a recipe (the metrics validation computes), got "
+                      f"{training.monitor_metric!r}"
+                      f"{c.closest(training.monitor_metric, RECIPE_METRICS)}")
+  if (training.monitor_metric == "loss") != (training.monitor_direction == "minimize"):
+    raise RecipeError(f"training.monitor_direction must be 'minimize' for 'loss' and 'maximize' "
+                      f"for {', '.join(RECIPE_METRICS[:3])}, got monitor_metric="
+                      f"{training.monitor_metric!r}, monitor_direction={training.monitor_direction!r}")
+  return training
+
+
+def _storage(data: dict[str, Any]) -> None:
+  """Turns the reference's storage_type/storage_path/postgresql_url into ``storage``."""
+  given = {k: data.pop(k) for k in _REFERENCE_STORAGE if k in data}
+  if not given:
+    return
+  if "storage" in data:
+    raise RecipeError(f"optuna.storage and optuna.{'/'.join(given)} both set; use only storage "
+                      f"('sqlite', 'memory' or a database URL)")
+  kind, path, url = (given.get(k) for k in _REFERENCE_STORAGE)
+  kind = kind or ("postgresql" if url else "sqlite")
+  if kind == "postgresql":
+    if not url:
+      raise RecipeError("optuna.storage_type 'postgresql' needs optuna.postgresql_url")
+    data["storage"] = url
+  elif kind == "sqlite":
+    data["storage"] = f"sqlite:///{os.path.abspath(path)}" if path else "sqlite"
+  elif kind == "memory":
+    data["storage"] = "memory"
+  else:
+    raise RecipeError(f"optuna.storage_type must be 'sqlite', 'memory' or 'postgresql', got {kind!r}")
+
+
+def _study(data: Any, training: TrainingConfig) -> StudySpec:
+  data = dict(c.as_mapping("optuna", data))
+  fields = [f.name for f in dataclasses.fields(OptunaConfig)]
+  c.refuse_unknown("optuna", data, [*fields, *_STUDY, *_REFERENCE_STORAGE, *_REFERENCE_TARGET])
+  own = {k: _STUDY[k](f"optuna.{k}", data.pop(k)) for k in list(data) if k in _STUDY}
+  for key, field in _REFERENCE_TARGET.items():
+    if key in data and data.pop(key) != getattr(training, field):
+      raise RecipeError(f"optuna.{key} must agree with training.{field} "
+                        f"({getattr(training, field)!r}); the study optimizes training.{field}")
+  _storage(data)
+  if data.get("n_jobs") == -1:
+    data["n_jobs"] = os.cpu_count() or 1
+  config = c.renamed(OptunaConfig.from_dict, data)
+  if config.sampler_type == "cmaes" and importlib.util.find_spec("cmaes") is None:
+    raise RecipeError("optuna.sampler_type 'cmaes' needs the 'cmaes' package "
+                      "(pip install cmaes), or use 'tpe' or 'random'")
+  overrides = parse_overrides(own.pop("search_space_overrides", None) or {}, training)
+  spec = StudySpec(config=config, overrides=overrides, **own)
+  if spec.model_pool is not None:
+    if not spec.enable_model_search:
+      raise RecipeError("optuna.model_pool requires optuna.enable_model_search: true")
+    if len(spec.model_pool) < 2:
+      raise RecipeError(f"optuna.model_pool must name at least 2 architectures, got "
+                        f"{list(spec.model_pool)}")
+    from orchard_jax.study.space import registry_names
+    for name in spec.model_pool:
+      if name not in registry_names():
+        raise RecipeError(f"optuna.model_pool: unknown architecture {name!r}"
+                          f"{c.closest(name, registry_names())}; known: {', '.join(registry_names())}")
+  return spec
+
+
+def _telemetry(data: Any) -> TelemetrySpec:
+  return TelemetrySpec(**c.section("telemetry", data, _TELEMETRY))
+
+
+# ------------------------------------------------------------- loading ----
+
+
+def parse_recipe(data: Any, origin: str = BUNDLED) -> Recipe:
+  """Validates a recipe mapping (e.g. ``yaml.safe_load`` output) into a :class:`Recipe`.
+
+  Raises:
+    RecipeError: the first problem found, in one line naming the key.
+  """
+  data = {} if data is None else data
+  if not isinstance(data, Mapping):
+    raise RecipeError(f"a recipe must be a mapping of sections ({', '.join(SECTIONS)}), "
+                      f"got {c.show(data)}")
+  for key in data:
+    if key in REFERENCE_ONLY_SECTIONS:
+      raise RecipeError(f"section {key!r} of orchard-ml recipes is not supported by orchard-jax; "
+                        f"remove it (supported: {', '.join(SECTIONS)})")
+  c.refuse_unknown("recipe", data, SECTIONS, what="section")
+  training = _training(data.get("training"))
+  study = _study(data["optuna"], training) if "optuna" in data else None
+  return Recipe(dataset=_dataset(data.get("dataset")),
+                architecture=_architecture(data.get("architecture")), training=training,
+                study=study, telemetry=_telemetry(data.get("telemetry")), origin=origin)
+
+
+def bundled_recipe_text() -> str:
+  """The text of the bundled, commented default recipe (``orchard-jax init`` writes it)."""
+  return (importlib.resources.files("orchard_jax") / "recipes" / "default.yaml").read_text()
+
+
+def apply_sets(data: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
+  """Applies ``--set a.b.c=value`` assignments; values are parsed as YAML scalars."""
+  for assignment in assignments:
+    key, sep, text = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+      raise RecipeError(f"--set expects key.path=value (e.g. optuna.n_trials=20), got {assignment!r}")
+    try:
+      value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+      value = text
+    node = data
+    for i, part in enumerate(parts[:-1]):
+      child = node.get(part)
+      if child is None:
+        child = node[part] = {}
+      if not isinstance(child, dict):
+        raise RecipeError(f"--set {key}: {'.'.join(parts[:i + 1])} is {c.show(child)}, not a section")
+      node = child
+    node[parts[-1]] = value
+  return data
+
+
+def load_recipe(path: str | os.PathLike | None, sets: Sequence[str] = ()) -> Recipe:
+  """Reads a recipe file (None: the bundled default), applies ``sets``, validates it."""
+  origin = BUNDLED if path is None else os.fspath(path)
+  if path is None:
+    text = bundled_recipe_text()
+  else:
+    p = pathlib.Path(path)
+    if not p.is_file():
+      raise RecipeError(f"recipe file not found: {origin}")
+    text = p.read_text()
+  try:
+    data = yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    raise RecipeError(f"{origin} is not valid YAML{where}: "
+                      f"{getattr(e, 'problem', None) or e}") from None
+  data = {} if data is None else data
+  if not isinstance(data, dict):
+    raise RecipeError(f"{origin}: a recipe must be a mapping of sections, got {c.show(data)}")
+  return parse_recipe(apply_sets(data, sets), origin)

@@ -1,0 +1,240 @@
+"""Runs a recipe's study: sampler, pruner, storage, resume, Ctrl-C, study callbacks.
+
+* **Sampler**: ``tpe``/``cmaes``/``random``, seeded with ``training.seed``
+  plus the number of trials already stored, so a resumed study does not
+  replay the parameters it started with.
+* **Pruner**: ``median`` and ``percentile`` (25th) with
+  ``optuna.pruner_startup_trials`` unpruned trials (Optuna's default 5),
+  ``hyperband`` with Optuna's defaults; ``NopPruner`` without pruning. The
+  engine asks the pruner from ``pruning_warmup_epochs`` on.
+* **Storage**: ``'sqlite'`` is ``<run folder>/study.db``; ``'memory'`` keeps
+  nothing; any other value is a database URL given to Optuna as is.
+* **Budget and resume**: ``n_trials`` is the study's total. A run counts the
+  finished trials already stored (complete, pruned, and failed ones that were
+  not interrupted) and runs the rest, so the same command continues an
+  interrupted study.
+* **Ctrl-C**: the first SIGINT lets the running trial finish, then stops the
+  study; a second one stops at once. Either way the outputs of what finished
+  are written and the exit status is 130. A trial stopped at once is stored
+  as FAIL with the user attribute ``interrupted``, and the next run retries
+  its parameters first (``retry_of`` names the original).
+* **Study callbacks**: the study stops once ``early_stopping_patience``
+  consecutive trials reach the threshold (default per metric, as the
+  reference: auc 0.9999, accuracy 0.995, f1 0.98, loss 0.01), and after
+  three failed trials in a row. Only the current best trial's checkpoint is
+  kept (see :mod:`orchard_jax.study.callbacks`).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from orchard_jax.study.build import History, architecture_for, model_for, trial_config
+from orchard_jax.study.callbacks import (FailureStreak, GracefulInterrupt, KeepBestCheckpoint,
+                                         Progress, StudyEarlyStopping, threshold_for)
+from orchard_jax.study.checks import RecipeError
+from orchard_jax.study.outputs import ERROR, HISTORY, INTERRUPTED, RETRY_OF, write_study_outputs
+from orchard_jax.study.space import build_space
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_pruner", "build_sampler", "finished_count", "open_study", "requeue_interrupted",
+           "run_study", "storage_url"]
+
+EXIT_INTERRUPTED = 130
+
+
+def storage_url(storage: str, run_dir: pathlib.Path) -> str | None:
+  """The Optuna storage of ``OptunaConfig.storage`` (None: in memory)."""
+  if storage == "memory":
+    return None
+  if storage == "sqlite":
+    return f"sqlite:///{(run_dir / 'study.db').absolute()}"
+  return storage
+
+
+def build_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
+  samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+              "cmaes": optuna.samplers.CmaEsSampler}
+  return samplers[kind](seed=seed)
+
+
+def build_pruner(config: Any, startup_trials: int) -> optuna.pruners.BasePruner:
+  if not config.enable_pruning:
+    return optuna.pruners.NopPruner()
+  if config.pruner_type == "median":
+    return optuna.pruners.MedianPruner(n_startup_trials=startup_trials)
+  if config.pruner_type == "percentile":
+    return optuna.pruners.PercentilePruner(25.0, n_startup_trials=startup_trials)
+  return optuna.pruners.HyperbandPruner()
+
+
+def finished_count(trials: Sequence[FrozenTrial]) -> int:
+  """Trials that used the budget: complete, pruned, and failed but not interrupted."""
+  return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+      t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED)) for t in trials)
+
+
+def requeue_interrupted(study: optuna.Study) -> list[int]:
+  """Enqueues the parameters of interrupted trials not yet retried; returns their numbers."""
+  trials = study.get_trials(deepcopy=False)
+  retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+  numbers = [t.number for t in trials if t.state == TrialState.FAIL
+             and t.user_attrs.get(INTERRUPTED) and t.number not in retried]
+  for t in trials:
+    if t.number in numbers:
+      study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number})
+  return numbers
+
+
+def _masked(url: str | None) -> str:
+  return "memory" if url is None else re.sub(r"//[^/@]*@", "//***@", url)
+
+
+def open_study(recipe: Any, url: str | None) -> optuna.Study:
+  """Creates or loads the study; checks that its direction is the recipe's."""
+  config, training = recipe.study.config, recipe.training
+  try:
+    study = optuna.create_study(
+        study_name=config.study_name, storage=url, direction=training.monitor_direction,
+        sampler=build_sampler(config.sampler_type, training.seed),
+        pruner=build_pruner(config, recipe.study.pruner_startup_trials),
+        load_if_exists=config.load_if_exists)
+  except optuna.exceptions.DuplicatedStudyError:
+    raise RecipeError(f"study {config.study_name!r} already exists in {_masked(url)}; set "
+                      f"optuna.load_if_exists: true to resume it, or use another study_name "
+                      f"or output folder") from None
+  except Exception as e:  # a driver missing, a database that cannot be reached, ...
+    raise RecipeError(f"optuna.storage: cannot open {_masked(url)}: {type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:300]}") from None
+  stored = len(study.get_trials(deepcopy=False))
+  if stored:
+    study.sampler = build_sampler(config.sampler_type, training.seed + stored)
+  if study.direction.name.lower() != training.monitor_direction:
+    raise RecipeError(f"the stored study {config.study_name!r} was created to "
+                      f"{study.direction.name.lower()}, but training.monitor_direction is "
+                      f"{training.monitor_direction!r}")
+  return study
+
+
+# Keys that may change between runs of one study without changing what it searches.
+_RUN_KEYS = ("n_trials", "timeout", "n_jobs", "load_if_exists", "show_progress_bar",
+             "save_plots", "save_best_config")
+
+
+def _warn_if_changed(recipe: Any, previous: pathlib.Path) -> None:
+  """Warns when a resumed study runs with other settings than it was stored with."""
+  if not previous.is_file():
+    return
+  def searched(data: dict) -> dict:
+    data = {k: v for k, v in data.items() if k != "telemetry"}
+    data["optuna"] = {k: v for k, v in data.get("optuna", {}).items() if k not in _RUN_KEYS}
+    return data
+  try:
+    before = searched(yaml.safe_load(previous.read_text()) or {})
+  except yaml.YAMLError:
+    return
+  now = searched(yaml.safe_load(yaml.safe_dump(recipe.to_dict())))
+  changed = sorted(f"{section}.{key}" for section in now for key in now[section]
+                   if before.get(section, {}).get(key) != now[section][key])
+  if changed:
+    logger.warning("The recipe differs from the one this study ran with (%s): %s; the study "
+                   "continues with the new settings", previous, ", ".join(changed))
+
+
+def _objective(recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path):
+  from orchard_jax.engine import run_trial
+
+  def objective(trial: optuna.Trial) -> float:
+    history = History()
+    try:
+      params = space.sample(trial, recipe.training)
+      cfg = trial_config(recipe, source, params, output_dir=trials_dir, history=history)
+      return run_trial(trial, cfg)
+    except optuna.TrialPruned:
+      raise
+    except KeyboardInterrupt:
+      trial.set_user_attr(INTERRUPTED, True)
+      raise
+    except Exception as e:
+      if ERROR not in trial.user_attrs:
+        trial.set_user_attr(ERROR, f"{type(e).__name__}: {' '.join(str(e).split())}")
+      raise
+    finally:
+      trial.set_user_attr(HISTORY, history.epochs)
+
+  return objective
+
+
+def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None) -> int:
+  """Runs (or resumes) the recipe's study and writes its outputs; returns the exit status.
+
+  0: done with a best trial; 1: no trial completed; 130: stopped by Ctrl-C.
+  """
+  from tqdm.auto import tqdm
+  from tqdm.contrib.logging import logging_redirect_tqdm
+
+  out = out or sys.stdout
+  config, training = recipe.study.config, recipe.training
+  space = build_space(recipe.study, source.input_shape, recipe.architecture.name)
+  for name in space.model_pool or ():  # every candidate must build before any trial runs
+    model_for(architecture_for(recipe, {"model_name": name}), source)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  url = storage_url(config.storage, run_dir)
+  study = open_study(recipe, url)
+  stored = study.get_trials(deepcopy=False)
+  if stored:
+    _warn_if_changed(recipe, run_dir / "recipe.yaml")
+  retried = requeue_interrupted(study)
+  done = finished_count(stored)
+  if stored:
+    logger.info("Resuming study %r: %d finished trial(s) stored%s", config.study_name, done,
+                f"; retrying interrupted trial(s) {retried}" if retried else "")
+  threshold = threshold_for(training.monitor_metric, training.monitor_direction,
+                            config.early_stopping_threshold)
+  early = None
+  if config.enable_early_stopping and threshold is not None:
+    early = StudyEarlyStopping(threshold, training.monitor_direction,
+                               config.early_stopping_patience).count_from(stored)
+  interrupted = False
+  if done >= config.n_trials:
+    logger.info("Nothing to run: the study has %d finished trials (optuna.n_trials=%d)", done,
+                config.n_trials)
+  elif early is not None and early.reached:
+    logger.info("Nothing to run: the study stopped early (%d consecutive trials reached %s)",
+                early.count, threshold)
+  else:
+    trials_dir = run_dir / "trials"
+    bar = tqdm(total=config.n_trials, initial=done, desc=config.study_name, unit="trial",
+               disable=None if recipe.study.show_progress_bar else True, dynamic_ncols=True)
+    callbacks = [Progress(bar, training.monitor_metric, training.monitor_direction),
+                 KeepBestCheckpoint(trials_dir, training.monitor_direction), FailureStreak()]
+    callbacks += [early] if early is not None else []
+    handler = GracefulInterrupt(study)
+    try:
+      with handler, bar, logging_redirect_tqdm(loggers=[logging.getLogger("orchard_jax")]):
+        if not handler.requested:
+          study.optimize(_objective(recipe, source, space, trials_dir),
+                         n_trials=config.n_trials - done, timeout=config.timeout,
+                         n_jobs=config.n_jobs, catch=(Exception,), callbacks=callbacks,
+                         gc_after_trial=False)
+    except KeyboardInterrupt:
+      interrupted = True
+    interrupted = interrupted or handler.requested
+  best = write_study_outputs(study, recipe, run_dir, out=out)
+  if interrupted:
+    finished = finished_count(study.get_trials(deepcopy=False))
+    then = ("run the same command to continue" if url is not None
+            else "the in-memory study cannot be resumed")
+    print(f"\nStopped by Ctrl-C after {finished}/{config.n_trials} trials; {then}.", file=out)
+    return EXIT_INTERRUPTED
+  return 0 if best is not None else 1

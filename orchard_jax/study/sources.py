@@ -1,0 +1,311 @@
+"""Data sources of recipes; none needs a network.
+
+* ``source: digits`` (default): scikit-learn's bundled handwritten digits
+  (1797 images of 8x8 px, 10 classes), pixels scaled to [0, 1], split
+  stratified into train/val/test by ``val_fraction``/``test_fraction``.
+* ``source: npz``: a MedMNIST-format file (``path``) with ``train_images``,
+  ``train_labels``, ``val_images``, ``val_labels`` and, optionally,
+  ``test_images``/``test_labels``. Images are ``[N, H, W]``, ``[N, H, W, C]``
+  (channels last) or feature rows ``[N, F]``; ``uint8`` pixels are scaled to
+  [0, 1], floats are kept. Labels are class ids ``[N]`` or ``[N, 1]``.
+* ``source: function``: ``function: 'module:function'`` (the module is
+  imported with the working directory on ``sys.path``) or
+  ``'path/file.py:function'``, called as ``fn(batch_size=..., seed=...)`` and
+  returning ``(train, val)``, ``(train, val, test)`` or a mapping with keys
+  ``train``, ``val`` and optionally ``test`` and ``num_classes``; each loader
+  yields ``(inputs, labels)`` batches (e.g. a torch DataLoader). It is called
+  once per batch size a study tries.
+
+Every problem found while loading (missing file, missing arrays, shapes that
+disagree, a function that cannot be imported or raises) is a
+:class:`~orchard_jax.study.checks.RecipeError`, raised before any training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import math
+import os
+import sys
+import zipfile
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from orchard_jax.study.checks import RecipeError
+
+__all__ = ["ArrayLoader", "ArraySource", "FunctionSource", "Loaders", "load_source"]
+
+REQUIRED = ("train_images", "train_labels", "val_images", "val_labels")
+OPTIONAL = ("test_images", "test_labels")
+
+
+def one_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+class Loaders(NamedTuple):
+  train: Any
+  val: Any
+  test: Any | None
+
+
+class ArrayLoader:
+  """``(images, labels)`` numpy batches of in-memory arrays.
+
+  With ``shuffle`` every pass draws a new order from ``(seed, pass index)``,
+  so a fresh loader with the same seed repeats the same sequence of epochs.
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
+               shuffle: bool, seed: int = 0):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+    self.images, self.labels, self.batch_size = images, labels, batch_size
+    self.shuffle, self.seed, self._passes = shuffle, seed, 0
+
+  def __len__(self) -> int:
+    return math.ceil(len(self.labels) / self.batch_size)
+
+  def __iter__(self):
+    n = len(self.labels)
+    order = None
+    if self.shuffle:
+      order = np.random.default_rng((self.seed, self._passes)).permutation(n)
+      self._passes += 1
+    for start in range(0, n, self.batch_size):
+      if order is None:
+        yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+      else:
+        index = order[start:start + self.batch_size]
+        yield self.images[index], self.labels[index]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArraySource:
+  """In-memory splits ``{'train'|'val'|'test': (images, labels)}`` (channels last)."""
+  name: str
+  splits: Mapping[str, tuple[np.ndarray, np.ndarray]]
+  num_classes: int
+  eval_batch_size: int = 256
+  layout: str = "NHWC"
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    return tuple(self.splits["train"][0].shape[1:])
+
+  @property
+  def train_labels(self) -> np.ndarray:
+    return self.splits["train"][1]
+
+  def loaders(self, batch_size: int, seed: int) -> Loaders:
+    """Fresh loaders: training shuffled with ``seed``, the others in order."""
+    def evaluation(split: str) -> ArrayLoader | None:
+      return ArrayLoader(*self.splits[split], self.eval_batch_size, shuffle=False) \
+          if split in self.splits else None
+    return Loaders(ArrayLoader(*self.splits["train"], batch_size, shuffle=True, seed=seed),
+                   evaluation("val"), evaluation("test"))
+
+
+def _images(name: str, images: np.ndarray) -> np.ndarray:
+  if images.dtype.kind not in "biuf":
+    raise RecipeError(f"dataset: {name} must be numeric, got dtype {images.dtype}")
+  if images.ndim not in (2, 3, 4) or len(images) == 0:
+    raise RecipeError(f"dataset: {name} must have shape [N, H, W], [N, H, W, C] or [N, F] "
+                      f"with N > 0, got {images.shape}")
+  scaled = images.astype(np.float32) / (255.0 if images.dtype == np.uint8 else 1.0)
+  return scaled[..., None] if images.ndim == 3 else scaled
+
+
+def _labels(name: str, labels: np.ndarray, n: int) -> np.ndarray:
+  if labels.ndim == 2 and labels.shape[1] == 1:
+    labels = labels[:, 0]
+  if labels.dtype.kind not in "iu" or labels.ndim != 1:
+    raise RecipeError(f"dataset: {name} must be integer class ids of shape [N] or [N, 1] "
+                      f"(multi-label targets are not supported), got dtype {labels.dtype}, "
+                      f"shape {labels.shape}")
+  if len(labels) != n:
+    raise RecipeError(f"dataset: {name} has {len(labels)} labels for {n} images")
+  if labels.size and labels.min() < 0:
+    raise RecipeError(f"dataset: {name} has negative class ids ({labels.min()})")
+  return labels.astype(np.int32)
+
+
+def array_source(name: str, arrays: Mapping[str, np.ndarray], num_classes: int | None,
+                 eval_batch_size: int) -> ArraySource:
+  """Checks and converts ``{split}_images``/``{split}_labels`` arrays into a source."""
+  splits = {}
+  for split in ("train", "val", "test"):
+    if f"{split}_images" not in arrays:
+      continue
+    images = _images(f"{split}_images", np.asarray(arrays[f"{split}_images"]))
+    splits[split] = (images, _labels(f"{split}_labels", np.asarray(arrays[f"{split}_labels"]),
+                                     len(images)))
+  shapes = {split: x.shape[1:] for split, (x, _) in splits.items()}
+  if len(set(shapes.values())) > 1:
+    raise RecipeError(f"dataset: the splits' per-sample shapes differ: {shapes}")
+  top = max(int(y.max()) for _, y in splits.values()) + 1
+  if num_classes is None:
+    num_classes = top
+  elif top > num_classes:
+    raise RecipeError(f"dataset: labels go up to {top - 1}, but dataset.num_classes is {num_classes}")
+  if num_classes < 2:
+    raise RecipeError(f"dataset: at least 2 classes are needed, the labels have {num_classes}")
+  return ArraySource(name, splits, num_classes, eval_batch_size)
+
+
+def _digits(spec: Any) -> ArraySource:
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+  images, labels = load_digits(return_X_y=True)
+  images = (images / 16.0).astype(np.float32).reshape(-1, 8, 8)
+  rest_x, x_test, rest_y, y_test = train_test_split(
+      images, labels, test_size=spec.test_fraction, stratify=labels, random_state=spec.split_seed)
+  x_train, x_val, y_train, y_val = train_test_split(
+      rest_x, rest_y, test_size=spec.val_fraction / (1 - spec.test_fraction), stratify=rest_y,
+      random_state=spec.split_seed)
+  arrays = {"train_images": x_train, "train_labels": y_train, "val_images": x_val,
+            "val_labels": y_val, "test_images": x_test, "test_labels": y_test}
+  return array_source("digits", arrays, spec.num_classes, spec.eval_batch_size)
+
+
+def _npz(spec: Any) -> ArraySource:
+  path = os.path.expanduser(spec.path)
+  if not os.path.isfile(path):
+    raise RecipeError(f"dataset.path: file not found: {spec.path}")
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      missing = [k for k in REQUIRED if k not in npz.files]
+      if missing:
+        raise RecipeError(
+            f"dataset.path: {spec.path} lacks {', '.join(missing)}; a MedMNIST-format .npz has "
+            f"{', '.join(REQUIRED)} (and optionally {', '.join(OPTIONAL)})")
+      if sum(k in npz.files for k in OPTIONAL) == 1:
+        raise RecipeError(f"dataset.path: {spec.path} has only one of {', '.join(OPTIONAL)}; "
+                          f"give both or neither")
+      arrays = {k: npz[k] for k in (*REQUIRED, *OPTIONAL) if k in npz.files}
+  except RecipeError:
+    raise
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise RecipeError(f"dataset.path: {spec.path} is not a readable .npz file "
+                      f"({one_line(e)})") from None
+  name = os.path.splitext(os.path.basename(path))[0]
+  return array_source(name, arrays, spec.num_classes, spec.eval_batch_size)
+
+
+# ---------------------------------------------------------------- function --
+
+
+def resolve_function(entry: str) -> Callable[..., Any]:
+  """Imports ``'module:function'`` or ``'path/file.py:function'``."""
+  target, _, attr = entry.rpartition(":")
+  where = f"dataset.function {entry!r}"
+  try:
+    if target.endswith(".py") or os.sep in target or "/" in target:
+      if not os.path.isfile(target):
+        raise RecipeError(f"{where}: file not found: {target}")
+      spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0],
+                                                    target)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+    else:
+      if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+      module = importlib.import_module(target)
+  except RecipeError:
+    raise
+  except Exception as e:  # the user's module: any import-time error
+    raise RecipeError(f"{where}: cannot import {target!r}: {one_line(e)}") from None
+  fn = getattr(module, attr, None)
+  if not callable(fn):
+    raise RecipeError(f"{where}: module {target!r} has no function {attr!r}")
+  return fn
+
+
+class FunctionSource:
+  """Loaders from a user function, called once per (batch size, seed)."""
+
+  layout: str
+  train_labels = None
+
+  def __init__(self, spec: Any, fn: Callable[..., Any]):
+    self.entry, self.fn, self.layout = spec.function, fn, spec.layout
+    self.name = spec.function
+    self._given_classes = spec.num_classes
+    self._cache: dict[tuple[int, int], Loaders] = {}
+    self.num_classes: int = 0
+    self.input_shape: tuple[int, ...] = ()
+
+  def loaders(self, batch_size: int, seed: int) -> Loaders:
+    key = (batch_size, seed)
+    if key not in self._cache:
+      self._cache[key] = self._call(batch_size, seed)
+    return self._cache[key]
+
+  def _call(self, batch_size: int, seed: int) -> Loaders:
+    where = f"dataset.function {self.entry!r}"
+    try:
+      out = self.fn(batch_size=batch_size, seed=seed)
+    except Exception as e:  # the user's code
+      raise RecipeError(f"{where} raised {one_line(e)}") from None
+    classes = None
+    if isinstance(out, Mapping):
+      unknown = set(out) - {"train", "val", "test", "num_classes"}
+      if unknown or "train" not in out or "val" not in out:
+        raise RecipeError(f"{where} returned a mapping with keys {sorted(out)}; expected train, "
+                          f"val and optionally test, num_classes")
+      loaders, classes = Loaders(out["train"], out["val"], out.get("test")), out.get("num_classes")
+    elif isinstance(out, (tuple, list)) and len(out) in (2, 3):
+      loaders = Loaders(*out, *([None] * (3 - len(out))))
+    else:
+      raise RecipeError(f"{where} must return (train, val), (train, val, test) or a mapping, "
+                        f"got {type(out).__name__}")
+    for split, loader in zip(Loaders._fields, loaders):
+      if loader is not None and not hasattr(loader, "__iter__"):
+        raise RecipeError(f"{where} returned a {split} loader that is not iterable "
+                          f"({type(loader).__name__})")
+    self._set_classes(where, classes)
+    return loaders
+
+  def _set_classes(self, where: str, classes: Any) -> None:
+    given = self._given_classes
+    if classes is not None and given is not None and classes != given:
+      raise RecipeError(f"{where} returned num_classes={classes}, but dataset.num_classes is {given}")
+    chosen = classes if classes is not None else given
+    if chosen is None:
+      raise RecipeError(f"dataset.num_classes is required with a function source (or return "
+                        f"it as the mapping's 'num_classes')")
+    if isinstance(chosen, bool) or not isinstance(chosen, int) or chosen < 2:
+      raise RecipeError(f"{where}: num_classes must be an integer >= 2, got {chosen!r}")
+    self.num_classes = chosen
+
+  def peek(self, batch_size: int, seed: int) -> None:
+    """Calls the function once and reads one batch, to learn the input shape."""
+    loaders = self.loaders(batch_size, seed)
+    try:
+      inputs, _ = next(iter(loaders.train))
+      shape = tuple(np.shape(inputs)[1:])
+    except StopIteration:
+      raise RecipeError(f"dataset.function {self.entry!r}: the train loader yielded no batch") from None
+    except Exception as e:  # the user's loader
+      raise RecipeError(f"dataset.function {self.entry!r}: reading a first batch failed: "
+                        f"{one_line(e)}") from None
+    if len(shape) == 3 and self.layout == "NCHW":
+      shape = (shape[1], shape[2], shape[0])
+    elif len(shape) == 2:
+      shape = (*shape, 1)
+    self.input_shape = shape
+
+
+def load_source(spec: Any, *, batch_size: int, seed: int) -> ArraySource | FunctionSource:
+  """The :class:`DatasetSpec`'s source, loaded and checked (function: called once)."""
+  if spec.source == "digits":
+    return _digits(spec)
+  if spec.source == "npz":
+    return _npz(spec)
+  source = FunctionSource(spec, resolve_function(spec.function))
+  source.peek(batch_size, seed)
+  return source

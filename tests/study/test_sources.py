@@ -1,0 +1,149 @@
+"""Data sources: digits, MedMNIST-format .npz, a user function; the array loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orchard_jax.study.checks import RecipeError
+from orchard_jax.study.recipe import DatasetSpec
+from orchard_jax.study.sources import ArrayLoader, load_source
+
+
+def medmnist_arrays(n=(12, 6, 6), classes=3, rgb=False) -> dict:
+  rng = np.random.default_rng(0)
+  shape = (8, 8, 3) if rgb else (8, 8)
+  arrays = {}
+  for split, count in zip(("train", "val", "test"), n):
+    arrays[f"{split}_images"] = rng.integers(0, 256, (count, *shape), dtype=np.uint8)
+    arrays[f"{split}_labels"] = (np.arange(count) % classes).astype(np.uint8)[:, None]
+  return arrays
+
+
+def npz(tmp_path, **arrays) -> DatasetSpec:
+  path = tmp_path / "data.npz"
+  np.savez(path, **arrays)
+  return DatasetSpec(source="npz", path=str(path))
+
+
+def load(spec):
+  return load_source(spec, batch_size=4, seed=0)
+
+
+def test_shuffled_loader_repeats_its_epochs_for_the_same_seed_and_covers_every_sample():
+  x, y = np.arange(10)[:, None], np.arange(10)
+  loader = ArrayLoader(x, y, 4, shuffle=True, seed=3)
+  epochs = [np.concatenate([b for _, b in loader]) for _ in range(2)]
+  fresh = np.concatenate([b for _, b in ArrayLoader(x, y, 4, shuffle=True, seed=3)])
+  np.testing.assert_array_equal(fresh, epochs[0])
+  assert sorted(epochs[0]) == list(range(10)) and not np.array_equal(epochs[0], epochs[1])
+  assert [len(b) for _, b in loader] == [4, 4, 2] and len(loader) == 3
+
+
+def test_unshuffled_loader_keeps_the_order():
+  x, y = np.arange(5)[:, None], np.arange(5)
+  assert np.concatenate([b for _, b in ArrayLoader(x, y, 2, shuffle=False)]).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_digits_split_is_stratified_reproducible_and_scaled():
+  source = load(DatasetSpec())
+  sizes = {k: len(y) for k, (_, y) in source.splits.items()}
+  assert sum(sizes.values()) == 1797 and sizes["val"] == sizes["test"] == 270
+  assert source.input_shape == (8, 8, 1) and source.num_classes == 10
+  train_x = source.splits["train"][0]
+  assert train_x.dtype == np.float32 and 0.0 <= train_x.min() and train_x.max() <= 1.0
+  np.testing.assert_array_equal(load(DatasetSpec()).splits["val"][1], source.splits["val"][1])
+  assert np.bincount(source.splits["val"][1]).min() >= 25
+
+
+def test_npz_uint8_images_are_scaled_and_get_a_channel(tmp_path):
+  source = load(npz(tmp_path, **medmnist_arrays()))
+  x, y = source.splits["train"]
+  assert source.input_shape == (8, 8, 1) and x.max() <= 1.0 and y.shape == (12,)
+  assert source.num_classes == 3 and set(source.splits) == {"train", "val", "test"}
+
+
+def test_npz_rgb_images_keep_their_channels(tmp_path):
+  assert load(npz(tmp_path, **medmnist_arrays(rgb=True))).input_shape == (8, 8, 3)
+
+
+def test_npz_without_test_split_is_accepted(tmp_path):
+  arrays = {k: v for k, v in medmnist_arrays().items() if not k.startswith("test")}
+  assert "test" not in load(npz(tmp_path, **arrays)).splits
+
+
+def test_npz_missing_arrays_are_named(tmp_path):
+  arrays = {k: v for k, v in medmnist_arrays().items() if not k.startswith("val")}
+  with pytest.raises(RecipeError, match="lacks val_images, val_labels; a MedMNIST-format"):
+    load(npz(tmp_path, **arrays))
+
+
+def test_npz_with_one_test_array_is_refused(tmp_path):
+  arrays = medmnist_arrays()
+  del arrays["test_labels"]
+  with pytest.raises(RecipeError, match="only one of test_images, test_labels"):
+    load(npz(tmp_path, **arrays))
+
+
+def test_missing_npz_file_is_reported(tmp_path):
+  with pytest.raises(RecipeError, match="dataset.path: file not found"):
+    load(DatasetSpec(source="npz", path=str(tmp_path / "none.npz")))
+
+
+def test_multilabel_targets_are_refused(tmp_path):
+  arrays = medmnist_arrays()
+  arrays["train_labels"] = np.zeros((12, 4), np.uint8)
+  with pytest.raises(RecipeError, match="multi-label targets are not supported"):
+    load(npz(tmp_path, **arrays))
+
+
+def test_splits_with_different_sample_shapes_are_refused(tmp_path):
+  arrays = medmnist_arrays()
+  arrays["val_images"] = np.zeros((6, 4, 4), np.uint8)
+  with pytest.raises(RecipeError, match="per-sample shapes differ"):
+    load(npz(tmp_path, **arrays))
+
+
+def test_labels_beyond_num_classes_are_refused(tmp_path):
+  spec = npz(tmp_path, **medmnist_arrays(classes=3))
+  with pytest.raises(RecipeError, match="labels go up to 2, but dataset.num_classes is 2"):
+    load(DatasetSpec(source="npz", path=spec.path, num_classes=2))
+
+
+def write_module(tmp_path, body: str) -> str:
+  path = tmp_path / "my_data.py"
+  path.write_text("import numpy as np\n" + body)
+  return str(path)
+
+
+def test_function_source_reads_num_classes_and_the_nchw_input_shape(tmp_path):
+  path = write_module(tmp_path, (
+      "def loaders(batch_size, seed):\n"
+      "  batch = (np.zeros((batch_size, 1, 6, 5), np.float32), np.zeros(batch_size, np.int64))\n"
+      "  return {'train': [batch], 'val': [batch], 'num_classes': 4}\n"))
+  source = load(DatasetSpec(source="function", function=f"{path}:loaders"))
+  assert source.num_classes == 4 and source.input_shape == (6, 5, 1)
+  assert source.loaders(4, 0) is source.loaders(4, 0) and source.loaders(4, 0).test is None
+
+
+def test_function_that_raises_is_reported_in_one_line(tmp_path):
+  path = write_module(tmp_path, "def loaders(batch_size, seed):\n  raise ValueError('no\\ndata')\n")
+  with pytest.raises(RecipeError, match=r"raised ValueError: no data$"):
+    load(DatasetSpec(source="function", function=f"{path}:loaders", num_classes=2))
+
+
+def test_function_without_num_classes_is_refused(tmp_path):
+  path = write_module(tmp_path, "def loaders(batch_size, seed):\n  return [], []\n")
+  with pytest.raises(RecipeError, match="dataset.num_classes is required"):
+    load(DatasetSpec(source="function", function=f"{path}:loaders"))
+
+
+def test_function_module_that_cannot_be_imported_is_reported():
+  with pytest.raises(RecipeError, match="cannot import 'no_such_module_xyz'"):
+    load(DatasetSpec(source="function", function="no_such_module_xyz:loaders", num_classes=2))
+
+
+def test_missing_function_in_module_is_reported(tmp_path):
+  path = write_module(tmp_path, "x = 1\n")
+  with pytest.raises(RecipeError, match="has no function 'loaders'"):
+    load(DatasetSpec(source="function", function=f"{path}:loaders", num_classes=2))
