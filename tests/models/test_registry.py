@@ -7,7 +7,9 @@ from orchard_jax.models import MLP, LinenModel, MiniCNN, build_model
 
 
 def test_package_exports_the_documented_names():
-  assert set(models.__all__) == {"Model", "as_model", "LinenModel", "NNXModel", "MLP", "MiniCNN", "build_model"}
+  assert set(models.__all__) == {"Model", "as_model", "LinenModel", "NNXModel", "MLP", "MiniCNN", "build_model",
+                                 "ResNet18", "EfficientNetB0", "ConvNeXtTiny", "ViTTiny",
+                                 "available_models", "MODEL_NAMES"}
   assert all(hasattr(models, name) for name in models.__all__)
 
 
@@ -29,7 +31,7 @@ def test_build_model_twice_gives_equal_hashable_models():
 
 
 def test_build_model_rejects_unknown_name_listing_known_names():
-  with pytest.raises(ValueError, match=r"unknown model name='resnet'; known names: \['mini_cnn', 'mlp'\]"):
+  with pytest.raises(ValueError, match=r"unknown model name='resnet'; known names: \['convnext_tiny', 'efficientnet_b0', 'mini_cnn', 'mlp', 'resnet_18', 'vit_tiny'\]"):
     build_model("resnet", num_classes=10)
 
 
