@@ -2,13 +2,18 @@
 
 ::
 
-  orchard-jax run [RECIPE] [--set key.path=value ...] [--output DIR]
+  orchard-jax run [RECIPE] [--set key.path=value ...] [--output DIR] [--workers N|all]
+  orchard-jax worker [RECIPE] [--storage URL] [--set ...] [--output DIR] [--heartbeat S] ...
   orchard-jax init [PATH]
 
 ``run`` without a recipe runs the bundled default (a small study of MiniCNN
-on scikit-learn's digits). Recipe errors stop before any training with a
-one-line message on stderr and exit status 2; Ctrl-C exits with 130 after
-writing what finished (see :mod:`orchard_jax.study.runner`).
+on scikit-learn's digits); with ``--workers`` it runs one worker process per
+local device (:mod:`orchard_jax.study.launch`). ``worker`` joins a study in
+a shared storage, e.g. PostgreSQL, from any number of machines
+(:mod:`orchard_jax.study.workers`). Recipe and storage errors stop before
+any training with a one-line message on stderr and exit status 2; Ctrl-C
+exits with 130 and SIGTERM with 143 after writing what finished (see
+:mod:`orchard_jax.study.runner`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pathlib
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 PROG = "orchard-jax"
 EXIT_RECIPE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
@@ -48,9 +54,14 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument("--output", metavar="DIR",
                    help="run folder (default: telemetry.output_dir, else outputs/<study_name>, "
                         "or outputs/train for a single run)")
+  run.add_argument("--workers", metavar="N|all",
+                   help="run the study with N worker processes, one per local device (GPU, TPU "
+                        "chip; on CPU, N single-device processes), 'all' for one per device; "
+                        "they share <run folder>/study.journal, or the recipe's database URL")
   run.add_argument("--debug", action="store_true",
                    help="show Python tracebacks of unexpected errors")
   run.set_defaults(func=_run)
+  _worker_parser(commands)
   init = commands.add_parser("init", help="write the commented default recipe",
                              description="Write the bundled, commented default recipe to PATH.")
   init.add_argument("path", nargs="?", default="recipe.yaml", metavar="PATH",
@@ -60,11 +71,49 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _configure_logging(level: str) -> None:
+def _worker_parser(commands: Any) -> None:
+  worker = commands.add_parser(
+      "worker", help="join a study in a shared database and run its trials",
+      description="Join the recipe's study in a storage shared by several processes or machines "
+                  "(created if it does not exist) and run trials until optuna.n_trials trials "
+                  "are done across all workers. Start one per machine (or per device, with "
+                  "CUDA_VISIBLE_DEVICES). A worker that dies mid-trial stops beating; after the "
+                  "grace period its trial is marked FAIL and a live worker retries it. SIGTERM "
+                  "stops at once (the trial is retried elsewhere), exit status 143.")
+  worker.add_argument("recipe", nargs="?", metavar="RECIPE",
+                      help="YAML recipe (default: the bundled recipe)")
+  worker.add_argument("--storage", metavar="URL",
+                      help="the shared study storage: postgresql://user:password@host:5432/db, "
+                           "mysql+pymysql://..., sqlite:///path or journal:///path (default: "
+                           "optuna.storage, which must then be one of those)")
+  worker.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a recipe value (repeatable), as for run")
+  worker.add_argument("--output", metavar="DIR",
+                      help="this worker's run folder: trial checkpoints and, at the end, the "
+                           "study's outputs (default as for run)")
+  worker.add_argument("--name", metavar="NAME",
+                      help="the worker's name in logs and in each trial's 'worker' attribute "
+                           "(default: host:pid)")
+  worker.add_argument("--heartbeat", type=int, default=30, metavar="S",
+                      help="seconds between heartbeats of the running trial (default 30)")
+  worker.add_argument("--grace", type=int, default=120, metavar="S",
+                      help="seconds without a heartbeat before a trial counts as lost, is "
+                           "marked FAIL and retried (default 120)")
+  worker.add_argument("--max-retry", type=int, default=2, metavar="N",
+                      help="retries of one lost trial (default 2)")
+  worker.add_argument("--no-outputs", action="store_true",
+                      help="write only trial checkpoints, not the study's outputs (run "
+                           "--workers writes those once)")
+  worker.add_argument("--debug", action="store_true",
+                      help="show Python tracebacks of unexpected errors")
+  worker.set_defaults(func=_worker)
+
+
+def _configure_logging(level: str, prefix: str = "") -> None:
   import optuna
 
   handler = logging.StreamHandler(sys.stderr)
-  handler.setFormatter(logging.Formatter("%(message)s"))
+  handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
   package = logging.getLogger("orchard_jax")
   package.handlers[:] = [handler]
   package.setLevel(level)
@@ -103,7 +152,8 @@ def _describe(source) -> str:
   return f"{source.name}{sizes}, inputs {shape}, {source.num_classes} classes"
 
 
-def _run(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+  """The validated recipe and its data source."""
   from orchard_jax.study.build import architecture_for, model_for
   from orchard_jax.study.recipe import load_recipe
   from orchard_jax.study.sources import load_source
@@ -112,10 +162,36 @@ def _run(args: argparse.Namespace) -> int:
   source = load_source(recipe.dataset, batch_size=recipe.training.batch_size,
                        seed=recipe.training.seed)
   model_for(architecture_for(recipe, {}), source)  # bad architecture options fail here
-  _configure_logging(recipe.telemetry.log_level)  # process-wide: only once the recipe is good
+  return recipe, source
+
+
+def _setup(recipe: Any, prefix: str = "") -> None:
+  """Process-wide settings, made only once the recipe (and storage) are good."""
+  _configure_logging(recipe.telemetry.log_level, prefix)
   _compilation_cache(recipe.telemetry.compilation_cache)
+
+
+def _recipe_args(args: argparse.Namespace) -> list[str]:
+  """The recipe path and --set options, as given, for worker processes."""
+  return [*([args.recipe] if args.recipe else []), *(x for s in args.sets for x in ("--set", s))]
+
+
+def _run(args: argparse.Namespace) -> int:
+  from orchard_jax.study.checks import RecipeError
+
+  workers = None
+  if args.workers is not None:
+    from orchard_jax.study.launch import parse_workers
+    workers = parse_workers(args.workers)
+  recipe, source = _load(args)
+  if args.workers is not None and recipe.study is None:
+    raise RecipeError("--workers runs a study, but the recipe has no optuna section")
+  _setup(recipe)
   run_dir = _run_dir(recipe, args.output)
   logger = logging.getLogger("orchard_jax.cli")
+  if args.workers is not None:
+    from orchard_jax.study.launch import launch_workers
+    return launch_workers(recipe, run_dir, workers, _recipe_args(args), debug=args.debug)
   if recipe.study is None:
     from orchard_jax.study.train import run_training
     logger.info("Training %s on %s -> %s", recipe.architecture.name, _describe(source), run_dir)
@@ -127,9 +203,33 @@ def _run(args: argparse.Namespace) -> int:
               config.sampler_type, config.pruner_type if config.enable_pruning else "off",
               _describe(source), run_dir)
   url = storage_url(config.storage, run_dir)
-  if url is not None and url.startswith("sqlite:"):
-    logger.info("Storage %s (optuna-dashboard %s)", url, url)
+  if url is not None and url.startswith(("sqlite:", "journal:")):
+    logger.info("Storage %s (optuna-dashboard %s)", url, url.replace("journal://", ""))
   return run_study(recipe, source, run_dir)
+
+
+def _worker(args: argparse.Namespace) -> int:
+  from orchard_jax.study.checks import RecipeError
+  from orchard_jax.study.storage import Heartbeat
+  from orchard_jax.study.workers import default_name, join_study, run_worker
+
+  heartbeat = Heartbeat(args.heartbeat, args.grace, args.max_retry)
+  name = args.name or default_name()
+  recipe, source = _load(args)
+  if recipe.study is None:
+    raise RecipeError("worker runs a study, but the recipe has no optuna section")
+  url = args.storage or recipe.study.config.storage
+  if url in ("sqlite", "memory"):
+    raise RecipeError(f"worker needs a storage shared with the other workers: --storage "
+                      f"postgresql://user:password@host/db (or mysql+pymysql://..., "
+                      f"sqlite:///path, journal:///path), or such a URL in optuna.storage; "
+                      f"got {url!r}")
+  import optuna
+  optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in RDB ..."
+  joined = join_study(recipe, url, heartbeat, "--storage" if args.storage else "optuna.storage")
+  _setup(recipe, prefix=f"[{name}] ")
+  return run_worker(recipe, source, _run_dir(recipe, args.output), joined, name=name,
+                    write_outputs=not args.no_outputs)
 
 
 def _init(args: argparse.Namespace) -> int:

@@ -4,6 +4,9 @@
 * :mod:`~orchard_jax.study.sources` -- digits, MedMNIST-format ``.npz``, user functions.
 * :mod:`~orchard_jax.study.space` -- the ``quick``/``full`` presets and their overrides.
 * :mod:`~orchard_jax.study.runner` -- sampler, pruner, storage, resume, Ctrl-C.
+* :mod:`~orchard_jax.study.storage` -- storage URLs, journal files, heartbeats, the study lock.
+* :mod:`~orchard_jax.study.workers` -- a worker of a study shared by processes or machines.
+* :mod:`~orchard_jax.study.launch` -- ``run --workers``: one worker process per local device.
 * :mod:`~orchard_jax.study.outputs` -- trials.csv, best_config.yaml, plots, best model.
 * :mod:`~orchard_jax.study.train` -- a recipe without ``optuna:``: one training run.
 

@@ -127,27 +127,57 @@ class Progress:
 
 
 class GracefulInterrupt:
-  """SIGINT handler: the first stops the study after the running trial, the second at once."""
+  """SIGINT and SIGTERM handler of a study run (a context manager; main thread only).
+
+  * SIGINT (Ctrl-C): the first stops the study after the running trial, the
+    second stops at once.
+  * SIGTERM: stops at once. Inside a trial it raises ``KeyboardInterrupt``
+    there (the objective stores the trial as FAIL with ``interrupted``, so
+    it is retried); between trials the study stops before the next one.
+
+  The objective sets ``in_trial`` while it runs and raises
+  ``KeyboardInterrupt`` itself when :attr:`immediate` is already set (a
+  signal that came while the trial was being created). ``exit_status`` is
+  128 + the last signal (130 for SIGINT, 143 for SIGTERM).
+  """
 
   def __init__(self, study: optuna.Study):
-    self.study, self.requested, self._previous = study, False, None
+    self.study, self.requested, self.immediate, self.in_trial = study, False, False, False
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  @property
+  def exit_status(self) -> int:
+    return 128 + (self.signum or signal.SIGINT)
 
   def __enter__(self) -> "GracefulInterrupt":
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGINT, self._handle)
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def __exit__(self, *exc: Any) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
-  def _handle(self, signum: int, frame: Any) -> None:
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-    print("\nInterrupted: the running trial finishes, then the study stops and its outputs are "
-          "written (Ctrl-C again stops now). The same command resumes.", file=sys.stderr, flush=True)
+  def _stop(self) -> None:
     try:
       self.study.stop()
-    except RuntimeError:  # not optimizing yet; run_study checks `requested` before optimize
+    except RuntimeError:  # not optimizing yet; the runner checks `requested` before optimize
       pass
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    again, self.requested, self.signum = self.requested, True, signum
+    if signum == signal.SIGTERM or again:
+      self.immediate = True
+      if signum == signal.SIGTERM and not again:
+        print("\nTerminated: the running trial stops now and is stored as interrupted (it is "
+              "retried); then the outputs are written.", file=sys.stderr, flush=True)
+      self._stop()
+      if self.in_trial or signum == signal.SIGINT:
+        raise KeyboardInterrupt
+      return
+    print("\nInterrupted: the running trial finishes, then the study stops and its outputs are "
+          "written (Ctrl-C again stops now). The same command resumes.", file=sys.stderr, flush=True)
+    self._stop()

@@ -7,17 +7,21 @@
   ``optuna.pruner_startup_trials`` unpruned trials (Optuna's default 5),
   ``hyperband`` with Optuna's defaults; ``NopPruner`` without pruning. The
   engine asks the pruner from ``pruning_warmup_epochs`` on.
-* **Storage**: ``'sqlite'`` is ``<run folder>/study.db``; ``'memory'`` keeps
-  nothing; any other value is a database URL given to Optuna as is.
+* **Storage**: ``'sqlite'`` is ``<run folder>/study.db`` (or the folder's
+  ``study.journal``); ``'memory'`` keeps nothing; any other value is a
+  storage URL (see :mod:`orchard_jax.study.storage`). A database that cannot
+  be opened stops the run before anything is written.
 * **Budget and resume**: ``n_trials`` is the study's total. A run counts the
   finished trials already stored (complete, pruned, and failed ones that were
-  not interrupted) and runs the rest, so the same command continues an
-  interrupted study.
-* **Ctrl-C**: the first SIGINT lets the running trial finish, then stops the
-  study; a second one stops at once. Either way the outputs of what finished
-  are written and the exit status is 130. A trial stopped at once is stored
-  as FAIL with the user attribute ``interrupted``, and the next run retries
-  its parameters first (``retry_of`` names the original).
+  neither interrupted nor retried) and runs the rest, so the same command
+  continues an interrupted study. Several workers share the budget through
+  :mod:`orchard_jax.study.workers`.
+* **Ctrl-C and SIGTERM**: the first SIGINT lets the running trial finish,
+  then stops the study; a second one, or a SIGTERM, stops at once. Either way
+  the outputs of what finished are written and the exit status is 130 (143
+  after SIGTERM). A trial stopped at once is stored as FAIL with the user
+  attribute ``interrupted``, and the next run retries its parameters first
+  (``retry_of`` names the original).
 * **Study callbacks**: the study stops once ``early_stopping_patience``
   consecutive trials reach the threshold (default per metric, as the
   reference: auc 0.9999, accuracy 0.995, f1 0.98, loss 0.01), and after
@@ -29,9 +33,9 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import re
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
@@ -44,27 +48,21 @@ from orchard_jax.study.callbacks import (FailureStreak, GracefulInterrupt, KeepB
 from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.outputs import ERROR, HISTORY, INTERRUPTED, RETRY_OF, write_study_outputs
 from orchard_jax.study.space import build_space
+from orchard_jax.study.storage import masked, open_storage, storage_url
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_pruner", "build_sampler", "finished_count", "open_study", "requeue_interrupted",
-           "run_study", "storage_url"]
+           "retried_numbers", "run_study", "storage_url"]
 
 EXIT_INTERRUPTED = 130
 
 
-def storage_url(storage: str, run_dir: pathlib.Path) -> str | None:
-  """The Optuna storage of ``OptunaConfig.storage`` (None: in memory)."""
-  if storage == "memory":
-    return None
-  if storage == "sqlite":
-    return f"sqlite:///{(run_dir / 'study.db').absolute()}"
-  return storage
-
-
-def build_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
-  samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
-              "cmaes": optuna.samplers.CmaEsSampler}
+def build_sampler(kind: str, seed: int, parallel: bool = False) -> optuna.samplers.BaseSampler:
+  """The sampler; ``parallel`` (several workers) makes TPE count running trials (constant liar)."""
+  if kind == "tpe":
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=parallel)
+  samplers = {"random": optuna.samplers.RandomSampler, "cmaes": optuna.samplers.CmaEsSampler}
   return samplers[kind](seed=seed)
 
 
@@ -78,10 +76,20 @@ def build_pruner(config: Any, startup_trials: int) -> optuna.pruners.BasePruner:
   return optuna.pruners.HyperbandPruner()
 
 
+def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+  """Numbers of the trials another trial retries: ``retry_of`` (interrupted or lost with their
+  worker) or Optuna's heartbeat ``retry_history``."""
+  numbers = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+  return numbers.union(*(t.system_attrs.get("retry_history", ()) for t in trials))
+
+
 def finished_count(trials: Sequence[FrozenTrial]) -> int:
-  """Trials that used the budget: complete, pruned, and failed but not interrupted."""
+  """Trials that used the budget: complete, pruned, and failed but neither interrupted nor
+  retried."""
+  retried = retried_numbers(trials)
   return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
-      t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED)) for t in trials)
+      t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED)
+      and t.number not in retried) for t in trials)
 
 
 def requeue_interrupted(study: optuna.Study) -> list[int]:
@@ -96,29 +104,33 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
   return numbers
 
 
-def _masked(url: str | None) -> str:
-  return "memory" if url is None else re.sub(r"//[^/@]*@", "//***@", url)
+def open_study(recipe: Any, url: str | None, storage: Any = None, *, join: bool = False,
+               where: str = "optuna.storage") -> optuna.Study:
+  """Creates or loads the study; checks that its direction is the recipe's.
 
-
-def open_study(recipe: Any, url: str | None) -> optuna.Study:
-  """Creates or loads the study; checks that its direction is the recipe's."""
+  ``storage`` is ``open_storage(url)`` unless given. ``join`` (a worker)
+  loads an existing study whatever ``load_if_exists`` says, and samples with
+  TPE's constant liar. A study of the other direction is refused before
+  anything is written.
+  """
   config, training = recipe.study.config, recipe.training
+  storage = open_storage(url, where=where) if storage is None else storage
   try:
     study = optuna.create_study(
-        study_name=config.study_name, storage=url, direction=training.monitor_direction,
-        sampler=build_sampler(config.sampler_type, training.seed),
+        study_name=config.study_name, storage=storage, direction=training.monitor_direction,
+        sampler=build_sampler(config.sampler_type, training.seed, parallel=join),
         pruner=build_pruner(config, recipe.study.pruner_startup_trials),
-        load_if_exists=config.load_if_exists)
+        load_if_exists=config.load_if_exists or join)
   except optuna.exceptions.DuplicatedStudyError:
-    raise RecipeError(f"study {config.study_name!r} already exists in {_masked(url)}; set "
+    raise RecipeError(f"study {config.study_name!r} already exists in {masked(url)}; set "
                       f"optuna.load_if_exists: true to resume it, or use another study_name "
                       f"or output folder") from None
-  except Exception as e:  # a driver missing, a database that cannot be reached, ...
-    raise RecipeError(f"optuna.storage: cannot open {_masked(url)}: {type(e).__name__}: "
-                      f"{' '.join(str(e).split())[:300]}") from None
+  except Exception as e:  # a schema of another Optuna version, a lost connection, ...
+    raise RecipeError(f"{where}: cannot open {masked(url)}: {type(e).__name__}: "
+                      f"{' '.join(str(getattr(e, 'orig', None) or e).split())[:300]}") from None
   stored = len(study.get_trials(deepcopy=False))
   if stored:
-    study.sampler = build_sampler(config.sampler_type, training.seed + stored)
+    study.sampler = build_sampler(config.sampler_type, training.seed + stored, parallel=join)
   if study.direction.name.lower() != training.monitor_direction:
     raise RecipeError(f"the stored study {config.study_name!r} was created to "
                       f"{study.direction.name.lower()}, but training.monitor_direction is "
@@ -151,12 +163,21 @@ def _warn_if_changed(recipe: Any, previous: pathlib.Path) -> None:
                    "continues with the new settings", previous, ", ".join(changed))
 
 
-def _objective(recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path):
+def _objective(recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path,
+               interrupt: GracefulInterrupt | None = None,
+               on_start: Callable[[optuna.Trial], None] | None = None):
+  """The study's objective; ``on_start(trial)`` runs first (a worker releases its lock there)."""
   from orchard_jax.engine import run_trial
 
   def objective(trial: optuna.Trial) -> float:
     history = History()
     try:
+      if interrupt is not None:
+        interrupt.in_trial = True
+        if interrupt.immediate:  # a SIGTERM came while the trial was being created
+          raise KeyboardInterrupt
+      if on_start is not None:
+        on_start(trial)
       params = space.sample(trial, recipe.training)
       cfg = trial_config(recipe, source, params, output_dir=trials_dir, history=history)
       return run_trial(trial, cfg)
@@ -170,6 +191,8 @@ def _objective(recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path):
         trial.set_user_attr(ERROR, f"{type(e).__name__}: {' '.join(str(e).split())}")
       raise
     finally:
+      if interrupt is not None:
+        interrupt.in_trial = False
       trial.set_user_attr(HISTORY, history.epochs)
 
   return objective
@@ -178,7 +201,7 @@ def _objective(recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path):
 def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None) -> int:
   """Runs (or resumes) the recipe's study and writes its outputs; returns the exit status.
 
-  0: done with a best trial; 1: no trial completed; 130: stopped by Ctrl-C.
+  0: done with a best trial; 1: no trial completed; 130: stopped by Ctrl-C; 143: by SIGTERM.
   """
   from tqdm.auto import tqdm
   from tqdm.contrib.logging import logging_redirect_tqdm
@@ -188,9 +211,9 @@ def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None) 
   space = build_space(recipe.study, source.input_shape, recipe.architecture.name)
   for name in space.model_pool or ():  # every candidate must build before any trial runs
     model_for(architecture_for(recipe, {"model_name": name}), source)
-  run_dir.mkdir(parents=True, exist_ok=True)
   url = storage_url(config.storage, run_dir)
-  study = open_study(recipe, url)
+  study = open_study(recipe, url)  # a storage that cannot be opened stops before any write
+  run_dir.mkdir(parents=True, exist_ok=True)
   stored = study.get_trials(deepcopy=False)
   if stored:
     _warn_if_changed(recipe, run_dir / "recipe.yaml")
@@ -205,7 +228,7 @@ def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None) 
   if config.enable_early_stopping and threshold is not None:
     early = StudyEarlyStopping(threshold, training.monitor_direction,
                                config.early_stopping_patience).count_from(stored)
-  interrupted = False
+  interrupted, status = False, EXIT_INTERRUPTED
   if done >= config.n_trials:
     logger.info("Nothing to run: the study has %d finished trials (optuna.n_trials=%d)", done,
                 config.n_trials)
@@ -223,18 +246,20 @@ def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None) 
     try:
       with handler, bar, logging_redirect_tqdm(loggers=[logging.getLogger("orchard_jax")]):
         if not handler.requested:
-          study.optimize(_objective(recipe, source, space, trials_dir),
+          study.optimize(_objective(recipe, source, space, trials_dir, handler),
                          n_trials=config.n_trials - done, timeout=config.timeout,
                          n_jobs=config.n_jobs, catch=(Exception,), callbacks=callbacks,
                          gc_after_trial=False)
     except KeyboardInterrupt:
       interrupted = True
     interrupted = interrupted or handler.requested
+    status = handler.exit_status
   best = write_study_outputs(study, recipe, run_dir, out=out)
   if interrupted:
     finished = finished_count(study.get_trials(deepcopy=False))
     then = ("run the same command to continue" if url is not None
             else "the in-memory study cannot be resumed")
-    print(f"\nStopped by Ctrl-C after {finished}/{config.n_trials} trials; {then}.", file=out)
-    return EXIT_INTERRUPTED
+    cause = "SIGTERM" if status == 128 + signal.SIGTERM else "Ctrl-C"
+    print(f"\nStopped by {cause} after {finished}/{config.n_trials} trials; {then}.", file=out)
+    return status
   return 0 if best is not None else 1
