@@ -68,3 +68,18 @@ def test_global_avg_pool_equals_torch_adaptive_avg_pool():
   x = jax.random.normal(jax.random.key(4), (2, 5, 3, 4))
   expected = torch.nn.AdaptiveAvgPool2d(1)(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2))
   np.testing.assert_allclose(global_avg_pool(x), expected.flatten(1).numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape,features", [((2, 7, 5, 3), 4), ((3, 6, 6, 1), 8)])
+def test_conv3x3_equals_flax_conv_in_values_params_and_gradients(shape, features):
+  from orchard_jax.models.layers import Conv3x3
+  x = jax.random.normal(jax.random.key(0), shape)
+  ours, ref = Conv3x3(features), nn.Conv(features, (3, 3), padding="SAME")
+  params = ref.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  loss = lambda module: lambda p, x: (module.apply(p, x) ** 2).sum()
+  g_ours = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_ref)
