@@ -54,7 +54,7 @@ def global_avg_pool(x_BxHxWxC: jax.Array) -> jax.Array:
   return x_BxHxWxC.mean(axis=(1, 2))
 
 
-def conv3x3_same(x_BxHxWxC: jax.Array, kernel_3x3xCxO: jax.Array) -> jax.Array:
+def conv3x3_same(x_BxHxWxC: jax.Array, kernel_3x3xCxO: jax.Array, *, im2col: bool = True) -> jax.Array:
   """3x3 stride-1 "SAME" convolution (NHWC, HWIO), fast on every backend.
 
   On XLA:CPU the convolution's backward pass is slow; the same convolution
@@ -63,9 +63,11 @@ def conv3x3_same(x_BxHxWxC: jax.Array, kernel_3x3xCxO: jax.Array) -> jax.Array:
   cores, value-and-gradient 1.7-6x faster on MiniCNN's layers, and bit-equal
   in float32 on those shapes (``benchmarks/conv_im2col.py``). Other backends
   keep ``lax.conv_general_dilated`` (cuDNN and TPU convolutions are faster
-  than im2col there). The backend is read at trace time.
+  than im2col there), and so does ``im2col=False``: a forward-only pass
+  (evaluation) is faster with XLA:CPU's own convolution. The backend is read
+  at trace time.
   """
-  if jax.default_backend() != "cpu":
+  if not im2col or jax.default_backend() != "cpu":
     return jax.lax.conv_general_dilated(x_BxHxWxC, kernel_3x3xCxO, (1, 1), "SAME",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
   b, h, w, c = x_BxHxWxC.shape
@@ -87,11 +89,12 @@ class Conv3x3(nn.Module):
   use_bias: bool = True
 
   @nn.compact
-  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+  def __call__(self, x_BxHxWxC: jax.Array, train: bool = True) -> jax.Array:
+    """``train`` selects im2col on XLA:CPU (fast backward); False: the plain convolution."""
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (3, 3, x_BxHxWxC.shape[-1], self.features), jnp.float32)
     dtype = jnp.promote_types(x_BxHxWxC.dtype, kernel.dtype)
-    y = conv3x3_same(x_BxHxWxC.astype(dtype), kernel.astype(dtype))
+    y = conv3x3_same(x_BxHxWxC.astype(dtype), kernel.astype(dtype), im2col=train)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
     return y

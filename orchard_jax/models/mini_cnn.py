@@ -82,7 +82,7 @@ class MiniCNN(nn.Module):
       mask = jnp.asarray(mask, jnp.bool_)
       bn_mask = jnp.where(mask.any(), mask, True)[:, None, None, None]
     for i, features in enumerate((32, 64, 128), start=1):
-      x = Conv3x3(features, name=f"conv{i}")(x)
+      x = Conv3x3(features, name=f"conv{i}")(x, train)
       x = nn.BatchNorm(
           use_running_average=not train,
           momentum=_BN_MOMENTUM,

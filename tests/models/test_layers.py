@@ -79,6 +79,7 @@ def test_conv3x3_equals_flax_conv_in_values_params_and_gradients(shape, features
   assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
   np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours.apply(params, x, False), ref.apply(params, x), rtol=1e-5, atol=1e-5)
   loss = lambda module: lambda p, x: (module.apply(p, x) ** 2).sum()
   g_ours = jax.grad(loss(ours), argnums=(0, 1))(params, x)
   g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
