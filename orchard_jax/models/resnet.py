@@ -26,15 +26,18 @@ _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the weight.
 _LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
-# Largest input side that gets the low-resolution stem (the reference: resolution <= 32).
-LOW_RES_MAX_RESOLUTION = 32
+# Largest input side that gets the low-resolution stem: 28-64 px inputs (the reference
+# switches at 32 px; a 7x7 stride-2 stem plus max-pool leaves a 64 px image 16 px wide
+# before the first stage, too little for four stages, so orchard_jax keeps 64 px low-res).
+LOW_RES_MAX_RESOLUTION = 64
 
 
 def uses_low_res_stem(resolution: int) -> bool:
   """Whether the reference builds ResNet-18's low-resolution stem for ``resolution`` px inputs.
 
-  True for 28 and 32 px (3x3 stride-1 stem conv, no max-pool), False from 33 px
-  on (64 and 224 px keep torchvision's 7x7 stride-2 stem and 3x3 max-pool).
+  True up to 64 px (3x3 stride-1 stem conv, no max-pool), False above (224 px
+  keeps torchvision's 7x7 stride-2 stem and 3x3 max-pool). The reference
+  switches at 32 px; see docs/differences.md.
   """
   if resolution < 1:
     raise ValueError(f"resolution must be >= 1, got resolution={resolution}")

@@ -72,8 +72,9 @@ def test_rejects_inputs_with_other_channel_count_than_built_for():
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
 
 
-@pytest.mark.parametrize("resolution, low_res", [(28, True), (32, True), (64, False), (224, False)])
-def test_low_res_stem_is_used_up_to_32_px_as_the_reference(resolution, low_res):
+@pytest.mark.parametrize("resolution, low_res", [(28, True), (32, True), (64, True), (65, False),
+                                                 (224, False)])
+def test_low_res_stem_is_used_for_28_to_64_px(resolution, low_res):
   assert uses_low_res_stem(resolution) is low_res
   assert build_model("resnet_18", num_classes=2, resolution=resolution).module.low_res is low_res
 
