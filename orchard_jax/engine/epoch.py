@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from orchard_jax.core.sharding import batch_sharding
-from orchard_jax.core.metrics import METRIC_KEYS, add_sums, classification_metrics
+from orchard_jax.core.metrics import METRIC_KEYS, SUM_KEYS, add_sums, classification_metrics
 from orchard_jax.core.state import TrainState
 from orchard_jax.core.steps import eval_step, train_step
 from orchard_jax.data.adapter import device_batches
@@ -85,8 +85,8 @@ def evaluate(state: TrainState, loader: Iterable, *, epoch: int | None = None,
   with _batches(state, loader, epoch, layout) as batches:
     for batch in batches:
       out = eval_step(state, batch)
-      sums = {k: out[k] for k in ("loss_sum", "correct", "count")} if sums is None else _add_sums(
-          sums, {k: out[k] for k in ("loss_sum", "correct", "count")})
+      batch_sums = {key: out[key] for key in SUM_KEYS}
+      sums = batch_sums if sums is None else _add_sums(sums, batch_sums)
       logits.append(out["logits"])
       labels.append(batch["label"])
       masks.append(batch["mask"])
