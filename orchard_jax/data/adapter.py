@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from orchard_jax.core.sharding import check_batch_size
+from orchard_jax.data import gather
 
 LAYOUTS = ("NCHW", "NHWC")
 THREAD_NAME = "orchard_jax-prefetch"
@@ -158,7 +159,7 @@ def _produce(loader: Iterable, out: queue.Queue, stop: threading.Event, num_clas
   sample_shape = None
   batch_index = 0
   try:
-    iterator = iter(loader)
+    iterator = gather.batches(loader)
     while not stop.is_set():
       try:
         batch = next(iterator)
@@ -214,7 +215,11 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
       ``torch.utils.data.DataLoader`` yields them) of torch tensors, numpy
       arrays or nested lists of numbers. Torch CPU tensors are read through
       ``Tensor.numpy()`` (shared memory) and numpy inputs through
-      ``np.asarray``; the only copy is the float32 cast / layout change.
+      ``np.asarray``; the only copy is the float32 cast / layout change. A
+      single-process DataLoader over a ``TensorDataset`` (or ``Subset`` of
+      one) with the default collate is read with one gather per batch
+      instead of per-sample indexing and stacking: the same batches in the
+      same order (see :mod:`orchard_jax.data.gather`).
     num_classes: labels must lie in ``[0, num_classes)``.
     layout: ``"NCHW"`` (torch's convention, the default) transposes 4-D inputs
       to NHWC; ``"NHWC"`` leaves them. 3-D inputs ``[B, H, W]`` get a channel
