@@ -1,61 +1,85 @@
-"""First-trial compile time with and without JAX's persistent compilation cache.
+"""First-trial compile time with a cold cache, JAX's persistent cache, and executables.
 
-Runs the same child process twice against one fresh cache directory: the
-first fills the cache, the second should load every executable from it. Each
-child builds a MiniCNN trial state (28x28x1, batch 64) and times
-``lower().compile()`` of ``train_step`` and ``eval_step`` -- the compile cost a
-first trial pays -- plus the whole first epoch-like sequence of one train and
-one eval step. Prints both runs side by side and their ratio.
+Each child process builds a MiniCNN trial state (28x28x1, batch 64) and gets
+the compiled ``train_step`` and ``eval_step`` the way an epoch does
+(``orchard_jax.core.executables.compiled``) -- the compile cost a first trial
+pays -- then runs one train and one eval step. Three processes share one fresh cache directory: a cold one
+(fills JAX's persistent cache and orchard_jax's executable cache), a warm one
+with only JAX's cache (tracing and lowering still run), and a warm one with
+both (the executables load without tracing). Medians over ``--repeats``
+fresh directories.
 
-  python benchmarks/compile_cache.py
+  python benchmarks/compile_cache.py [--repeats 3]
 """
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+import statistics
 import tempfile
 import time
 
 CHILD = r'''
-import json, sys, time
+import json, os, sys, time
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_compilation_cache_dir", sys.argv[1])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 from orchard_jax import MiniCNN, create_train_state, eval_step, train_step
+from orchard_jax.core import executables
+if sys.argv[2] == "on":
+  executables.set_cache_dir(os.path.join(sys.argv[1], "executables"))
 t0 = time.perf_counter()
 state = create_train_state(MiniCNN(num_classes=10), input_shape=(28, 28, 1), num_classes=10, mixup_alpha=0.2)
+jax.block_until_ready(state)
 t_init = time.perf_counter() - t0
 batch = {"image": jnp.zeros((64, 28, 28, 1)), "label": jnp.zeros(64, jnp.int32), "mask": jnp.ones(64, bool)}
 t0 = time.perf_counter()
-train_step.lower(state, batch).compile()
-eval_step.lower(state, batch).compile()
+step = executables.compiled(train_step, (state, batch), name="train_step", model=state.spec.model)
+evaluate = executables.compiled(eval_step, (state, batch), name="eval_step", model=state.spec.model)
 t_compile = time.perf_counter() - t0
 t0 = time.perf_counter()
-state, m = train_step(state, batch)
-out = eval_step(state, batch)
+state, m = step(state, batch)
+out = evaluate(state, batch)
 jax.block_until_ready((m, out))
 t_first = time.perf_counter() - t0
-print("RESULT" + json.dumps({"init": t_init, "compile": t_compile, "first_steps": t_first}))
+print("RESULT" + json.dumps({"init": t_init, "compile": t_compile, "first_steps": t_first,
+                             "stats": executables.stats()}))
 '''
 
 
-def run(cache_dir):
+def run(cache_dir, executable_cache):
   env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
   start = time.perf_counter()
-  out = subprocess.run([sys.executable, "-c", CHILD, cache_dir], capture_output=True, text=True,
-                       env=env, check=True)
+  out = subprocess.run([sys.executable, "-c", CHILD, cache_dir, executable_cache],
+                       capture_output=True, text=True, env=env, check=True)
   line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1]
   return {**json.loads(line[6:]), "process": time.perf_counter() - start}
 
 
 def main():
-  with tempfile.TemporaryDirectory() as cache_dir:
-    cold, warm = run(cache_dir), run(cache_dir)
-  print(f"{'':22s}{'cold cache':>12s}{'warm cache':>12s}{'ratio':>8s}")
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+  rows = {"cold": [], "jax": [], "exe": []}
+  for _ in range(args.repeats):
+    with tempfile.TemporaryDirectory() as cache_dir:
+      rows["cold"].append(run(cache_dir, "on"))  # fills both caches
+      rows["jax"].append(run(cache_dir, "off"))  # JAX's persistent cache only
+      rows["exe"].append(run(cache_dir, "on"))   # plus orchard_jax's executable cache
+  print(f"{'':26s}{'cold':>9s}{'warm, JAX cache':>17s}{'warm, + executables':>21s}"
+        f"{'exe/cold':>10s}")
   for key, label in (("init", "create_train_state"), ("compile", "compile train+eval step"),
                      ("first_steps", "first train+eval step"), ("process", "whole process")):
-    print(f"{label:22s}{cold[key]:11.3f}s{warm[key]:11.3f}s{warm[key] / cold[key]:8.3f}")
+    med = {k: statistics.median(r[key] for r in v) for k, v in rows.items()}
+    lo, hi = (f(r[key] for r in rows["exe"]) for f in (min, max))
+    print(f"{label:26s}{med['cold']:8.3f}s{med['jax']:16.3f}s{med['exe']:13.3f}s "
+          f"({lo:.3f}-{hi:.3f}){med['exe'] / med['cold']:8.3f}")
+  first = rows["exe"][-1]
+  print(f"warm process, init + compile (the first trial's compile cost): "
+        f"{statistics.median(r['init'] + r['compile'] for r in rows['exe']):.3f}s; "
+        f"executables: {first['stats']}")
 
 
 if __name__ == "__main__":

@@ -126,13 +126,22 @@ def _configure_logging(level: str, prefix: str = "") -> None:
 
 
 def _compilation_cache(path: str | None) -> None:
-  """Turns on JAX's persistent compilation cache, unless off or already set by JAX_* variables."""
-  if path is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  """Turns on JAX's persistent compilation cache and orchard_jax's executable cache.
+
+  ``path`` (or ``JAX_COMPILATION_CACHE_DIR`` when set) holds JAX's cache;
+  its ``executables/`` subdirectory holds whole compiled steps, which a later
+  process loads without tracing (:mod:`orchard_jax.core.executables`).
+  """
+  if path is None:
     return
   import jax
-  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-  # A run compiles a few dozen small programs; cache them all, not only those over 1 s.
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  from orchard_jax.core import executables
+  path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(path)
+  jax.config.update("jax_compilation_cache_dir", path)
+  if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    # A run compiles a few dozen small programs; cache them all, not only those over 1 s.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  executables.set_cache_dir(os.path.join(path, "executables"))
 
 
 def _run_dir(recipe, output: str | None) -> pathlib.Path:

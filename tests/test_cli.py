@@ -119,6 +119,11 @@ def test_study_outputs_exist_and_parse(study_run):
   assert list((run_dir / "trials").iterdir()) == [run_dir / "trials" / "trial_1"]
 
 
+def test_the_run_writes_its_compiled_steps_beside_jax_cache(study_run, workdir):
+  names = sorted(p.name.split("-")[0] for p in (workdir / "jax_cache" / "executables").glob("*.exe"))
+  assert set(names) == {"init", "train_step", "eval_step"}
+
+
 def test_best_config_retrains_and_reports_validation_and_test_metrics(study_run, env):
   _, run_dir = study_run
   proc = run(["run", run_dir / "best_config.yaml", "--set", "training.epochs=2"], env, run_dir)

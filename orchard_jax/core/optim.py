@@ -98,7 +98,8 @@ def init_optimizer(name: str, params, *, learning_rate: float, momentum: float,
   """Initial optimizer state with the trial's hyperparameters in it."""
   state = optimizer(name).init(params)
   return set_hyperparams(state, learning_rate=learning_rate, momentum=momentum,
-                         weight_decay=weight_decay, grad_clip=grad_clip or 0.0)
+                         weight_decay=weight_decay,
+                         grad_clip=0.0 if grad_clip is None else grad_clip)
 
 
 def set_hyperparams(opt_state: optax.OptState, **values: float) -> optax.OptState:

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from orchard_jax.core import optim
+from orchard_jax.core import executables, optim
 from orchard_jax.core.losses import CRITERIA
 from orchard_jax.core.precision import LossScale, Policy, loss_scale_for, parse_policy
 
@@ -79,23 +79,25 @@ class TrainState(struct.PyTreeNode):
     return self.replace(hparams=self.hparams._replace(mixup_on=jnp.asarray(enabled, jnp.bool_)))
 
 
-def _init(model, key, sample):
-  """``model.init``, compiled once per model structure when that is safe.
+def _build(spec: StepSpec, seed: jax.Array, hyper: dict[str, jax.Array]) -> TrainState:
+  """Every array of a fresh state, from the seed and the trial's float32 scalars."""
+  init_key, train_key = jax.random.split(jax.random.key(seed))
+  sample = jnp.zeros((1, *spec.input_shape), jnp.float32)
+  params, model_state = spec.model.init(init_key, sample)
+  params = spec.policy.cast_to_param(params)
+  opt_state = optim.init_optimizer(spec.optimizer, params, learning_rate=hyper["learning_rate"],
+                                   momentum=hyper["momentum"], weight_decay=hyper["weight_decay"],
+                                   grad_clip=hyper["grad_clip"])
+  hparams = Hyperparams(
+      mixup_alpha=hyper["mixup_alpha"], mixup_on=hyper["mixup_alpha"] > 0,
+      label_smoothing=hyper["label_smoothing"], focal_gamma=hyper["focal_gamma"],
+      class_weights=hyper["class_weights"])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                    opt_state=opt_state, loss_scale=loss_scale_for(spec.policy), rng=train_key,
+                    hparams=hparams, spec=spec)
 
-  Eager Linen initialisation dispatches (and compiles) op by op, which costs
-  seconds for a CNN; one jitted call, cached on the hashable model, costs a
-  fraction of that and nothing for the next trial. Other models (NNX modules
-  carry their initial weights, which a cache keyed on structure would reuse)
-  are initialised eagerly.
-  """
-  from orchard_jax.models import LinenModel
 
-  if isinstance(model, LinenModel):
-    return _jit_init(model, key, sample)
-  return model.init(key, sample)
-
-
-_jit_init = jax.jit(lambda model, key, sample: model.init(key, sample), static_argnums=0)
+_jit_build = jax.jit(_build, static_argnums=0)
 
 
 def create_train_state(model, *, input_shape, num_classes: int, seed: int = 42,
@@ -116,32 +118,33 @@ def create_train_state(model, *, input_shape, num_classes: int, seed: int = 42,
     precision: a :class:`Policy` or a string :func:`parse_policy` accepts.
 
   The remaining arguments mirror :class:`orchard_jax.TrainingConfig`.
+
+  For a Linen model the whole state is built by one compiled program, keyed
+  on the model's structure (:mod:`orchard_jax.core.executables`): the next
+  trial of the same structure, or the next process with the executable cache
+  on, compiles nothing. Eager initialisation would dispatch and compile op by
+  op. Other models (NNX modules carry their initial weights, which a program
+  keyed on structure would reuse) are built eagerly.
   """
-  from orchard_jax.models import as_model  # models/ sits beside core/, imported lazily
+  from orchard_jax.models import LinenModel, as_model  # models/ sits beside core/
 
   policy = parse_policy(precision)
   spec = StepSpec(model=as_model(model), optimizer=optimizer, criterion=criterion, policy=policy,
                   input_shape=tuple(int(d) for d in input_shape), num_classes=int(num_classes))
-  init_key, train_key = jax.random.split(jax.random.key(seed))
-  sample = jnp.zeros((1, *spec.input_shape), jnp.float32)
-  params, model_state = _init(spec.model, init_key, sample)
-  params = policy.cast_to_param(params)
-  opt_state = optim.init_optimizer(optimizer, params, learning_rate=learning_rate, momentum=momentum,
-                                   weight_decay=weight_decay, grad_clip=grad_clip)
   if class_weights is None:
     class_weights = np.ones(num_classes, np.float32)
-  class_weights = jnp.asarray(class_weights, jnp.float32)
+  class_weights = np.asarray(class_weights, np.float32)
   if class_weights.shape != (num_classes,):
     raise ValueError(f"class_weights must have shape ({num_classes},), got {class_weights.shape}")
-  hparams = Hyperparams(
-      mixup_alpha=jnp.asarray(mixup_alpha, jnp.float32),
-      mixup_on=jnp.asarray(mixup_alpha > 0, jnp.bool_),
-      label_smoothing=jnp.asarray(label_smoothing, jnp.float32),
-      focal_gamma=jnp.asarray(focal_gamma, jnp.float32),
-      class_weights=class_weights)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                    opt_state=opt_state, loss_scale=loss_scale_for(policy), rng=train_key,
-                    hparams=hparams, spec=spec)
+  hyper = {"learning_rate": learning_rate, "momentum": momentum, "weight_decay": weight_decay,
+           "grad_clip": grad_clip or 0.0, "mixup_alpha": mixup_alpha,
+           "label_smoothing": label_smoothing, "focal_gamma": focal_gamma}
+  hyper = {k: np.float32(v) for k, v in hyper.items()} | {"class_weights": class_weights}
+  seed = np.uint32(int(seed) & 0xFFFFFFFF)  # as jax.random.key(seed) reads an int (without x64)
+  if not isinstance(spec.model, LinenModel):
+    return _build(spec, seed, hyper)
+  args = jax.device_put((seed, hyper))
+  return executables.compiled(_jit_build, args, name="init", static=(spec,), model=spec.model)(*args)
 
 
 def state_from_config(model, cfg, *, input_shape, num_classes: int, class_weights=None,

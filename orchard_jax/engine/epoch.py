@@ -19,6 +19,7 @@ from typing import Iterable
 import jax
 import numpy as np
 
+from orchard_jax.core import executables
 from orchard_jax.core.sharding import batch_sharding
 from orchard_jax.core.metrics import METRIC_KEYS, SUM_KEYS, add_sums, classification_metrics
 from orchard_jax.core.state import TrainState
@@ -34,6 +35,11 @@ def _batches(state: TrainState, loader: Iterable, epoch: int | None, layout: str
   return contextlib.closing(device_batches(loader, num_classes=state.spec.num_classes,
                                            layout=layout, epoch=epoch,
                                            sharding=batch_sharding(state)))
+
+
+def _compiled(step_fn, name: str, state: TrainState, batch):
+  """The epoch's one executable: every batch of an epoch has the first one's shapes."""
+  return executables.compiled(step_fn, (state, batch), name=name, model=state.spec.model)
 
 
 def train_epoch(state: TrainState, loader: Iterable, *, epoch: int | None = None,
@@ -54,10 +60,12 @@ def train_epoch(state: TrainState, loader: Iterable, *, epoch: int | None = None
     RuntimeError: ``"Training diverged: loss=… at epoch …"`` if the loss is
       NaN or Inf (checked at the epoch's one host sync, not per step).
   """
-  sums = None
+  sums, step = None, None
   with _batches(state, loader, epoch, layout) as batches:
     for batch in batches:
-      state, metrics = train_step(state, batch)
+      if step is None:
+        step = _compiled(train_step, "train_step", state, batch)
+      state, metrics = step(state, batch)
       sums = metrics if sums is None else _add_sums(sums, metrics)
   if sums is None:
     warnings.warn(f"the training loader yielded no batch at epoch {epoch}; epoch loss is 0.0",
@@ -81,10 +89,12 @@ def evaluate(state: TrainState, loader: Iterable, *, epoch: int | None = None,
     zero_division 0. Padded rows never count. An empty loader gives NaN for
     all four.
   """
-  sums, logits, labels, masks = None, [], [], []
+  sums, logits, labels, masks, step = None, [], [], [], None
   with _batches(state, loader, epoch, layout) as batches:
     for batch in batches:
-      out = eval_step(state, batch)
+      if step is None:
+        step = _compiled(eval_step, "eval_step", state, batch)
+      out = step(state, batch)
       batch_sums = {key: out[key] for key in SUM_KEYS}
       sums = batch_sums if sums is None else _add_sums(sums, batch_sums)
       logits.append(out["logits"])

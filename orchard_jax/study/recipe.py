@@ -81,7 +81,7 @@ class TelemetrySpec:
   output_dir: str | None = None       # None: outputs/<study_name> (or outputs/train)
   log_level: str = "INFO"
   log_interval: int = 10              # log a line every this many epochs (and the last)
-  compilation_cache: str | None = DEFAULT_CACHE  # JAX persistent compilation cache; None: off
+  compilation_cache: str | None = DEFAULT_CACHE  # JAX's cache and executables/; None: off
 
 
 @dataclasses.dataclass(frozen=True)

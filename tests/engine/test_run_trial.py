@@ -10,7 +10,8 @@ import optuna
 import pytest
 import torch
 
-from orchard_jax.core.steps import eval_step, train_step
+from orchard_jax.core import executables
+
 from orchard_jax.data import make_loader
 from orchard_jax.engine import (TrialTrainingExecutor, evaluate, load_best_state, read_summary,
                                 best_state_dir, run_trial, trial_training_config)
@@ -151,7 +152,7 @@ def test_a_20_trial_study_of_one_structure_compiles_each_step_once(make_cfg, stu
   # A model no other test uses, so the first trial compiles and no later one may.
   cfg = make_cfg(model=MLP(num_classes=3, hidden=(7,)), optuna={"epochs": 2},
                  reraise_errors=True)
-  train_before, eval_before = train_step._cache_size(), eval_step._cache_size()
+  before = {name: executables.stats(name)["compiled"] for name in ("train_step", "eval_step")}
 
   def objective(trial):
     training = cfg.training.replace(
@@ -168,8 +169,8 @@ def test_a_20_trial_study_of_one_structure_compiles_each_step_once(make_cfg, stu
   study = study_factory()
   study.optimize(objective, n_trials=20)
   assert len(study.trials) == 20
-  assert train_step._cache_size() - train_before == 1
-  assert eval_step._cache_size() - eval_before == 1
+  assert executables.stats("train_step")["compiled"] - before["train_step"] == 1
+  assert executables.stats("eval_step")["compiled"] - before["eval_step"] == 1
 
 
 def test_mixup_is_switched_off_after_mixup_epochs_without_recompiling(make_cfg, study_factory):
@@ -183,10 +184,10 @@ def test_mixup_is_switched_off_after_mixup_epochs_without_recompiling(make_cfg, 
   cfg = make_cfg(training={"mixup_alpha": 0.4, "mixup_epochs": 1}, optuna={"epochs": 3},
                  reraise_errors=True)
   run_trial(study_factory().ask(), cfg)  # compiles (or reuses) the step for this structure
-  before = train_step._cache_size()
+  before = executables.stats("train_step")["compiled"]
   run_trial(study_factory().ask(), cfg.replace(train_epoch_fn=recording_train))
   assert seen == [True, False, False]
-  assert train_step._cache_size() == before
+  assert executables.stats("train_step")["compiled"] == before
 
 
 def test_weighted_loss_uses_class_weights_of_the_training_labels(make_cfg):

@@ -1,0 +1,267 @@
+"""Compiled steps, reused within a process and, optionally, across processes.
+
+``jax.jit`` reuses compiled code within a process, and JAX's persistent
+compilation cache reuses XLA's output across processes. But to look an entry
+up in that cache JAX must first trace and lower the function: for a CNN's
+training step that costs about a second per process, far more than loading the
+executable. :func:`compiled` keeps executables under a key computed *without*
+tracing:
+
+* in memory: ``(name, static arguments, argument tree, shapes, dtypes,
+  shardings)``, the same things ``jax.jit``'s own cache keys on, so a trial
+  with the same structure as an earlier one compiles nothing;
+* on disk (only when :func:`set_cache_dir` names a directory, which the
+  ``orchard-jax`` command does by default): the same key, written out, plus a
+  fingerprint of everything else the program could depend on -- the source of
+  the orchard_jax package, the versions of jax, jaxlib, flax, optax and numpy,
+  JAX's configuration, ``XLA_FLAGS``, the backend and the CPU. Only programs
+  whose model is fully described by that key are written: a model built from
+  orchard_jax's own modules with plain-data attributes. Any other model (your
+  own Linen or NNX module, whose source is not fingerprinted) is compiled as
+  ``jax.jit`` compiles it, through JAX's persistent cache when that is on.
+
+A file that cannot be read or loaded is ignored (with a warning) and the
+program compiled again. Files are pickles: keep the directory private, as you
+would JAX's own cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import pathlib
+import pickle
+import platform
+import tempfile
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["cache_dir", "clear", "compiled", "set_cache_dir", "stats"]
+
+FORMAT = 1
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, np.dtype)
+_TRUSTED_CODE = ("orchard_jax.", "flax.", "jax.", "jaxlib.", "optax.", "numpy", "ml_dtypes")
+
+_lock = threading.Lock()
+_memory: dict[Any, jax.stages.Compiled] = {}
+_stats: collections.Counter = collections.Counter()  # (event, name) -> count
+_dir: pathlib.Path | None = None
+
+
+def set_cache_dir(path: str | os.PathLike | None) -> None:
+  """Where executables are written and read across processes; None turns that off."""
+  global _dir
+  _dir = None if path is None else pathlib.Path(os.path.expanduser(path))
+
+
+def cache_dir() -> pathlib.Path | None:
+  return _dir
+
+
+def stats(name: str | None = None) -> dict[str, int]:
+  """Counts since the last :func:`clear`, of one function's programs or all.
+
+  ``compiled``: traced, lowered and compiled (XLA may still have found it in
+  JAX's persistent cache); ``loaded``: read from :func:`cache_dir`;
+  ``saved``: written to it.
+  """
+  events = ("compiled", "loaded", "saved")
+  return {e: sum(n for (event, fn), n in _stats.items() if event == e and name in (None, fn))
+          for e in events}
+
+
+def clear() -> None:
+  """Forgets the in-memory executables and zeroes :func:`stats` (files stay)."""
+  with _lock:
+    _memory.clear()
+    _stats.clear()
+
+
+def _signature(args: tuple) -> tuple:
+  leaves, tree = jax.tree.flatten(args)
+  sig = []
+  for leaf in leaves:
+    aval = jax.typeof(leaf)
+    sharding = getattr(leaf, "sharding", None)
+    sig.append((aval.shape, str(aval.dtype), aval.weak_type, sharding))
+  return tree, tuple(sig)
+
+
+def compiled(jitted: Any, args: tuple, *, name: str, static: tuple = (),
+             model: Any = None) -> jax.stages.Compiled:
+  """The compiled ``jitted`` for ``args``: from memory, from disk, or compiled now.
+
+  Args:
+    jitted: a ``jax.jit``-wrapped function whose static arguments, if any,
+      come first and are given in ``static``.
+    args: the dynamic arguments, as they will be passed to the result.
+    name: names the function in keys and files (e.g. ``"train_step"``).
+    static: the leading static arguments (hashable).
+    model: the model the program runs; the program goes to disk only when
+      :func:`_portable` accepts it.
+
+  Returns:
+    A ``jax.stages.Compiled``; call it with ``*args`` (no static arguments).
+    Donation follows ``jitted``'s.
+  """
+  tree, sig = _signature(args)
+  key = (name, static, tree, sig, bool(jax.config.jax_enable_x64),
+         str(jax.config.jax_default_matmul_precision))
+  with _lock:
+    hit = _memory.get(key)
+  if hit is not None:
+    return hit
+  path = _path(name, static, tree, sig, model)
+  result = _load(path, args) if path is not None else None
+  if result is None:
+    if path is None:
+      result = jitted.lower(*static, *args).compile()
+    else:
+      result = _fresh_compile(jitted, static, args)
+      _save(path, result, name)
+    _stats["compiled", name] += 1
+  else:
+    _stats["loaded", name] += 1
+  with _lock:
+    _memory[key] = result
+  return result
+
+
+def _fresh_compile(jitted: Any, static: tuple, args: tuple) -> jax.stages.Compiled:
+  """Compiles without JAX's persistent cache, whose entries cannot be serialized again.
+
+  (On XLA:CPU an executable read from that cache serializes without its
+  kernels, and the copy fails at its first call with "Function ... not
+  found".)
+  """
+  with _lock:
+    previous = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+      return jitted.lower(*static, *args).compile()
+    finally:
+      jax.config.update("jax_enable_compilation_cache", previous)
+
+
+def _devices(sig: tuple) -> list | None:
+  devices = set()
+  for *_, sharding in sig:
+    if sharding is None:
+      return None
+    devices |= set(sharding.device_set)
+  return list(devices) if len(devices) == 1 else None
+
+
+def _path(name: str, static: tuple, tree: Any, sig: tuple, model: Any) -> pathlib.Path | None:
+  if _dir is None or not _portable(model) or _devices(sig) is None:
+    return None
+  text = repr((FORMAT, name, static, str(tree), sig, _code_fingerprint(), _environment()))
+  if " at 0x" in text:  # an object without a value repr: no stable key
+    return None
+  return _dir / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:40]}.exe"
+
+
+def _load(path: pathlib.Path, args: tuple) -> jax.stages.Compiled | None:
+  from jax.experimental import serialize_executable  # pylint: disable=import-outside-toplevel
+  try:
+    payload = path.read_bytes()
+  except FileNotFoundError:
+    return None
+  except OSError as e:
+    logger.warning("orchard_jax: cannot read cached executable %s (%s); compiling", path, e)
+    return None
+  try:
+    blob, in_tree, out_tree = pickle.loads(payload)
+    device = _devices(_signature(args)[1])[0]
+    return serialize_executable.deserialize_and_load(blob, in_tree, out_tree, backend=device.client,
+                                                     execution_devices=[device])
+  except Exception as e:  # pylint: disable=broad-except
+    logger.warning("orchard_jax: cannot load cached executable %s (%s: %s); compiling", path,
+                   type(e).__name__, e)
+    return None
+
+
+def _save(path: pathlib.Path, result: jax.stages.Compiled, name: str) -> None:
+  from jax.experimental import serialize_executable  # pylint: disable=import-outside-toplevel
+  try:
+    payload = pickle.dumps(serialize_executable.serialize(result))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as f:
+      f.write(payload)
+    os.replace(f.name, path)  # atomic: concurrent workers never read half a file
+    _stats["saved", name] += 1
+  except Exception as e:  # pylint: disable=broad-except
+    logger.warning("orchard_jax: cannot write cached executable %s (%s: %s)", path,
+                   type(e).__name__, e)
+
+
+def _portable(model: Any) -> bool:
+  """Whether ``model``'s code and attributes are all covered by the disk key."""
+  from orchard_jax.models.base import LinenModel  # pylint: disable=import-outside-toplevel
+  return isinstance(model, LinenModel) and _plain_module(model.module)
+
+
+def _plain_module(module: Any) -> bool:
+  if not type(module).__module__.startswith("orchard_jax."):
+    return False
+  fields = [f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name")]
+  return all(_plain(getattr(module, f)) for f in fields)
+
+
+def _plain(value: Any) -> bool:
+  if isinstance(value, _PLAIN):
+    return True
+  if isinstance(value, (tuple, list, frozenset)):
+    return all(_plain(v) for v in value)
+  if isinstance(value, dict):
+    return all(_plain(k) and _plain(v) for k, v in value.items())
+  if dataclasses.is_dataclass(value) and hasattr(value, "parent"):  # a Linen submodule
+    return _plain_module(value)
+  if isinstance(value, type) or callable(value):  # e.g. nn.relu, jnp.float32
+    return (getattr(value, "__module__", None) or "").startswith(_TRUSTED_CODE)
+  return False
+
+
+@functools.cache
+def _code_fingerprint() -> str:
+  root = pathlib.Path(__file__).resolve().parents[1]
+  digest = hashlib.sha256()
+  for file in sorted(root.rglob("*.py")):
+    digest.update(str(file.relative_to(root)).encode())
+    digest.update(file.read_bytes())
+  for package in _PACKAGES:
+    try:
+      digest.update(f"{package}={importlib.metadata.version(package)}".encode())
+    except importlib.metadata.PackageNotFoundError:
+      digest.update(f"{package}=?".encode())
+  return digest.hexdigest()
+
+
+def _environment() -> tuple:
+  config = tuple(sorted((k, repr(v)) for k, v in jax.config.values.items()
+                        if "cache" not in k and "log" not in k))
+  device = jax.devices()[0]
+  return (config, os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""),
+          device.platform, device.client.platform_version, _cpu())
+
+
+@functools.cache
+def _cpu() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      lines = [l for l in f if l.startswith(("model name", "flags"))]
+    return hashlib.sha256("".join(sorted(set(lines))).encode()).hexdigest()
+  except OSError:
+    return f"{platform.machine()} {platform.processor()}"
+

@@ -1,0 +1,46 @@
+"""create_train_state: one compiled program that equals eager initialisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from orchard_jax import MLP, create_train_state
+from orchard_jax.core import executables
+from orchard_jax.models import as_model
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**31 + 5, -1, 2**33 + 3])
+def test_the_compiled_build_equals_eager_initialisation_from_jax_random_key(seed):
+  model = MLP(num_classes=3, hidden=(4,))
+  state = create_train_state(model, input_shape=(2, 3, 1), num_classes=3, seed=seed,
+                             learning_rate=0.1, momentum=0.5, weight_decay=0.01, grad_clip=None,
+                             mixup_alpha=0.3, label_smoothing=0.1, focal_gamma=1.5,
+                             class_weights=[1.0, 2.0, 3.0])
+  init_key, train_key = jax.random.split(jax.random.key(seed))
+  params, _ = as_model(model).init(init_key, jnp.zeros((1, 2, 3, 1)))
+  jax.tree.map(np.testing.assert_array_equal, state.params, params)
+  np.testing.assert_array_equal(jax.random.key_data(state.rng), jax.random.key_data(train_key))
+  hyper = jax.device_get(state.opt_state.hyperparams)
+  assert hyper == {"learning_rate": np.float32(0.1), "momentum": np.float32(0.5),
+                   "weight_decay": np.float32(0.01), "grad_clip": np.float32(0.0)}
+  h = jax.device_get(state.hparams)
+  assert (h.mixup_alpha, h.mixup_on, h.label_smoothing, h.focal_gamma) == (
+      np.float32(0.3), True, np.float32(0.1), np.float32(1.5))
+  np.testing.assert_array_equal(h.class_weights, [1.0, 2.0, 3.0])
+  assert int(state.step) == 0
+
+
+def test_a_second_trial_of_the_same_structure_builds_its_state_without_compiling():
+  executables.clear()
+  kwargs = dict(input_shape=(2, 3, 1), num_classes=3)
+  create_train_state(MLP(num_classes=3, hidden=(5,)), seed=1, learning_rate=0.1, **kwargs)
+  create_train_state(MLP(num_classes=3, hidden=(5,)), seed=2, learning_rate=0.2, mixup_alpha=0.1,
+                     **kwargs)
+  assert executables.stats("init")["compiled"] == 1
+
+
+def test_class_weights_of_the_wrong_shape_raise_value_error():
+  with pytest.raises(ValueError, match=r"class_weights must have shape \(3,\), got \(2,\)"):
+    create_train_state(MLP(num_classes=3), input_shape=(4,), num_classes=3,
+                       class_weights=[1.0, 2.0])
