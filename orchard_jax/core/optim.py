@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -109,8 +110,19 @@ def set_hyperparams(opt_state: optax.OptState, **values: float) -> optax.OptStat
     raise ValueError(f"unknown optimizer hyperparameter(s) {sorted(unknown)}; allowed: {_HYPERPARAMS}")
   hyperparams = dict(opt_state.hyperparams)
   for key, value in values.items():
-    hyperparams[key] = jnp.asarray(value, jnp.float32)
+    hyperparams[key] = scalar(value, jnp.float32)
   return opt_state._replace(hyperparams=hyperparams)
+
+
+def scalar(value, dtype) -> jax.Array:
+  """``value`` as a ``dtype`` scalar array: traced values under jit, else one host-to-device copy.
+
+  (``jnp.asarray`` of a host value would dispatch a small program, compiled
+  once per process.)
+  """
+  if isinstance(value, jax.Array):
+    return jnp.asarray(value, dtype)
+  return jax.device_put(np.asarray(value, dtype))
 
 
 def get_hyperparam(opt_state: optax.OptState, name: str) -> jax.Array:

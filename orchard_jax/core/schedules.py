@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 SCHEDULER_TYPES = ("cosine", "step", "none", "plateau")
@@ -64,6 +65,19 @@ def _check_choice(name: str, value: str, allowed) -> None:
 # -------------------------------------------------------------- schedules ---
 
 
+def _namespace(*values) -> tuple:
+  """``(jnp, jnp.float32)`` for JAX arrays and tracers, else ``(np, np.float64)``.
+
+  Host values (ints, floats, numpy arrays) are computed with numpy, in
+  float64 before the final float32 rounding: the epoch loop reads one value
+  per epoch, and an eager JAX op would dispatch (and, once per process,
+  compile) a program for it.
+  """
+  if any(isinstance(v, jax.Array) for v in values):
+    return jnp, jnp.float32
+  return np, np.float64
+
+
 def _cosine(learning_rate: float, min_lr: float, epochs: int) -> optax.Schedule:
   """torch ``CosineAnnealingLR(T_max=epochs, eta_min=min_lr)``, closed form.
 
@@ -77,9 +91,10 @@ def _cosine(learning_rate: float, min_lr: float, epochs: int) -> optax.Schedule:
   half_period_rad = math.pi / (2 * epochs)
 
   def schedule(count):
-    r = jnp.mod(jnp.asarray(count, jnp.int32), 2 * epochs)
-    s = jnp.sin((epochs - r).astype(jnp.float32) * half_period_rad)
-    return (min_lr + (learning_rate - min_lr) * s * s).astype(jnp.float32)
+    xp, real = _namespace(count)
+    r = xp.mod(xp.asarray(count, xp.int32), 2 * epochs)
+    s = xp.sin((epochs - r).astype(real) * half_period_rad)
+    return (min_lr + (learning_rate - min_lr) * s * s).astype(xp.float32)
 
   return schedule
 
@@ -88,9 +103,9 @@ def _step(learning_rate: float, step_size: int, factor: float) -> optax.Schedule
   """torch ``StepLR(step_size, gamma=factor)``: ``lr0 * factor**(t // step)``."""
 
   def schedule(count):
-    k = jnp.floor_divide(jnp.asarray(count, jnp.int32), step_size)
-    return (learning_rate * jnp.power(jnp.float32(factor), k)).astype(
-        jnp.float32)
+    xp, real = _namespace(count)
+    k = xp.floor_divide(xp.asarray(count, xp.int32), step_size)
+    return (learning_rate * xp.power(real(factor), k)).astype(xp.float32)
 
   return schedule
 
@@ -98,7 +113,8 @@ def _step(learning_rate: float, step_size: int, factor: float) -> optax.Schedule
 def _constant(learning_rate: float) -> optax.Schedule:
 
   def schedule(count):
-    return jnp.full(jnp.shape(count), learning_rate, jnp.float32)
+    xp, _ = _namespace(count)
+    return xp.full(xp.shape(count), learning_rate, xp.float32)
 
   return schedule
 
@@ -184,7 +200,9 @@ def plateau(mode: str, factor: float, patience: int, min_lr: float,
     eps: smallest reduction that is applied, >= 0.
 
   Returns:
-    A :class:`PlateauTransform`. ``update`` uses only jnp ops and is jit-safe.
+    A :class:`PlateauTransform`. ``update`` is jit-safe; on host values
+    (floats, numpy arrays) it computes with numpy, with the same float32
+    results.
   """
   _check_choice("mode", mode, PLATEAU_MODES)
   _check_number("factor", factor, 0.0, 1.0, high_open=True)
@@ -193,27 +211,29 @@ def plateau(mode: str, factor: float, patience: int, min_lr: float,
   _check_number("threshold", threshold, 0.0, math.inf, high_open=True)
   _check_number("eps", eps, 0.0, math.inf, high_open=True)
   maximize = mode == "max"
-  rel = jnp.float32(1.0 + threshold if maximize else 1.0 - threshold)
+  rel = np.float32(1.0 + threshold if maximize else 1.0 - threshold)
 
-  def init(learning_rate: float) -> PlateauState:
+  def init(learning_rate) -> PlateauState:
+    xp, _ = _namespace(learning_rate)
     return PlateauState(
-        best=jnp.asarray(-jnp.inf if maximize else jnp.inf, jnp.float32),
-        num_bad_epochs=jnp.zeros((), jnp.int32),
-        lr=jnp.asarray(learning_rate, jnp.float32))
+        best=xp.asarray(-np.inf if maximize else np.inf, xp.float32),
+        num_bad_epochs=xp.zeros((), xp.int32),
+        lr=xp.asarray(learning_rate, xp.float32))
 
   def update(state: PlateauState, metric) -> PlateauState:
-    metric = jnp.asarray(metric, jnp.float32)
+    xp, _ = _namespace(metric, *state)  # float32 throughout: numpy and XLA agree bitwise
+    metric = xp.asarray(metric, xp.float32)
     limit = state.best * rel
     better = metric > limit if maximize else metric < limit
-    best = jnp.where(better, metric, state.best)
-    num_bad = jnp.where(better, 0, state.num_bad_epochs + 1)
+    best = xp.where(better, metric, state.best)
+    num_bad = xp.where(better, 0, state.num_bad_epochs + 1)
     reduce = num_bad > patience
-    new_lr = jnp.maximum(state.lr * factor, jnp.float32(min_lr))
-    apply = reduce & (state.lr - new_lr > eps)
+    new_lr = xp.maximum(state.lr * np.float32(factor), np.float32(min_lr))
+    apply = reduce & (state.lr - new_lr > np.float32(eps))
     return PlateauState(
-        best=best,
-        num_bad_epochs=jnp.where(reduce, 0, num_bad).astype(jnp.int32),
-        lr=jnp.where(apply, new_lr, state.lr).astype(jnp.float32))
+        best=best.astype(xp.float32),
+        num_bad_epochs=xp.where(reduce, 0, num_bad).astype(xp.int32),
+        lr=xp.where(apply, new_lr, state.lr).astype(xp.float32))
 
   return PlateauTransform(init, update)
 

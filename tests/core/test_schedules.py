@@ -62,11 +62,16 @@ def _schedule(kind, **overrides):
 # ------------------------------------------------------------- schedules ---
 
 
+# Host counts (ints, numpy) are computed with numpy, JAX arrays and tracers with jnp.
+NAMESPACES = pytest.mark.parametrize("xp", [np, jnp], ids=["numpy", "jnp"])
+
+
+@NAMESPACES
 @pytest.mark.parametrize("t_max", [1, 7, 30])
-def test_cosine_matches_torch_cosine_annealing_including_past_t_max(t_max):
+def test_cosine_matches_torch_cosine_annealing_including_past_t_max(t_max, xp):
   expected = _torch_lrs(lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(
       opt, T_max=t_max, eta_min=MIN_LR), 45)
-  got = _schedule("cosine", epochs=t_max)(jnp.arange(45))
+  got = _schedule("cosine", epochs=t_max)(xp.arange(45))
   np.testing.assert_allclose(got, expected, rtol=RTOL, atol=0)
 
 
@@ -76,19 +81,21 @@ def test_cosine_starts_at_learning_rate_and_reaches_min_lr_at_t_max():
   np.testing.assert_allclose(float(schedule(30)), MIN_LR, rtol=RTOL)
 
 
+@NAMESPACES
 @pytest.mark.parametrize("step_size,factor", [(7, 0.1), (1, 0.5), (20, 0.0)])
-def test_step_matches_torch_step_lr(step_size, factor):
+def test_step_matches_torch_step_lr(step_size, factor, xp):
   expected = _torch_lrs(lambda opt: torch.optim.lr_scheduler.StepLR(
       opt, step_size=step_size, gamma=factor), 40)
-  got = _schedule("step", step_size=step_size, factor=factor)(jnp.arange(40))
+  got = _schedule("step", step_size=step_size, factor=factor)(xp.arange(40))
   np.testing.assert_allclose(got, expected, rtol=RTOL, atol=0)
 
 
+@NAMESPACES
 @pytest.mark.parametrize("kind", ["none", "plateau"])
-def test_none_and_plateau_base_are_constant_like_torch_without_decay(kind):
+def test_none_and_plateau_base_are_constant_like_torch_without_decay(kind, xp):
   expected = _torch_lrs(
       lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0), 30)
-  got = _schedule(kind)(jnp.arange(30))
+  got = _schedule(kind)(xp.arange(30))
   np.testing.assert_allclose(got, expected, rtol=RTOL, atol=0)
 
 
@@ -104,7 +111,18 @@ def test_schedule_is_jittable_and_returns_float32(kind):
   schedule = _schedule(kind)
   got = jax.jit(schedule)(jnp.int32(9))
   assert got.dtype == jnp.float32 and got.shape == ()
-  assert float(got) == float(schedule(9))
+  assert float(got) == float(schedule(jnp.int32(9)))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "step", "none"])
+def test_host_counts_are_computed_with_numpy_and_no_jax_program(kind, monkeypatch):
+  schedule = _schedule(kind)
+  monkeypatch.setattr(jnp, "sin", None)  # any jnp call on the host path would fail
+  monkeypatch.setattr(jnp, "power", None)
+  monkeypatch.setattr(jnp, "full", None)
+  got = schedule(9)
+  assert not isinstance(got, jax.Array)
+  assert np.asarray(got).dtype == np.float32 and np.shape(got) == ()
 
 
 # --------------------------------------------------------------- plateau ---
