@@ -3,10 +3,11 @@
 Each child process builds a MiniCNN trial state (28x28x1, batch 64) and gets
 the compiled ``train_step`` and ``eval_step`` the way an epoch does
 (``orchard_jax.core.executables.compiled``) -- the compile cost a first trial
-pays -- then runs one train and one eval step. Three processes share one fresh cache directory: a cold one
-(fills JAX's persistent cache and orchard_jax's executable cache), a warm one
-with only JAX's cache (tracing and lowering still run), and a warm one with
-both (the executables load without tracing). Medians over ``--repeats``
+pays -- then runs one train and one eval step. Each repeat runs two pairs of processes, each pair on a fresh cache
+directory: a cold and a warm process with only JAX's persistent cache
+(the warm one still traces and lowers every program to look it up), and a
+cold and a warm process with orchard_jax's executable cache on (the warm one
+loads the executables without tracing). Medians over ``--repeats``
 fresh directories.
 
   python benchmarks/compile_cache.py [--repeats 3]
@@ -64,10 +65,11 @@ def main():
   args = parser.parse_args()
   rows = {"cold": [], "jax": [], "exe": []}
   for _ in range(args.repeats):
-    with tempfile.TemporaryDirectory() as cache_dir:
-      rows["cold"].append(run(cache_dir, "on"))  # fills both caches
-      rows["jax"].append(run(cache_dir, "off"))  # JAX's persistent cache only
-      rows["exe"].append(run(cache_dir, "on"))   # plus orchard_jax's executable cache
+    with tempfile.TemporaryDirectory() as jax_only, tempfile.TemporaryDirectory() as both:
+      run(jax_only, "off")                         # fills JAX's persistent cache
+      rows["jax"].append(run(jax_only, "off"))     # warm: JAX's cache only
+      rows["cold"].append(run(both, "on"))         # fills the executable cache
+      rows["exe"].append(run(both, "on"))          # warm: executables load without tracing
   print(f"{'':26s}{'cold':>9s}{'warm, JAX cache':>17s}{'warm, + executables':>21s}"
         f"{'exe/cold':>10s}")
   for key, label in (("init", "create_train_state"), ("compile", "compile train+eval step"),

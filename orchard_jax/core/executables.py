@@ -128,8 +128,12 @@ def compiled(jitted: Any, args: tuple, *, name: str, static: tuple = (),
     if path is None:
       result = jitted.lower(*static, *args).compile()
     else:
-      result = _fresh_compile(jitted, static, args)
-      _save(path, result, name)
+      result, writable = _compile_for_disk(jitted, static, args)
+      if writable:
+        _save(path, result, name)
+      else:
+        logger.info("orchard_jax: %s came from JAX's persistent cache, which XLA cannot "
+                    "serialize again; not written to %s", name, path.parent)
     _stats["compiled", name] += 1
   else:
     _stats["loaded", name] += 1
@@ -138,20 +142,37 @@ def compiled(jitted: Any, args: tuple, *, name: str, static: tuple = (),
   return result
 
 
-def _fresh_compile(jitted: Any, static: tuple, args: tuple) -> jax.stages.Compiled:
-  """Compiles without JAX's persistent cache, whose entries cannot be serialized again.
+_JAX_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_hits = threading.local()
 
-  (On XLA:CPU an executable read from that cache serializes without its
-  kernels, and the copy fails at its first call with "Function ... not
-  found".)
+
+def _count_jax_cache_hits(event: str, **kwargs: Any) -> None:
+  if event == _JAX_CACHE_HIT:
+    _hits.count = getattr(_hits, "count", 0) + 1
+
+
+jax.monitoring.register_event_listener(_count_jax_cache_hits)
+
+
+def _compile_for_disk(jitted: Any, static: tuple, args: tuple) -> tuple[jax.stages.Compiled, bool]:
+  """Compiles a program the disk cache will hold; returns it and whether it can be written.
+
+  On XLA:CPU an executable that JAX read from its own persistent cache
+  serializes without its kernels (the copy fails at its first call with
+  "Function ... not found"), so such a program is used but not written. JAX
+  is kept from storing this compile in its cache (its minimum compile time is
+  raised meanwhile), so the programs this module writes are not found there
+  by a later process.
   """
+  before = getattr(_hits, "count", 0)
   with _lock:
-    previous = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
+    previous = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
     try:
-      return jitted.lower(*static, *args).compile()
+      result = jitted.lower(*static, *args).compile()
     finally:
-      jax.config.update("jax_enable_compilation_cache", previous)
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+  return result, getattr(_hits, "count", 0) == before
 
 
 def _devices(sig: tuple) -> list | None:

@@ -26,7 +26,7 @@ CHILD = textwrap.dedent("""
     import jax
     from orchard_jax import MLP, create_train_state, evaluate, train_epoch
     from orchard_jax.core import executables
-    executables.set_cache_dir(sys.argv[1])
+    executables.set_cache_dir(None if sys.argv[1] == "-" else sys.argv[1])
     if len(sys.argv) > 2:  # JAX's own persistent cache too
       jax.config.update("jax_compilation_cache_dir", sys.argv[2])
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -67,16 +67,27 @@ def test_a_second_process_loads_every_step_without_compiling_and_trains_identica
   assert second["params"] == first["params"]
 
 
-def test_steps_found_in_jax_persistent_cache_are_compiled_afresh_before_being_written(tmp_path):
+def test_steps_found_in_jax_persistent_cache_are_used_but_not_written(tmp_path):
   # An executable that XLA:CPU read from JAX's cache serializes without its kernels.
   exe, jax_cache = tmp_path / "exe", tmp_path / "jax"
-  first = _child(exe, jax_cache)
-  for path in exe.glob("*.exe"):
-    path.unlink()  # JAX's cache is warm, the executable cache empty
+  first = _child("-", jax_cache)  # JAX's cache only: it stores every step
+  second = _child(exe, jax_cache)
+  third = _child(exe, jax_cache)
+  for run in (second, third):
+    assert run["stats"]["train_step"] == {"compiled": 1, "loaded": 0, "saved": 0}
+    assert run["params"] == first["params"]
+  assert not list(exe.glob("*.exe"))
+
+
+def test_steps_written_to_disk_are_kept_out_of_jax_persistent_cache(tmp_path):
+  exe, jax_cache = tmp_path / "exe", tmp_path / "jax"
   _child(exe, jax_cache)
+  for path in exe.glob("*.exe"):
+    path.unlink()
+  second = _child(exe, jax_cache)  # JAX's cache must not serve (unwritable) copies
+  assert second["stats"]["train_step"] == {"compiled": 1, "loaded": 0, "saved": 1}
   third = _child(exe, jax_cache)
   assert third["stats"]["train_step"] == {"compiled": 0, "loaded": 1, "saved": 0}
-  assert third["params"] == first["params"]
 
 
 def _data(n=24, side=5, classes=3):
