@@ -110,15 +110,17 @@ def set_hyperparams(opt_state: optax.OptState, **values: float) -> optax.OptStat
     raise ValueError(f"unknown optimizer hyperparameter(s) {sorted(unknown)}; allowed: {_HYPERPARAMS}")
   hyperparams = dict(opt_state.hyperparams)
   for key, value in values.items():
-    hyperparams[key] = scalar(value, jnp.float32)
+    hyperparams[key] = scalar(value, np.float32)
   return opt_state._replace(hyperparams=hyperparams)
 
 
-def scalar(value, dtype) -> jax.Array:
+def scalar(value, dtype: type[np.generic]) -> jax.Array:
   """``value`` as a ``dtype`` scalar array: traced values under jit, else one host-to-device copy.
 
   (``jnp.asarray`` of a host value would dispatch a small program, compiled
-  once per process.)
+  once per process.) ``dtype`` is a numpy type: a JAX scalar type would make
+  numpy call back into Python for the conversion, where a Ctrl-C turns into
+  a ``SystemError``.
   """
   if isinstance(value, jax.Array):
     return jnp.asarray(value, dtype)

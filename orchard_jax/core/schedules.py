@@ -15,7 +15,8 @@ learning rate, so epoch ``e`` uses ``schedule(e - 1)``.
 * :class:`LRController` -- a small host-side object for the epoch loop:
   ``lr_for_epoch(epoch)`` before training, ``step(metric)`` after validation.
 
-Learning rates are float32. Comparisons of the plateau metric are done in
+Learning rates are float32 (host counts: computed in float64, then rounded
+to float32). Comparisons of the plateau metric are done in
 float32 (torch uses float64), which only matters for a metric within float32
 rounding of the improvement threshold.
 """

@@ -76,7 +76,7 @@ class TrainState(struct.PyTreeNode):
 
   def with_mixup(self, enabled: bool) -> "TrainState":
     """The same state with MixUp switched on or off (no recompilation)."""
-    return self.replace(hparams=self.hparams._replace(mixup_on=optim.scalar(enabled, jnp.bool_)))
+    return self.replace(hparams=self.hparams._replace(mixup_on=optim.scalar(enabled, np.bool_)))
 
 
 def _build(spec: StepSpec, seed: jax.Array, hyper: dict[str, jax.Array]) -> TrainState:

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from orchard_jax.core.sharding import check_batch_size
-from orchard_jax.data import gather
+from orchard_jax.data import gather, resident
 
 LAYOUTS = ("NCHW", "NHWC")
 THREAD_NAME = "orchard_jax-prefetch"
@@ -219,7 +219,9 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
       single-process DataLoader over a ``TensorDataset`` (or ``Subset`` of
       one) with the default collate is read with one gather per batch
       instead of per-sample indexing and stacking: the same batches in the
-      same order (see :mod:`orchard_jax.data.gather`).
+      same order (see :mod:`orchard_jax.data.gather`); unless ``sharding``
+      is given, its images are moved to the device once and gathered there,
+      without the prefetch thread (:mod:`orchard_jax.data.resident`).
     num_classes: labels must lie in ``[0, num_classes)``.
     layout: ``"NCHW"`` (torch's convention, the default) transposes 4-D inputs
       to NHWC; ``"NHWC"`` leaves them. 3-D inputs ``[B, H, W]`` get a channel
@@ -268,6 +270,12 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
   full = _full_batch_size(loader)
   if sharding is not None and full is not None:
     check_batch_size(full, len(sharding.device_set))
+  if sharding is None and resident.fits(loader):
+    # The images are on the device already and each batch is one asynchronous
+    # gather: a prefetch thread would only compete with the step for the GIL.
+    return resident.batches(loader, num_classes=num_classes, layout=layout, epoch=epoch,
+                            convert_images=_convert_images, convert_labels=_convert_labels,
+                            where=_where)
   return _consume(loader, num_classes, layout, prefetch, full, epoch, sharding)
 
 

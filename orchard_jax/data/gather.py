@@ -20,15 +20,23 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-__all__ = ["batches", "gathers"]
+__all__ = ["batches", "gathers", "subset_indices"]
+
+
+def subset_indices(dataset: Any) -> list[Any]:
+  """The index tensors of the ``Subset`` chain in front of ``dataset``, outermost first."""
+  torch, data = sys.modules["torch"], sys.modules["torch.utils.data"]
+  chain = []
+  while type(dataset) is data.Subset:  # pylint: disable=unidiomatic-typecheck
+    chain.append(torch.as_tensor(dataset.indices, dtype=torch.int64))
+    dataset = dataset.dataset
+  return chain
 
 
 def _tensor_source(dataset: Any, data: Any) -> tuple[tuple[Any, ...], Any] | None:
   """``(tensors, index map)`` for a TensorDataset behind Subsets, else None."""
-  torch = sys.modules["torch"]
-  chain = []
+  chain = subset_indices(dataset)
   while type(dataset) is data.Subset:  # pylint: disable=unidiomatic-typecheck
-    chain.append(torch.as_tensor(dataset.indices, dtype=torch.int64))
     dataset = dataset.dataset
   if type(dataset) is not data.TensorDataset:  # pylint: disable=unidiomatic-typecheck
     return None

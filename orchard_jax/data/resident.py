@@ -1,0 +1,146 @@
+"""Device-resident inputs for TensorDataset loaders: the images cross to the device once.
+
+For a loader that :func:`orchard_jax.data.gather.gathers` reads (a
+single-process DataLoader over a ``TensorDataset``, possibly behind
+``Subset``s, with the default collate), the whole image tensor is converted
+(float32, NHWC) and put on the device once, and kept there while the tensor
+lives and is not modified in place (torch's version counter is checked each
+epoch). Each batch then costs one small host-to-device copy of its indices
+and labels and one compiled gather on the device, instead of a per-batch
+conversion and copy of the images. Batches, their order and the checks on
+their labels are the same as on the per-batch path.
+
+Only datasets whose converted images take at most :data:`MAX_BYTES` are kept
+on the device, and only for the default device (not for a batch sharding over
+several devices).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from orchard_jax.data import gather
+
+__all__ = ["CHUNK", "MAX_BYTES", "batches", "fits"]
+
+MAX_BYTES = 512 * 2**20  # float32 NHWC images kept on the device, at most
+CHUNK = 64  # batches whose indices are read, checked and copied to the device together
+
+_lock = threading.Lock()
+_resident: dict[tuple, tuple[Any, jax.Array]] = {}  # (id, layout) -> (version, device images)
+
+
+def fits(loader: Any) -> bool:
+  """Whether ``loader``'s images are read from a device-resident copy."""
+  if not gather.gathers(loader):
+    return False
+  images, _ = loader_tensors(loader)
+  return images.dim() >= 2 and images.numel() * 4 <= MAX_BYTES
+
+
+def loader_tensors(loader: Any) -> tuple[Any, Any]:
+  dataset = loader.dataset
+  while type(dataset) is sys.modules["torch.utils.data"].Subset:  # pylint: disable=unidiomatic-typecheck
+    dataset = dataset.dataset
+  return dataset.tensors[0], dataset.tensors[1]
+
+
+def _device_images(images: Any, layout: str,
+                   convert: Callable[[np.ndarray, str, str], np.ndarray]) -> jax.Array:
+  key = (id(images), layout)
+  with _lock:
+    hit = _resident.get(key)
+    if hit is not None and hit[0] == images._version:
+      return hit[1]
+  host = images.detach()
+  if host.dtype == sys.modules["torch"].bfloat16:
+    host = host.float()
+  value = convert(host.numpy(), layout, "the dataset")
+  value = jax.device_put(np.concatenate([value, np.zeros((1,) + value.shape[1:], value.dtype)]))
+  with _lock:
+    if key not in _resident:
+      weakref.finalize(images, _resident.pop, key, None)
+    _resident[key] = (images._version, value)
+  return value
+
+
+@jax.jit
+def _assemble(images: jax.Array, index: jax.Array, label: jax.Array, count: jax.Array,
+              row: np.ndarray) -> dict[str, jax.Array]:
+  """Batch ``row`` of a chunk: its images gathered on the device, padding rows zero."""
+  mask = jnp.arange(index.shape[1]) < count[row]
+  # Padding rows index the zero row appended after the dataset's last image.
+  image = jnp.take(images, index[row], axis=0, mode="clip")
+  return {"image": image, "label": label[row], "mask": mask}
+
+
+def _read(sampler: Iterator, first: int, epoch: int | None, where: Callable) -> list:
+  """Up to :data:`CHUNK` index lists; an error gets the index of the batch it was reading."""
+  rows = []
+  while len(rows) < CHUNK:
+    try:
+      rows.append(next(sampler))
+    except StopIteration:
+      break
+    except BaseException as e:
+      e.add_note(f"orchard_jax: raised while reading {where(first + len(rows), epoch)}")
+      raise
+  return rows
+
+
+def batches(loader: Any, *, num_classes: int, layout: str, epoch: int | None,
+            convert_images: Callable, convert_labels: Callable,
+            where: Callable[[int, int | None], str]) -> Iterator[dict[str, jax.Array]]:
+  """The device batches of ``loader`` (see the module docstring); ``fits(loader)`` must hold.
+
+  Index lists are read from the loader's sampler :data:`CHUNK` batches at a
+  time, checked together (with the per-batch path's messages, naming the
+  first bad batch) and copied to the device in one transfer; each batch is
+  then one asynchronous call.
+  """
+  torch = sys.modules["torch"]
+  images, labels = loader_tensors(loader)
+  device_images = _device_images(images, layout, convert_images)
+  labels = labels.detach()
+  host_labels = (labels.float() if labels.dtype == torch.bfloat16 else labels).numpy()
+  class_ids = host_labels[:, 0] if host_labels.ndim == 2 and host_labels.shape[1] == 1 \
+      else host_labels
+  chain = [np.asarray(m) for m in gather.subset_indices(loader.dataset)]
+  sampler = iter(loader.batch_sampler)
+  torch.empty((), dtype=torch.int64).random_(generator=loader.generator)  # as iter(loader) does
+  full, first = loader.batch_size, 0
+  while rows := _read(sampler, first, epoch, where):
+    full = full or len(rows[0]) or 1
+    index, counts = np.full((CHUNK, full), len(class_ids), np.int64), np.zeros(CHUNK, np.int32)
+    for r, row in enumerate(rows):
+      if not 0 < len(row) <= full:
+        raise ValueError(f"{where(first + r, epoch)} has {len(row)} samples; a batch needs "
+                         f"between 1 and the full batch size B={full}")
+      index[r, :len(row)], counts[r] = row, len(row)
+    valid = np.arange(full) < counts[:, None]
+    flat = index[valid]
+    for mapping in chain:  # outermost Subset first
+      flat = mapping[flat]
+    index[valid] = flat
+    # Dtype and shape errors are the dataset's: reported at the chunk's first batch.
+    convert_labels(host_labels[index[0, :counts[0]]], int(counts[0]), num_classes,
+                   where(first, epoch))
+    ids = np.where(valid, class_ids[np.where(valid, index, 0)], 0)
+    bad = (ids < 0) | (ids >= num_classes)
+    if bad.any():
+      r = int(np.argmax(bad.any(axis=1)))
+      convert_labels(host_labels[index[r, :counts[r]]], int(counts[r]), num_classes,
+                     where(first + r, epoch))  # raises, naming the batch
+    index_d, ids_d, counts_d = jax.device_put((index.astype(np.int32), ids.astype(np.int32),
+                                               counts))
+    for r in range(len(rows)):
+      yield _assemble(device_images, index_d, ids_d, counts_d, np.int32(r))
+    first += len(rows)

@@ -1,0 +1,110 @@
+"""Device-resident TensorDataset images: the same batches as the per-batch path, uploaded once."""
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from orchard_jax.data import device_batches, resident
+
+
+def _host(batches):
+  return [{k: np.asarray(v) for k, v in b.items()} for b in batches]
+
+
+def _per_batch(loader):
+  """The same batches through the per-batch path (a plain iterable of the loader's batches)."""
+  return list(iter(loader))
+
+
+@pytest.mark.parametrize("case", ["nchw_float", "uint8_nhw", "labels_n1", "subset_shuffled"])
+def test_resident_batches_equal_the_per_batch_path(case):
+  rng = np.random.default_rng(0)
+  x = torch.from_numpy(rng.normal(size=(37, 2, 4, 3)).astype(np.float32))
+  y = torch.from_numpy(rng.integers(0, 5, 37))
+  kwargs = {}
+  if case == "uint8_nhw":
+    x = torch.from_numpy(rng.integers(0, 255, (37, 4, 3)).astype(np.uint8))
+  if case == "labels_n1":
+    y = y[:, None]
+  dataset = TensorDataset(x, y)
+  if case == "subset_shuffled":
+    dataset = Subset(dataset, list(range(36, 5, -1)))
+    kwargs = {"shuffle": True, "generator": torch.Generator().manual_seed(4)}
+  loader = DataLoader(dataset, batch_size=8, **kwargs)
+  twin = DataLoader(dataset, batch_size=8, **{**kwargs, "generator": torch.Generator().manual_seed(4)}
+                    if kwargs else {})
+  assert resident.fits(loader)
+  for _ in range(2):
+    got = _host(device_batches(loader, num_classes=5))
+    want = _host(device_batches(_per_batch(twin), num_classes=5))
+    # A plain iterable's full batch size is its first batch's; the loader's is batch_size.
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+      assert g.keys() == w.keys()
+      for key in g:
+        np.testing.assert_array_equal(g[key], w[key], err_msg=key)
+        assert g[key].dtype == w[key].dtype
+
+
+def test_images_are_uploaded_once_and_again_after_an_in_place_change():
+  x = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
+  loader = DataLoader(TensorDataset(x, torch.zeros(10, dtype=torch.int64)), batch_size=4)
+  first = _host(device_batches(loader, num_classes=2))
+  key = (id(x), "NCHW")
+  uploaded = resident._resident[key][1]
+  _host(device_batches(loader, num_classes=2))
+  assert resident._resident[key][1] is uploaded  # reused
+  x.mul_(2.0)
+  changed = _host(device_batches(loader, num_classes=2))
+  assert resident._resident[key][1] is not uploaded
+  np.testing.assert_array_equal(changed[0]["image"], 2.0 * first[0]["image"])
+
+
+def test_the_device_copy_is_dropped_with_its_tensor():
+  x = torch.ones(6, 3)
+  loader = DataLoader(TensorDataset(x, torch.zeros(6, dtype=torch.int64)), batch_size=4)
+  list(device_batches(loader, num_classes=2))
+  key = (id(x), "NCHW")
+  assert key in resident._resident
+  del loader, x
+  gc.collect()
+  assert key not in resident._resident
+
+
+def test_datasets_over_the_size_limit_take_the_per_batch_path(monkeypatch):
+  x = torch.ones(6, 3)
+  loader = DataLoader(TensorDataset(x, torch.zeros(6, dtype=torch.int64)), batch_size=4)
+  monkeypatch.setattr(resident, "MAX_BYTES", 6 * 3 * 4 - 1)
+  assert not resident.fits(loader)
+  list(device_batches(loader, num_classes=2))
+  assert (id(x), "NCHW") not in resident._resident
+
+
+def test_a_bad_label_names_its_batch_and_epoch():
+  y = torch.tensor([0, 1, 0, 1, 7, 0])
+  loader = DataLoader(TensorDataset(torch.ones(6, 3), y), batch_size=2)
+  with pytest.raises(ValueError, match=r"labels of batch 2 of epoch 3 must be in \[0, 2\).*\[7\]"):
+    list(device_batches(loader, num_classes=2, epoch=3))
+
+
+def test_chunks_of_batches_give_the_same_batches_and_name_a_bad_batch_in_a_later_chunk(monkeypatch):
+  monkeypatch.setattr(resident, "CHUNK", 3)
+  rng = np.random.default_rng(2)
+  x = torch.from_numpy(rng.normal(size=(29, 3)).astype(np.float32))
+  y = torch.from_numpy(rng.integers(0, 4, 29))
+  make = lambda: DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True,
+                            generator=torch.Generator().manual_seed(9))
+  got = _host(device_batches(make(), num_classes=4))
+  want = _host(device_batches(_per_batch(make()), num_classes=4))
+  assert len(got) == len(want) == 8
+  for g, w in zip(got, want):
+    for key in g:
+      np.testing.assert_array_equal(g[key], w[key], err_msg=key)
+  y_bad = y.clone()
+  y_bad[25] = 9  # sample 25: batch 6 (0-based) in order, in the third chunk of 3
+  loader = DataLoader(TensorDataset(x, y_bad), batch_size=4)
+  with pytest.raises(ValueError, match=r"labels of batch 6 must be in \[0, 4\).*\[9\]"):
+    list(device_batches(loader, num_classes=4))
