@@ -72,8 +72,12 @@ def main():
       rows["exe"].append(run(both, "on"))          # warm: executables load without tracing
   print(f"{'':26s}{'cold':>9s}{'warm, JAX cache':>17s}{'warm, + executables':>21s}"
         f"{'exe/cold':>10s}")
+  for rs in rows.values():  # jit compiles on the first call where nothing is loaded
+    for r in rs:
+      r["to_first"] = r["compile"] + r["first_steps"]
   for key, label in (("init", "create_train_state"), ("compile", "compile train+eval step"),
-                     ("first_steps", "first train+eval step"), ("process", "whole process")):
+                     ("first_steps", "first train+eval step"),
+                     ("to_first", "compile + first steps"), ("process", "whole process")):
     med = {k: statistics.median(r[key] for r in v) for k, v in rows.items()}
     lo, hi = (f(r[key] for r in rows["exe"]) for f in (min, max))
     print(f"{label:26s}{med['cold']:8.3f}s{med['jax']:16.3f}s{med['exe']:13.3f}s "
