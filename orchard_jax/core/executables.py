@@ -125,7 +125,7 @@ def compiled(jitted: Any, args: tuple, *, name: str, static: tuple = (),
   if hit is not None:
     return hit
   path = _path(name, static, tree, sig, model)
-  result = _load(path, args) if path is not None else None
+  result = _load(path, _devices(sig)) if path is not None else None
   if result is None:
     if path is not None:
       executable, writable = _compile_for_disk(jitted, static, args)
@@ -197,7 +197,7 @@ def _path(name: str, static: tuple, tree: Any, sig: tuple, model: Any) -> pathli
   return _dir / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:40]}.exe"
 
 
-def _load(path: pathlib.Path, args: tuple) -> jax.stages.Compiled | None:
+def _load(path: pathlib.Path, devices: list) -> jax.stages.Compiled | None:
   from jax.experimental import serialize_executable  # pylint: disable=import-outside-toplevel
   try:
     payload = path.read_bytes()
@@ -208,7 +208,7 @@ def _load(path: pathlib.Path, args: tuple) -> jax.stages.Compiled | None:
     return None
   try:
     blob, in_tree, out_tree = pickle.loads(payload)
-    device = _devices(_signature(args)[1])[0]
+    device = devices[0]
     return serialize_executable.deserialize_and_load(blob, in_tree, out_tree, backend=device.client,
                                                      execution_devices=[device])
   except Exception as e:  # pylint: disable=broad-except

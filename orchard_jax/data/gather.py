@@ -20,23 +20,18 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-__all__ = ["batches", "gathers", "subset_indices"]
+__all__ = ["batches", "epoch_sampler", "gathers", "tensor_source"]
 
 
-def subset_indices(dataset: Any) -> list[Any]:
-  """The index tensors of the ``Subset`` chain in front of ``dataset``, outermost first."""
+def tensor_source(dataset: Any) -> tuple[tuple[Any, ...], list[Any]] | None:
+  """``(tensors, Subset index tensors outermost first)`` for a TensorDataset behind Subsets.
+
+  None for any other dataset, or one whose tensors are not two CPU tensors.
+  """
   torch, data = sys.modules["torch"], sys.modules["torch.utils.data"]
   chain = []
   while type(dataset) is data.Subset:  # pylint: disable=unidiomatic-typecheck
     chain.append(torch.as_tensor(dataset.indices, dtype=torch.int64))
-    dataset = dataset.dataset
-  return chain
-
-
-def _tensor_source(dataset: Any, data: Any) -> tuple[tuple[Any, ...], Any] | None:
-  """``(tensors, index map)`` for a TensorDataset behind Subsets, else None."""
-  chain = subset_indices(dataset)
-  while type(dataset) is data.Subset:  # pylint: disable=unidiomatic-typecheck
     dataset = dataset.dataset
   if type(dataset) is not data.TensorDataset:  # pylint: disable=unidiomatic-typecheck
     return None
@@ -44,6 +39,18 @@ def _tensor_source(dataset: Any, data: Any) -> tuple[tuple[Any, ...], Any] | Non
   if len(tensors) != 2 or any(t.device.type != "cpu" for t in tensors):
     return None
   return tensors, chain
+
+
+def epoch_sampler(loader: Any) -> Iterator[list[int]]:
+  """The epoch's batch indices, with the loader's RNG advanced as ``iter(loader)`` does.
+
+  ``iter(DataLoader)`` draws a base seed for its workers from the loader's
+  generator (or torch's global one) before the sampler draws its order.
+  """
+  torch = sys.modules["torch"]
+  sampler = iter(loader.batch_sampler)
+  torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+  return sampler
 
 
 def gathers(loader: Any) -> bool:
@@ -54,17 +61,13 @@ def gathers(loader: Any) -> bool:
   default_collate = data.default_collate
   return (loader.num_workers == 0 and loader.batch_sampler is not None
           and loader.collate_fn is default_collate
-          and _tensor_source(loader.dataset, data) is not None)
+          and tensor_source(loader.dataset) is not None)
 
 
 def _gather(loader: Any) -> Iterator[list[Any]]:
   torch = sys.modules["torch"]
-  tensors, chain = _tensor_source(loader.dataset, sys.modules["torch.utils.data"])
-  sampler = iter(loader.batch_sampler)
-  # iter(DataLoader) draws a base seed for its workers from the loader's
-  # generator (or torch's global one) before the sampler draws its order.
-  torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
-  for indices in sampler:
+  tensors, chain = tensor_source(loader.dataset)
+  for indices in epoch_sampler(loader):
     index = torch.as_tensor(indices, dtype=torch.int64)
     for mapping in chain:  # outermost Subset first
       index = mapping[index]

@@ -42,15 +42,8 @@ def fits(loader: Any) -> bool:
   """Whether ``loader``'s images are read from a device-resident copy."""
   if not gather.gathers(loader):
     return False
-  images, _ = loader_tensors(loader)
+  (images, _), _ = gather.tensor_source(loader.dataset)
   return images.dim() >= 2 and images.numel() * 4 <= MAX_BYTES
-
-
-def loader_tensors(loader: Any) -> tuple[Any, Any]:
-  dataset = loader.dataset
-  while type(dataset) is sys.modules["torch.utils.data"].Subset:  # pylint: disable=unidiomatic-typecheck
-    dataset = dataset.dataset
-  return dataset.tensors[0], dataset.tensors[1]
 
 
 def _device_images(images: Any, layout: str,
@@ -107,15 +100,14 @@ def batches(loader: Any, *, num_classes: int, layout: str, epoch: int | None,
   then one asynchronous call.
   """
   torch = sys.modules["torch"]
-  images, labels = loader_tensors(loader)
+  (images, labels), chain = gather.tensor_source(loader.dataset)
   device_images = _device_images(images, layout, convert_images)
   labels = labels.detach()
   host_labels = (labels.float() if labels.dtype == torch.bfloat16 else labels).numpy()
   class_ids = host_labels[:, 0] if host_labels.ndim == 2 and host_labels.shape[1] == 1 \
       else host_labels
-  chain = [np.asarray(m) for m in gather.subset_indices(loader.dataset)]
-  sampler = iter(loader.batch_sampler)
-  torch.empty((), dtype=torch.int64).random_(generator=loader.generator)  # as iter(loader) does
+  chain = [np.asarray(m) for m in chain]
+  sampler = gather.epoch_sampler(loader)
   full, first = loader.batch_size, 0
   while rows := _read(sampler, first, epoch, where):
     full = full or len(rows[0]) or 1
