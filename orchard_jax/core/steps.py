@@ -7,8 +7,10 @@ batch shape), because everything else a trial varies is an array in the
 state. ``train_step`` donates its state. Nothing here forces a host sync:
 metrics are on-device sums that the epoch loop fetches once per epoch.
 
-A batch is ``{"image": [B, ...], "label": int [B], "mask": bool [B]}``;
-padding rows (mask False) count nowhere: not in the loss, not in the
+A batch is ``{"image": [B, ...], "label": int [B], "mask": bool [B]}``,
+or an :class:`~orchard_jax.core.batches.IndexedBatch` (a row of a chunk of
+device-resident images), which the step gathers inside its own program.
+Padding rows (mask False) count nowhere: not in the loss, not in the
 metrics, not in BatchNorm statistics of models that accept a mask.
 """
 
@@ -19,14 +21,12 @@ import jax.numpy as jnp
 import optax
 
 from orchard_jax.core import losses
+from orchard_jax.core.batches import Batch, materialize
 from orchard_jax.core.metrics import masked_sums
 from orchard_jax.core.precision import all_finite, select_tree
 from orchard_jax.core.state import StepSpec, TrainState
 
-Batch = dict[str, jax.Array]
-
-
-def check_batch(spec: StepSpec, batch: Batch) -> None:
+def check_batch(spec: StepSpec, batch: dict[str, jax.Array]) -> None:
   """Raises ``ValueError`` if the batch's structure disagrees with the spec.
 
   Runs at trace time (shapes are static), so it costs nothing per step.
@@ -56,6 +56,7 @@ def _criterion(spec: StepSpec, hparams, logits_BxC, labels_B, mask_B):
 
 def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
   spec, hp, policy = state.spec, state.hparams, state.spec.policy
+  batch = materialize(batch)
   check_batch(spec, batch)
   labels_B, mask_B = batch["label"].astype(jnp.int32), batch["mask"]
   mix_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
@@ -90,6 +91,7 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, 
 
 def _eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
   spec, policy = state.spec, state.spec.policy
+  batch = materialize(batch)
   check_batch(spec, batch)
   labels_B, mask_B = batch["label"].astype(jnp.int32), batch["mask"]
   logits, _ = spec.model.apply(policy.cast_to_compute(state.params), state.model_state,
@@ -97,8 +99,8 @@ def _eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
                                rng=state.rng, mask=mask_B)
   logits_BxC = policy.cast_to_output(logits).astype(jnp.float32)
   loss_B = losses.per_sample_cross_entropy(logits_BxC, labels_B)
-  return {"logits": logits_BxC, "loss": jnp.where(mask_B, loss_B, 0.0),
-          **masked_sums(loss_B, logits_BxC, labels_B, mask_B)}
+  return {"logits": logits_BxC, "loss": jnp.where(mask_B, loss_B, 0.0), "label": labels_B,
+          "mask": mask_B, **masked_sums(loss_B, logits_BxC, labels_B, mask_B)}
 
 
 train_step = jax.jit(_train_step, donate_argnums=0)
@@ -113,5 +115,8 @@ eval_step = jax.jit(_eval_step)
 eval_step.__doc__ = """Evaluation-mode forward pass on one (possibly padded) batch.
 
 Returns ``{"logits": float32 [B, C], "loss": per-sample cross-entropy [B]
-(0 on padding), "loss_sum", "correct", "count"}`` (sums over unpadded rows).
+(0 on padding), "label": int32 [B], "mask": bool [B], "loss_sum", "correct",
+"count"}`` (sums over unpadded rows; the batch's labels and mask are returned
+so that a caller never needs the batch itself, which an ``IndexedBatch``
+only describes).
 """

@@ -207,7 +207,8 @@ def _consume(loader: Iterable, num_classes: int, layout: str, prefetch: int,
 
 
 def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", prefetch: int = 2,
-                   epoch: int | None = None, sharding: Any = None) -> Iterator[dict[str, jax.Array]]:
+                   epoch: int | None = None, sharding: Any = None,
+                   indexed: bool = False) -> Iterator[dict[str, jax.Array]]:
   """Iterates ``loader`` as padded, checked device batches, prefetched on a thread.
 
   Args:
@@ -234,9 +235,15 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
       ``NamedSharding`` over a multi-device mesh splits each batch along its
       first axis (see :mod:`orchard_jax.core.sharding`). None: the default
       device.
+    indexed: for a loader whose images are device-resident, yield
+      :class:`~orchard_jax.core.batches.IndexedBatch` rows instead of dicts;
+      ``train_step`` and ``eval_step`` gather them inside their program
+      (``orchard_jax.core.batches.materialize`` gives the dict). Other
+      loaders yield dicts either way.
 
   Yields:
-    ``{"image": float32 [B, ...], "label": int32 [B], "mask": bool [B]}``.
+    ``{"image": float32 [B, ...], "label": int32 [B], "mask": bool [B]}``
+    (or, with ``indexed``, an ``IndexedBatch`` that materializes to it).
     ``B`` is ``loader.batch_size`` for a DataLoader that has one, else the
     first batch's size. Shorter batches (the last one) are padded to ``B``
     with zeros and label 0, ``mask`` False on the padding rows, so they are
@@ -275,7 +282,7 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
     # gather: a prefetch thread would only compete with the step for the GIL.
     return resident.batches(loader, num_classes=num_classes, layout=layout, epoch=epoch,
                             convert_images=_convert_images, convert_labels=_convert_labels,
-                            where=_where)
+                            where=_where, indexed=indexed)
   return _consume(loader, num_classes, layout, prefetch, full, epoch, sharding)
 
 

@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from orchard_jax.core.batches import IndexedBatch, materialize
 from orchard_jax.data import gather
 
 __all__ = ["CHUNK", "MAX_BYTES", "batches", "fits"]
@@ -65,14 +65,18 @@ def _device_images(images: Any, layout: str,
   return value
 
 
-@jax.jit
-def _assemble(images: jax.Array, index: jax.Array, label: jax.Array, count: jax.Array,
-              row: np.ndarray) -> dict[str, jax.Array]:
-  """Batch ``row`` of a chunk: its images gathered on the device, padding rows zero."""
-  mask = jnp.arange(index.shape[1]) < count[row]
-  # Padding rows index the zero row appended after the dataset's last image.
-  image = jnp.take(images, index[row], axis=0, mode="clip")
-  return {"image": image, "label": label[row], "mask": mask}
+_assemble = jax.jit(materialize)
+
+
+_rows: dict[Any, tuple[jax.Array, ...]] = {}  # device -> its row ids
+
+
+def _row_ids(device: Any) -> tuple[jax.Array, ...]:
+  """``0 .. CHUNK - 1`` as scalars on ``device``, made once: a batch's row costs no transfer."""
+  rows = _rows.get(device)
+  if rows is None:
+    rows = _rows[device] = tuple(jax.device_put(np.int32(r), device) for r in range(CHUNK))
+  return rows
 
 
 def _read(sampler: Iterator, first: int, epoch: int | None, where: Callable) -> list:
@@ -91,13 +95,15 @@ def _read(sampler: Iterator, first: int, epoch: int | None, where: Callable) -> 
 
 def batches(loader: Any, *, num_classes: int, layout: str, epoch: int | None,
             convert_images: Callable, convert_labels: Callable,
-            where: Callable[[int, int | None], str]) -> Iterator[dict[str, jax.Array]]:
+            where: Callable[[int, int | None], str],
+            indexed: bool = False) -> Iterator[dict[str, jax.Array] | IndexedBatch]:
   """The device batches of ``loader`` (see the module docstring); ``fits(loader)`` must hold.
 
   Index lists are read from the loader's sampler :data:`CHUNK` batches at a
   time, checked together (with the per-batch path's messages, naming the
-  first bad batch) and copied to the device in one transfer; each batch is
-  then one asynchronous call.
+  first bad batch) and copied to the device in one transfer. Each batch is
+  then an :class:`IndexedBatch` (``indexed=True``) or the dict that one
+  asynchronous gather makes of it.
   """
   torch = sys.modules["torch"]
   (images, labels), chain = gather.tensor_source(loader.dataset)
@@ -133,6 +139,7 @@ def batches(loader: Any, *, num_classes: int, layout: str, epoch: int | None,
                      where(first + r, epoch))  # raises, naming the batch
     index_d, ids_d, counts_d = jax.device_put((index.astype(np.int32), ids.astype(np.int32),
                                                counts))
-    for r in range(len(rows)):
-      yield _assemble(device_images, index_d, ids_d, counts_d, np.int32(r))
+    for row in _row_ids(next(iter(device_images.devices())))[:len(rows)]:
+      batch = IndexedBatch(device_images, index_d, ids_d, counts_d, row)
+      yield batch if indexed else _assemble(batch)
     first += len(rows)

@@ -2,11 +2,13 @@
 
 import gc
 
+import jax
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+from orchard_jax.core.batches import IndexedBatch, materialize
 from orchard_jax.data import device_batches, resident
 
 
@@ -108,3 +110,34 @@ def test_chunks_of_batches_give_the_same_batches_and_name_a_bad_batch_in_a_later
   loader = DataLoader(TensorDataset(x, y_bad), batch_size=4)
   with pytest.raises(ValueError, match=r"labels of batch 6 must be in \[0, 4\).*\[9\]"):
     list(device_batches(loader, num_classes=4))
+
+
+def test_indexed_batches_materialize_to_the_dict_batches():
+  rng = np.random.default_rng(5)
+  x = torch.from_numpy(rng.normal(size=(21, 1, 3, 3)).astype(np.float32))
+  y = torch.from_numpy(rng.integers(0, 3, 21))
+  make = lambda: DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True,
+                            generator=torch.Generator().manual_seed(1))
+  indexed = list(device_batches(make(), num_classes=3, indexed=True))
+  assert all(isinstance(b, IndexedBatch) for b in indexed)
+  got = _host(materialize(b) for b in indexed)
+  want = _host(device_batches(make(), num_classes=3))
+  assert len(got) == len(want) == 6
+  for g, w in zip(got, want):
+    for key in w:
+      np.testing.assert_array_equal(g[key], w[key], err_msg=key)
+
+
+def test_loaders_that_are_not_resident_yield_dicts_even_when_indexed():
+  loader = DataLoader(TensorDataset(torch.ones(6, 3), torch.zeros(6, dtype=torch.int64)),
+                      batch_size=4)
+  batches = list(device_batches(_per_batch(loader), num_classes=2, indexed=True))
+  assert len(batches) == 2 and all(isinstance(b, dict) for b in batches)
+
+
+def test_batch_rows_are_device_scalars_made_once():
+  device = jax.devices()[0]
+  rows = resident._row_ids(device)
+  assert rows is resident._row_ids(device)
+  assert [int(r) for r in rows] == list(range(resident.CHUNK))
+  assert all(r.devices() == {device} and r.dtype == np.int32 for r in rows)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from orchard_jax import MLP, MiniCNN, create_train_state, eval_step, evaluate, train_epoch
 from orchard_jax.core import executables
+from orchard_jax.engine import epoch as epoch_module
 
 C = 4
 
@@ -124,3 +125,37 @@ def test_loader_error_propagates_with_epoch_and_batch_index():
   with pytest.raises(OSError, match="disk went away") as info:
     train_epoch(_state(), broken(), epoch=3)
   assert any("batch 1" in note and "epoch 3" in note for note in info.value.__notes__)
+
+
+def test_a_resident_loader_trains_and_evaluates_like_its_batches_as_a_list():
+  x, y = _dataset(38)  # 38 = 2 * 16 + 6: a padded last batch
+  make = lambda: _loader(x, y, 16, shuffle=True)
+  a, b = _state(), _state()
+  for epoch in range(1, 3):
+    a, loss_a = train_epoch(a, make(), epoch=epoch)   # IndexedBatch rows, gathered in the step
+    b, loss_b = train_epoch(b, list(make()), epoch=epoch)  # dict batches
+    assert loss_a == loss_b
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(a.params), jax.device_get(b.params))
+  assert evaluate(a, _loader(x, y, 16)) == evaluate(b, list(_loader(x, y, 16)))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 16, 17, 37])
+def test_epoch_sums_are_packed_in_power_of_two_groups_and_summed_in_float64(n):
+  rng = np.random.default_rng(n)
+  values = rng.uniform(0, 1e4, (n, 3)).astype(np.float32)
+  per_batch = [dict(zip(("loss_sum", "correct", "count"), map(jax.numpy.asarray, row)))
+               for row in values]
+  packed = epoch_module._packed(per_batch)
+  sizes = [len(p) for p in packed]
+  assert sum(sizes) == n and all(s & (s - 1) == 0 and s <= epoch_module._GROUP for s in sizes)
+  got = epoch_module._sums(jax.device_get(packed))
+  expected = values.astype(np.float64).sum(axis=0)
+  np.testing.assert_allclose([got["loss_sum"], got["correct"], got["count"]], expected, rtol=1e-15)
+
+
+def test_packing_compiles_at_most_one_program_per_group_size():
+  epoch_module._stack.clear_cache()
+  one = jax.device_put(np.float32(1))
+  for n in range(1, 40):
+    epoch_module._packed([{"loss_sum": one, "correct": one, "count": one}] * n)
+  assert epoch_module._stack._cache_size() == 5  # groups of 1, 2, 4, 8 and 16
