@@ -20,6 +20,15 @@ tracing:
   own Linen or NNX module, whose source is not fingerprinted) is compiled as
   ``jax.jit`` compiles it, through JAX's persistent cache when that is on.
 
+Loading an executable still costs XLA about 0.2 s per MB. So the cache also
+remembers which program followed which in earlier processes (``<file>.next``,
+a list of file names): when a process asks for a program, the ones that
+followed it before start loading at once on a background thread (loading
+releases the GIL), and are waiting in memory when asked for. A trial asks for
+its state build, then its training step, then its evaluation step: the
+second process's steps load while its state is built and its first epoch
+runs.
+
 A file that cannot be read or loaded is ignored (with a warning) and the
 program compiled again. Files are pickles: keep the directory private, as you
 would JAX's own cache.
@@ -28,6 +37,7 @@ would JAX's own cache.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -57,6 +67,10 @@ _lock = threading.Lock()
 _memory: dict[Any, Callable[..., Any]] = {}
 _stats: collections.Counter = collections.Counter()  # (event, name) -> count
 _dir: pathlib.Path | None = None
+_ahead: dict[pathlib.Path, tuple[list, concurrent.futures.Future]] = {}  # path -> (devices, load)
+_asked: set[pathlib.Path] = set()  # files this process has loaded, written or started loading
+_last: list[pathlib.Path] = []  # the file this process used last
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def set_cache_dir(path: str | os.PathLike | None) -> None:
@@ -74,9 +88,10 @@ def stats(name: str | None = None) -> dict[str, int]:
 
   ``compiled``: traced, lowered and compiled (XLA may still have found it in
   JAX's persistent cache); ``loaded``: read from :func:`cache_dir`;
-  ``saved``: written to it.
+  ``saved``: written to it; ``ahead``: of the loaded ones, those already
+  loading in the background when asked for.
   """
-  events = ("compiled", "loaded", "saved")
+  events = ("compiled", "loaded", "saved", "ahead")
   return {e: sum(n for (event, fn), n in _stats.items() if event == e and name in (None, fn))
           for e in events}
 
@@ -84,8 +99,13 @@ def stats(name: str | None = None) -> dict[str, int]:
 def clear() -> None:
   """Forgets the in-memory executables and zeroes :func:`stats` (files stay)."""
   with _lock:
+    pending = [future for _, future in _ahead.values()]
     _memory.clear()
     _stats.clear()
+    _ahead.clear()
+    _asked.clear()
+    _last.clear()
+  concurrent.futures.wait(pending)
 
 
 def _signature(args: tuple) -> tuple:
@@ -125,7 +145,18 @@ def compiled(jitted: Any, args: tuple, *, name: str, static: tuple = (),
   if hit is not None:
     return hit
   path = _path(name, static, tree, sig, model)
-  result = _load(path, _devices(sig)) if path is not None else None
+  result = None
+  if path is not None:
+    devices = _devices(sig)
+    _load_successors(path, devices)  # they load while this one does
+    with _lock:
+      ahead = _ahead.pop(path, None)
+      _asked.add(path)
+    if ahead is not None and ahead[0] == devices:
+      result = ahead[1].result()
+      _stats["ahead", name] += result is not None
+    else:
+      result = _load(path, devices)
   if result is None:
     if path is not None:
       executable, writable = _compile_for_disk(jitted, static, args)
@@ -141,9 +172,63 @@ def compiled(jitted: Any, args: tuple, *, name: str, static: tuple = (),
     _stats["compiled", name] += 1
   else:
     _stats["loaded", name] += 1
+  if path is not None and path.exists():
+    _follows(path)
   with _lock:
     _memory[key] = result
   return result
+
+
+def _next_file(path: pathlib.Path) -> pathlib.Path:
+  return path.with_name(path.name + ".next")
+
+
+def _successors(path: pathlib.Path) -> list[pathlib.Path]:
+  """The files that followed ``path`` in earlier processes."""
+  try:
+    names = _next_file(path).read_text(encoding="utf-8").split()
+  except (OSError, UnicodeDecodeError):
+    return []
+  return [path.with_name(n) for n in names if n.endswith(".exe") and os.sep not in n]
+
+
+def _load_successors(path: pathlib.Path, devices: list) -> None:
+  """Starts loading, in the background, the files that followed ``path`` before."""
+  global _pool
+  for successor in _successors(path):
+    with _lock:
+      if successor in _asked:
+        continue
+      _asked.add(successor)
+      if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="orchard_jax-load")
+      _ahead[successor] = (devices, _pool.submit(_load_ahead, successor, devices))
+
+
+def _load_ahead(path: pathlib.Path, devices: list) -> jax.stages.Compiled | None:
+  result = _load(path, devices)
+  if result is not None:
+    _load_successors(path, devices)
+  return result
+
+
+def _follows(path: pathlib.Path) -> None:
+  """Records that ``path`` followed the file this process used before it."""
+  with _lock:
+    previous = _last[0] if _last else None
+    _last[:] = [path]
+  if previous is None or previous == path:
+    return
+  names = [p.name for p in _successors(previous)]
+  if path.name in names:
+    return
+  try:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", delete=False,
+                                     encoding="utf-8") as f:
+      f.write("\n".join(names + [path.name]) + "\n")
+    os.replace(f.name, _next_file(previous))
+  except OSError as e:
+    logger.warning("orchard_jax: cannot write %s (%s)", _next_file(previous), e)
 
 
 _JAX_CACHE_HIT = "/jax/compilation_cache/cache_hits"

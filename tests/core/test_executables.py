@@ -59,8 +59,11 @@ def _child(cache_dir, jax_cache_dir=None):
 def test_a_second_process_loads_every_step_without_compiling_and_trains_identically(tmp_path):
   first, second = _child(tmp_path), _child(tmp_path)
   for name in ("init", "train_step", "eval_step"):
-    assert first["stats"][name] == {"compiled": 1, "loaded": 0, "saved": 1}, name
-    assert second["stats"][name] == {"compiled": 0, "loaded": 1, "saved": 0}, name
+    assert first["stats"][name] == {"compiled": 1, "loaded": 0, "saved": 1, "ahead": 0}, name
+    # The steps followed the state build in the first process: the second loads them
+    # in the background as soon as it asks for the build.
+    ahead = int(name != "init")
+    assert second["stats"][name] == {"compiled": 0, "loaded": 1, "saved": 0, "ahead": ahead}, name
   assert len(list(tmp_path.glob("*.exe"))) == 3
   assert second["loss"] == first["loss"]
   assert second["metrics"] == first["metrics"]
@@ -74,7 +77,7 @@ def test_steps_found_in_jax_persistent_cache_are_used_but_not_written(tmp_path):
   second = _child(exe, jax_cache)
   third = _child(exe, jax_cache)
   for run in (second, third):
-    assert run["stats"]["train_step"] == {"compiled": 1, "loaded": 0, "saved": 0}
+    assert run["stats"]["train_step"] == {"compiled": 1, "loaded": 0, "saved": 0, "ahead": 0}
     assert run["params"] == first["params"]
   assert not list(exe.glob("*.exe"))
 
@@ -85,9 +88,9 @@ def test_steps_written_to_disk_are_kept_out_of_jax_persistent_cache(tmp_path):
   for path in exe.glob("*.exe"):
     path.unlink()
   second = _child(exe, jax_cache)  # JAX's cache must not serve (unwritable) copies
-  assert second["stats"]["train_step"] == {"compiled": 1, "loaded": 0, "saved": 1}
+  assert second["stats"]["train_step"] == {"compiled": 1, "loaded": 0, "saved": 1, "ahead": 0}
   third = _child(exe, jax_cache)
-  assert third["stats"]["train_step"] == {"compiled": 0, "loaded": 1, "saved": 0}
+  assert third["stats"]["train_step"] == {"compiled": 0, "loaded": 1, "saved": 0, "ahead": 1}
 
 
 def _data(n=24, side=5, classes=3):
@@ -112,7 +115,7 @@ def test_structures_that_differ_get_their_own_files(cache):
                                num_classes=classes)
     train_epoch(state, _data(classes=classes), layout="NHWC")
   assert len(list(cache.glob("train_step-*.exe"))) == 2
-  assert executables.stats("train_step") == {"compiled": 2, "loaded": 0, "saved": 2}
+  assert executables.stats("train_step") == {"compiled": 2, "loaded": 0, "saved": 2, "ahead": 0}
 
 
 class _UserModule(nn.Module):  # code outside orchard_jax: not fingerprinted
@@ -126,7 +129,7 @@ class _UserModule(nn.Module):  # code outside orchard_jax: not fingerprinted
 def test_a_model_whose_code_is_not_fingerprinted_is_not_written(cache):
   state = create_train_state(_UserModule(), input_shape=(5, 5, 1), num_classes=3)
   train_epoch(state, _data(), layout="NHWC")
-  assert executables.stats("train_step") == {"compiled": 1, "loaded": 0, "saved": 0}
+  assert executables.stats("train_step") == {"compiled": 1, "loaded": 0, "saved": 0, "ahead": 0}
   assert list(cache.iterdir()) == []
 
 
@@ -171,3 +174,37 @@ def test_loaded_steps_donate_the_state_like_jitted_ones(cache):
   assert executables.stats("train_step")["loaded"] == 1
   assert old.is_deleted()
   assert np.isfinite(evaluate(state, _data(), layout="NHWC")["loss"])
+
+
+def test_programs_that_followed_each_other_are_loaded_ahead_in_order(cache):
+  make = lambda: create_train_state(MLP(num_classes=3, hidden=(8,)), input_shape=(5, 5, 1),
+                                    num_classes=3)
+  state, _ = train_epoch(make(), _data(), layout="NHWC")
+  want = evaluate(state, _data(), layout="NHWC")
+  (init,) = cache.glob("init-*.exe")
+  (train,) = cache.glob("train_step-*.exe")
+  (evaluation,) = cache.glob("eval_step-*.exe")
+  assert (cache / (init.name + ".next")).read_text().split() == [train.name]
+  assert (cache / (train.name + ".next")).read_text().split() == [evaluation.name]
+  executables.clear()  # a new process, as far as the cache can tell
+  state = make()  # asks for the build: the training step starts loading, then evaluation's
+  assert {p.name for p in executables._ahead} <= {train.name, evaluation.name}
+  state, _ = train_epoch(state, _data(), layout="NHWC")
+  assert evaluate(state, _data(), layout="NHWC") == want
+  assert {n: executables.stats(n)["ahead"] for n in ("init", "train_step", "eval_step")} == {
+      "init": 0, "train_step": 1, "eval_step": 1}
+  assert not executables._ahead  # nothing left waiting
+  assert (cache / (init.name + ".next")).read_text().split() == [train.name]  # not rewritten
+
+
+def test_a_successor_list_naming_missing_or_foreign_files_is_ignored(cache):
+  make = lambda: create_train_state(MLP(num_classes=3, hidden=(4,)), input_shape=(5, 5, 1),
+                                    num_classes=3)
+  train_epoch(make(), _data(), layout="NHWC")
+  (init,) = cache.glob("init-*.exe")
+  (train,) = cache.glob("train_step-*.exe")
+  (cache / (init.name + ".next")).write_text(f"gone-0.exe\n../escape.exe\nnotes.txt\n{train.name}\n")
+  executables.clear()
+  state, _ = train_epoch(make(), _data(), layout="NHWC")
+  assert executables.stats("train_step") == {"compiled": 0, "loaded": 1, "saved": 0, "ahead": 1}
+  assert executables.stats("init")["loaded"] == 1

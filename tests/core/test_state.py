@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from orchard_jax import MLP, create_train_state
+from orchard_jax import MLP, MiniCNN, create_train_state
 from orchard_jax.core import executables
 from orchard_jax.models import as_model
 
@@ -44,3 +44,23 @@ def test_class_weights_of_the_wrong_shape_raise_value_error():
   with pytest.raises(ValueError, match=r"class_weights must have shape \(3,\), got \(2,\)"):
     create_train_state(MLP(num_classes=3), input_shape=(4,), num_classes=3,
                        class_weights=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("model", [MLP(num_classes=3, hidden=(4,)), MiniCNN(num_classes=3)],
+                         ids=["mlp", "mini_cnn"])
+def test_the_build_compiled_for_speed_gives_the_bits_of_a_default_compile(model):
+  # The build is compiled with BUILD_COMPILER_OPTIONS (LLVM level 1); LLVM level 0
+  # would change the initialisers' bits, level 1 must not.
+  from orchard_jax.core import state as state_module  # pylint: disable=import-outside-toplevel
+  assert state_module.BUILD_COMPILER_OPTIONS
+  spec_state = create_train_state(model, input_shape=(6, 6, 1), num_classes=3, seed=11)
+  default = jax.jit(state_module._build, static_argnums=0)
+  hyper = {key: jnp.float32(value) for key, value in
+           {"learning_rate": 0.008, "momentum": 0.9, "weight_decay": 5e-4, "grad_clip": 1.0,
+            "mixup_alpha": 0.0, "label_smoothing": 0.0, "focal_gamma": 2.0}.items()}
+  hyper["class_weights"] = jnp.ones(3, jnp.float32)
+  reference = default(spec_state.spec, np.uint32(11), hyper)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(spec_state.params),
+               jax.device_get(reference.params))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(spec_state.model_state),
+               jax.device_get(reference.model_state))
