@@ -130,7 +130,7 @@ def test_loader_error_propagates_with_epoch_and_batch_index():
 def test_a_resident_loader_trains_and_evaluates_like_its_batches_as_a_list():
   x, y = _dataset(38)  # 38 = 2 * 16 + 6: a padded last batch
   make = lambda: _loader(x, y, 16, shuffle=True)
-  a, b = _state(), _state()
+  a, b = (_state(MLP(num_classes=C, hidden=(8,)), mixup_alpha=0.2) for _ in range(2))
   for epoch in range(1, 3):
     a, loss_a = train_epoch(a, make(), epoch=epoch)   # IndexedBatch rows, gathered in the step
     b, loss_b = train_epoch(b, list(make()), epoch=epoch)  # dict batches
