@@ -126,7 +126,32 @@ class Progress:
       self.bar.set_postfix({"best": f"{best.value:.4f}", "trial": best.number})
 
 
-class GracefulInterrupt:
+class StopSignals:
+  """While entered, SIGINT and SIGTERM call ``self._handle(signum, frame)``.
+
+  The previous handlers come back on exit. Outside the main thread, where
+  Python cannot set signal handlers, entering changes nothing.
+  """
+
+  _previous: dict[int, Any]
+
+  def __enter__(self):
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    raise NotImplementedError
+
+
+class GracefulInterrupt(StopSignals):
   """SIGINT and SIGTERM handler of a study run (a context manager; main thread only).
 
   * SIGINT (Ctrl-C): the first stops the study after the running trial, the
@@ -149,17 +174,6 @@ class GracefulInterrupt:
   @property
   def exit_status(self) -> int:
     return 128 + (self.signum or signal.SIGINT)
-
-  def __enter__(self) -> "GracefulInterrupt":
-    if threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGINT, signal.SIGTERM):
-        self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc: Any) -> None:
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-    self._previous = {}
 
   def _stop(self) -> None:
     try:

@@ -45,6 +45,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from orchard_jax.study.callbacks import StopSignals
 from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.outputs import RETRY_OF, write_study_outputs
 from orchard_jax.study.runner import _warn_if_changed, finished_count, open_study
@@ -132,20 +133,11 @@ def reclaim(study: optuna.Study, name: str, returncode: int) -> list[int]:
   return numbers
 
 
-class _Forward:
+class _Forward(StopSignals):
   """Forwards SIGINT/SIGTERM to the workers; remembers the last one."""
 
   def __init__(self, procs: Sequence[subprocess.Popen]):
     self.procs, self.signum, self._previous = procs, None, {}
-
-  def __enter__(self) -> "_Forward":
-    for signum in (signal.SIGINT, signal.SIGTERM):
-      self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc: Any) -> None:
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
 
   def _handle(self, signum: int, frame: Any) -> None:
     self.signum = signum

@@ -236,3 +236,22 @@ def test_four_per_device_workers_complete_the_study(workdir, warm_env, command, 
   assert {t.user_attrs[WORKER] for t in trials} <= {"cpu0", "cpu1", "cpu2", "cpu3"}
   assert len(list(csv.DictReader(open(run_dir / "trials.csv")))) == 6
   assert not (run_dir / "study.db").exists() and "Best validation accuracy" in proc.stdout
+
+
+def test_stop_signals_are_restored_on_exit_and_left_alone_off_the_main_thread():
+  from orchard_jax.study.callbacks import StopSignals  # pylint: disable=import-outside-toplevel
+
+  class Seen(StopSignals):
+    def _handle(self, signum, frame):
+      pass
+
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  with Seen() as seen:
+    assert all(signal.getsignal(s) == seen._handle for s in before)
+  assert {s: signal.getsignal(s) for s in before} == before
+  entered = []
+  thread = threading.Thread(target=lambda: entered.append(Seen().__enter__()._previous))
+  thread.start()
+  thread.join()
+  assert entered == [{}]
+  assert {s: signal.getsignal(s) for s in before} == before
