@@ -4,8 +4,10 @@ Two halves, used by the epoch functions:
 
 * On device, inside the jitted steps: :func:`masked_sums` turns one padded
   batch into float32 sums ``{"loss_sum", "correct", "count"}`` that exclude
-  padding rows; :func:`empty_sums` and :func:`add_sums` accumulate them
-  (CLU-style ``empty`` / ``merge``, as plain functions on a dict pytree).
+  padding rows. The epoch functions fetch every batch's sums once and add
+  them on the host in float64; :func:`empty_sums` and :func:`add_sums`
+  accumulate them on the device instead, for loops of your own (CLU-style
+  ``empty`` / ``merge``, as plain functions on a dict pytree).
 * On the host, once per epoch, from arrays fetched in one transfer:
   :func:`classification_metrics` returns ``loss``, ``accuracy``, ``auc`` and
   ``f1`` exactly as the reference's default classification validator

@@ -5,10 +5,13 @@ single-process DataLoader over a ``TensorDataset``, possibly behind
 ``Subset``s, with the default collate), the whole image tensor is converted
 (float32, NHWC) and put on the device once, and kept there while the tensor
 lives and is not modified in place (torch's version counter is checked each
-epoch). Each batch then costs one small host-to-device copy of its indices
-and labels and one compiled gather on the device, instead of a per-batch
-conversion and copy of the images. Batches, their order and the checks on
-their labels are the same as on the per-batch path.
+epoch). Indices and labels cross to the device :data:`CHUNK` batches at a
+time; each batch is then one gather on the device instead of a per-batch
+conversion and copy of the images. With ``indexed=True`` a batch is an
+:class:`~orchard_jax.core.batches.IndexedBatch`, which ``train_step`` and
+``eval_step`` gather inside their own program (one dispatch per step);
+otherwise one compiled gather makes its dict. Batches, their order and the
+checks on their labels are the same as on the per-batch path.
 
 Only datasets whose converted images take at most :data:`MAX_BYTES` are kept
 on the device, and only for the default device (not for a batch sharding over
@@ -113,6 +116,7 @@ def batches(loader: Any, *, num_classes: int, layout: str, epoch: int | None,
   class_ids = host_labels[:, 0] if host_labels.ndim == 2 and host_labels.shape[1] == 1 \
       else host_labels
   chain = [np.asarray(m) for m in chain]
+  row_ids = _row_ids(next(iter(device_images.devices())))
   sampler = gather.epoch_sampler(loader)
   full, first = loader.batch_size, 0
   while rows := _read(sampler, first, epoch, where):
@@ -139,7 +143,7 @@ def batches(loader: Any, *, num_classes: int, layout: str, epoch: int | None,
                      where(first + r, epoch))  # raises, naming the batch
     index_d, ids_d, counts_d = jax.device_put((index.astype(np.int32), ids.astype(np.int32),
                                                counts))
-    for row in _row_ids(next(iter(device_images.devices())))[:len(rows)]:
+    for row in row_ids[:len(rows)]:
       batch = IndexedBatch(device_images, index_d, ids_d, counts_d, row)
       yield batch if indexed else _assemble(batch)
     first += len(rows)
