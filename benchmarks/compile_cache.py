@@ -3,12 +3,13 @@
 Each child process builds a MiniCNN trial state (28x28x1, batch 64) and gets
 the compiled ``train_step`` and ``eval_step`` the way an epoch does
 (``orchard_jax.core.executables.compiled``) -- the compile cost a first trial
-pays -- then runs one train and one eval step. Each repeat runs two pairs of processes, each pair on a fresh cache
-directory: a cold and a warm process with only JAX's persistent cache
-(the warm one still traces and lowers every program to look it up), and a
-cold and a warm process with orchard_jax's executable cache on (the warm one
-loads the executables without tracing). Medians over ``--repeats``
-fresh directories.
+pays -- then runs one train and one eval step. Each repeat runs two pairs of
+processes, each pair on a fresh cache directory: a cold and a warm process
+with only JAX's persistent cache (the warm one still traces and lowers every
+program to look it up), and a cold and a warm process with orchard_jax's
+executable cache on (the warm one loads the executables without tracing, the
+steps ahead of being asked for). Medians over ``--repeats`` fresh
+directories.
 
   python benchmarks/compile_cache.py [--repeats 3]
 """
