@@ -3,7 +3,15 @@
 The public API. The pure core (``orchard_jax.core``) imports neither optuna
 nor torch; the shell (data adapter, epoch loop, Optuna, command line) sits
 around it.
+
+Importing the package first sets glibc's allocator to keep freed memory
+(``orchard_jax.hostmem``; ``ORCHARD_JAX_MALLOC=system`` leaves it alone),
+before JAX is imported.
 """
+
+from orchard_jax import hostmem as _hostmem
+
+_hostmem.tune_on_import()
 
 from orchard_jax.config import ConfigError, OptunaConfig, TrainingConfig, TrialConfig, resolve_precision
 from orchard_jax.core.losses import compute_class_weights, cross_entropy, focal_loss, mixup

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 from flax import linen as nn
 
-from orchard_jax.models.layers import global_avg_pool
+from orchard_jax.models.layers import BatchNorm, global_avg_pool
 from orchard_jax.models.resnet import (
     BN_EPSILON,
     BN_MOMENTUM,
@@ -66,7 +66,7 @@ def conv_bn_act(x: jax.Array, prefix: str, train: bool, bn_mask: jax.Array | Non
   x = nn.Conv(features, (kernel, kernel), (strides, strides), padding=((pad, pad), (pad, pad)),
               feature_group_count=groups, use_bias=False, kernel_init=_CONV_INIT,
               name=f"{prefix}_0")(x)
-  x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+  x = BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                    name=f"{prefix}_1")(x, mask=bn_mask)
   return nn.silu(x) if activation else x
 

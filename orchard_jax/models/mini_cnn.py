@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from orchard_jax.models.layers import Conv3x3, global_avg_pool, max_pool_2x2
+from orchard_jax.models.layers import BatchNorm, Conv3x3, global_avg_pool, max_pool_2x2
 
 # torch BatchNorm2d(momentum=0.1) keeps 0.9 of the old running statistic.
 _BN_MOMENTUM = 0.9
@@ -83,7 +83,7 @@ class MiniCNN(nn.Module):
       bn_mask = jnp.where(mask.any(), mask, True)[:, None, None, None]
     for i, features in enumerate((32, 64, 128), start=1):
       x = Conv3x3(features, name=f"conv{i}")(x, train)
-      x = nn.BatchNorm(
+      x = BatchNorm(
           use_running_average=not train,
           momentum=_BN_MOMENTUM,
           epsilon=_BN_EPSILON,

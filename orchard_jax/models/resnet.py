@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from flax import linen as nn
 
-from orchard_jax.models.layers import global_avg_pool
+from orchard_jax.models.layers import BatchNorm, global_avg_pool
 
 # torch BatchNorm2d(momentum=0.1, eps=1e-5) keeps 0.9 of the old running statistic.
 BN_MOMENTUM = 0.9
@@ -105,7 +105,7 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool, bn_mask: jax.Array | None) -> jax.Array:
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_CONV_INIT)
     bn = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON
+        BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON
     )
     s = (self.strides, self.strides)
     y = conv(self.features, (3, 3), s, padding=((1, 1), (1, 1)), name="conv1")(x)
@@ -186,7 +186,7 @@ class ResNet18(nn.Module):
     else:
       x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
                   kernel_init=_CONV_INIT, name="conv1")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+    x = BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                      name="bn1")(x, mask=bn_mask)
     x = nn.relu(x)
     if not self.low_res:

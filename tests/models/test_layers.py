@@ -84,3 +84,84 @@ def test_conv3x3_equals_flax_conv_in_values_params_and_gradients(shape, features
   g_ours = jax.grad(loss(ours), argnums=(0, 1))(params, x)
   g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_ref)
+
+
+def _bn_pair(momentum=0.9):
+  from orchard_jax.models.layers import BatchNorm
+  return (BatchNorm(use_running_average=False, momentum=momentum, epsilon=1e-5),
+          nn.BatchNorm(use_running_average=False, momentum=momentum, epsilon=1e-5))
+
+
+def _bn_run(module, variables, x, mask):
+  def loss(params, x):
+    y, updates = module.apply({**variables, "params": params}, x, mask=mask, mutable=["batch_stats"])
+    return (y * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size).sum(), (y, updates)
+  (_, (y, updates)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+      variables["params"], x)
+  return y, updates, grads
+
+
+@pytest.mark.parametrize("mask_rows", [None, [True, False, True, True, False, True]])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_is_bit_equal_to_flax_batch_norm(mask_rows, dtype):
+  ours, ref = _bn_pair()
+  x = (3.0 * jax.random.normal(jax.random.key(0), (6, 5, 4, 8)) + 1.5).astype(dtype)
+  mask = None if mask_rows is None else jnp.asarray(mask_rows)[:, None, None, None]
+  variables = ref.init(jax.random.key(1), x, mask=mask)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x, mask=mask)) == jax.tree.map(
+      jnp.shape, variables)
+  variables = {"params": jax.tree.map(lambda p: p + 0.3, variables["params"]),
+               "batch_stats": jax.tree.map(lambda s: s + 0.2, variables["batch_stats"])}
+  y_ours, stats_ours, g_ours = _bn_run(ours, variables, x, mask)
+  y_ref, stats_ref, g_ref = _bn_run(ref, variables, x, mask)
+  assert y_ours.dtype == y_ref.dtype
+  for a, b in zip(jax.tree.leaves((y_ours, stats_ours, g_ours)), jax.tree.leaves((y_ref, stats_ref, g_ref))):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_batch_norm_masked_rows_do_not_reach_the_statistics():
+  ours, _ = _bn_pair(momentum=0.0)
+  x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2))
+  mask = jnp.asarray([True, True, False, False])[:, None, None, None]
+  padded = x.at[2:].set(1e6)
+  variables = ours.init(jax.random.key(1), x)
+  _, stats = ours.apply(variables, padded, mask=mask, mutable=["batch_stats"])
+  _, real = ours.apply(variables, x[:2], mutable=["batch_stats"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), stats, real)
+
+
+def test_batch_norm_eval_mode_uses_running_statistics_like_flax():
+  from orchard_jax.models.layers import BatchNorm
+  x = jax.random.normal(jax.random.key(0), (3, 4, 4, 5))
+  ref = nn.BatchNorm(use_running_average=True)
+  variables = ref.init(jax.random.key(1), x)
+  variables = jax.tree.map(lambda v: v + 0.25, variables)
+  np.testing.assert_array_equal(BatchNorm(use_running_average=True).apply(variables, x),
+                                ref.apply(variables, x))
+
+
+def test_batch_norm_rejects_bad_settings_and_masks():
+  from orchard_jax.models.layers import BatchNorm
+  with pytest.raises(ValueError, match="momentum must be in"):
+    BatchNorm(momentum=1.5)
+  with pytest.raises(ValueError, match="epsilon must be > 0"):
+    BatchNorm(epsilon=0.0)
+  x = jnp.ones((4, 2, 2, 3))
+  with pytest.raises(ValueError, match=r"mask of shape \(1, 1, 1, 5\) does not broadcast"):
+    BatchNorm(use_running_average=False).init(jax.random.key(0), x, mask=jnp.ones((5,), bool))
+
+
+def test_batch_norm_counts_masked_rows_without_a_full_size_reduction():
+  ours, ref = _bn_pair()
+  x = jnp.ones((8, 6, 6, 4))
+  mask = jnp.ones((8,), bool)[:, None, None, None]
+  variables = ref.init(jax.random.key(0), x)
+
+  def full_size_sums(module):
+    jaxpr = jax.make_jaxpr(lambda v, x: module.apply(v, x, mask=mask, mutable=["batch_stats"]))(
+        variables, x)
+    return sum(1 for eqn in jaxpr.eqns if eqn.primitive.name == "reduce_sum"
+               and eqn.invars[0].aval.shape == x.shape)
+
+  assert full_size_sums(ref) == 4  # x, x**2 and, for each of their means, the broadcast mask
+  assert full_size_sums(ours) == 2  # x and x**2 only

@@ -1,0 +1,71 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from orchard_jax import hostmem
+
+_CHILD = r"""
+import json, resource
+import orchard_jax
+import jax, jax.numpy as jnp
+# Run on this thread: its allocations come from glibc's main heap, whatever the scheduling.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
+double = jax.jit(lambda x: x * 2.0)
+x = jnp.ones((16 * 1024 * 1024,), jnp.float32)  # 64 MB: above glibc's largest mmap threshold
+for _ in range(30):  # until the heap holds enough free blocks of this size
+  jax.block_until_ready(double(x))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+  jax.block_until_ready(double(x))  # each result is freed before the next call
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+print(json.dumps({"tuned": orchard_jax.hostmem.malloc_tuned(), "faults": faults}))
+"""
+
+glibc_only = pytest.mark.skipif(not hostmem._is_glibc(), reason="the settings are glibc's")
+
+
+def _faults_per_call(choice):
+  env = {**os.environ, hostmem.ENV_VAR: choice}
+  out = subprocess.run([sys.executable, "-c", _CHILD], env=env, check=True, capture_output=True,
+                       text=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+@glibc_only
+def test_import_keeps_freed_buffers_so_large_results_are_not_faulted_in_again():
+  tuned, system = _faults_per_call("tuned"), _faults_per_call("system")
+  assert tuned["tuned"] and not system["tuned"]
+  pages = 64 * 1024 * 1024 // 4096
+  assert system["faults"] > pages / 2  # a fresh mapping per 64 MB result
+  assert tuned["faults"] < pages / 5  # at most one of ten results on fresh pages
+
+
+def test_malloc_choice_defaults_to_tuned_and_accepts_system():
+  assert hostmem.malloc_choice({}) == "tuned"
+  assert hostmem.malloc_choice({hostmem.ENV_VAR: ""}) == "tuned"
+  assert hostmem.malloc_choice({hostmem.ENV_VAR: " System "}) == "system"
+
+
+def test_malloc_choice_names_the_bad_value_and_the_allowed_ones():
+  with pytest.raises(ValueError, match=r"ORCHARD_JAX_MALLOC must be one of \('tuned', 'system'\), "
+                                       r"got ORCHARD_JAX_MALLOC='jemalloc'"):
+    hostmem.malloc_choice({hostmem.ENV_VAR: "jemalloc"})
+
+
+@pytest.mark.parametrize("threshold", [0, -1, 1 << 31])
+def test_tune_malloc_rejects_a_trim_threshold_out_of_range(threshold):
+  with pytest.raises(ValueError, match=f"trim_threshold must be in \\(0, 2\\*\\*31\\), got trim_threshold={threshold}"):
+    hostmem.tune_malloc(threshold)
+
+
+@glibc_only
+def test_the_test_process_runs_with_the_tuned_allocator():
+  assert hostmem.malloc_tuned() == (hostmem.malloc_choice() == "tuned")
+
+
+def test_tune_malloc_changes_nothing_where_the_c_library_is_not_glibc(monkeypatch):
+  monkeypatch.setattr(hostmem, "_is_glibc", lambda: False)
+  assert hostmem.tune_malloc() is False
