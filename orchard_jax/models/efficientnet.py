@@ -67,7 +67,7 @@ def conv_bn_act(x: jax.Array, prefix: str, train: bool, bn_mask: jax.Array | Non
               feature_group_count=groups, use_bias=False, kernel_init=_CONV_INIT,
               name=f"{prefix}_0")(x)
   x = BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                   name=f"{prefix}_1")(x, mask=bn_mask)
+                name=f"{prefix}_1")(x, mask=bn_mask)
   return nn.silu(x) if activation else x
 
 

@@ -187,7 +187,7 @@ class ResNet18(nn.Module):
       x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
                   kernel_init=_CONV_INIT, name="conv1")(x)
     x = BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                     name="bn1")(x, mask=bn_mask)
+                  name="bn1")(x, mask=bn_mask)
     x = nn.relu(x)
     if not self.low_res:
       x = max_pool_3x3_stride_2(x)
