@@ -143,7 +143,7 @@ def test_loss_scale_flatten_unflatten_preserves_every_field(loss_scale):
   leaves, treedef = jax.tree_util.tree_flatten(loss_scale)
   assert len(leaves) == 2  # scale, counter; the rest is static
   rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
-  for field in ("dynamic", "period", "factor", "min_scale"):
+  for field in ("dynamic", "period", "factor", "min_scale", "unit"):
     assert getattr(rebuilt, field) == getattr(loss_scale, field)
   assert rebuilt.scale.dtype == jnp.float32 and rebuilt.counter.dtype == jnp.int32
   assert float(rebuilt.scale) == float(loss_scale.scale)
@@ -184,6 +184,22 @@ def test_static_adjust_returns_self():
 def test_adjust_rejects_non_scalar_flag():
   with pytest.raises(ValueError, match="grads_finite must be a scalar"):
     LossScale.dynamic_scale().adjust(jnp.array([True, False]))
+
+
+def test_only_the_static_scale_of_one_is_unit():
+  assert LossScale.static().unit and LossScale.static(1.0).unit
+  assert not LossScale.static(2.0).unit and not LossScale.dynamic_scale(initial=1.0).unit
+  assert loss_scale_for("float32").unit and loss_scale_for("bfloat16").unit
+  assert not loss_scale_for("float16").unit
+
+
+def test_unit_scale_returns_the_gradients_without_dividing():
+  tree = {"g": jnp.full((2,), 3.0), "h": jnp.full((2,), 3.0, jnp.bfloat16)}
+  assert LossScale.static().unscale(tree) is tree
+  jaxpr = jax.make_jaxpr(LossScale.static().unscale)(tree)
+  assert not [e for e in jaxpr.eqns if e.primitive.name == "div"]
+  jaxpr = jax.make_jaxpr(LossScale.static(2.0).unscale)(tree)
+  assert len([e for e in jaxpr.eqns if e.primitive.name == "div"]) == 2
 
 
 def test_scale_and_unscale_touch_only_floating_leaves():

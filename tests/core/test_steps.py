@@ -44,6 +44,18 @@ def test_train_step_is_pure_given_the_same_state_and_batch():
   jax.tree.map(np.testing.assert_array_equal, m1, m2)
 
 
+def test_skipping_the_division_by_a_unit_loss_scale_changes_no_bit():
+  unit = _mlp_state(grad_clip=1.0, weight_decay=0.01)
+  assert unit.loss_scale.unit
+  divided = unit.replace(loss_scale=unit.loss_scale.replace(unit=False))
+  step = jax.jit(_train_step)
+  for i in range(3):
+    unit, m_unit = step(unit, _batch(i))
+    divided, m_divided = step(divided, _batch(i))
+  jax.tree.map(np.testing.assert_array_equal, (unit.params, unit.opt_state, m_unit),
+               (divided.params, divided.opt_state, m_divided))
+
+
 def test_padded_rows_do_not_change_the_update_or_metrics():
   full = _batch(0, n_valid=5)
   garbage = {**full, "image": full["image"].at[5:].set(1e3), "label": full["label"].at[5:].set(2)}
