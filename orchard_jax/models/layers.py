@@ -193,5 +193,4 @@ def _batch_stats(x: jax.Array, axes: tuple[int, ...], dtype, mask: jax.Array | N
     count = jnp.sum(mask, axis=axes, dtype=compute) * covered
     mean = jnp.sum(x, axes, dtype=compute, where=mask) / count
     mean2 = jnp.sum(x2, axes, dtype=compute, where=mask) / count
-    mean, mean2 = jnp.broadcast_to(mean, x.shape[-1:]), jnp.broadcast_to(mean2, x.shape[-1:])
   return mean, jnp.maximum(0.0, mean2 - jax.lax.square(mean))

@@ -169,7 +169,6 @@ class GracefulInterrupt(StopSignals):
   def __init__(self, study: optuna.Study):
     self.study, self.requested, self.immediate, self.in_trial = study, False, False, False
     self.signum: int | None = None
-    self._previous: dict[int, Any] = {}
 
   @property
   def exit_status(self) -> int:

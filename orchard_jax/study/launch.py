@@ -137,7 +137,7 @@ class _Forward(StopSignals):
   """Forwards SIGINT/SIGTERM to the workers; remembers the last one."""
 
   def __init__(self, procs: Sequence[subprocess.Popen]):
-    self.procs, self.signum, self._previous = procs, None, {}
+    self.procs, self.signum = procs, None
 
   def _handle(self, signum: int, frame: Any) -> None:
     self.signum = signum
