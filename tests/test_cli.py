@@ -244,3 +244,25 @@ def test_init_writes_the_commented_default_recipe_and_keeps_existing_files(tmp_p
   assert main(["init", str(path)]) == 2 and "use --force" in capsys.readouterr().err
   assert path.read_text() == "# mine\n"
   assert main(["init", str(path), "--force"]) == 0 and path.read_text() == bundled_recipe_text()
+
+
+def test_the_installed_command_freezes_the_collector_after_loading_and_at_exit(
+    workdir, tmp_path, monkeypatch):
+  import importlib.metadata
+
+  from orchard_jax import cli
+
+  (script,) = importlib.metadata.entry_points(group="console_scripts", name="orchard-jax")
+  assert script.value == "orchard_jax.cli:console"
+  freezes = []
+  monkeypatch.setattr(cli.gc, "freeze", lambda: freezes.append("freeze"))
+  assert cli.console(["init", str(tmp_path / "a.yaml")]) == 0
+  assert freezes == ["freeze"]  # when main returns
+  assert main(["init", str(tmp_path / "b.yaml")]) == 0
+  assert freezes == ["freeze"]  # main alone leaves the collector alone
+  args = cli._parser().parse_args(["run", str(recipe(workdir, "frozen"))])
+  cli._load(args)
+  assert freezes == ["freeze"]
+  args.freeze_imports = True  # as main(..., freeze_imports=True) sets it
+  cli._load(args)
+  assert freezes == ["freeze", "freeze"]  # once the recipe and data are loaded
