@@ -47,6 +47,18 @@ def check_batch(spec: StepSpec, batch: dict[str, jax.Array]) -> None:
     raise ValueError(f"images must be floating point, got dtype {image.dtype}")
 
 
+def _check_mixup_hparams(spec: StepSpec, hparams) -> None:
+  """Raises ``ValueError`` if the MixUp hyperparameters disagree with ``spec.mixup`` (at trace time)."""
+  given = (hparams.mixup_alpha is not None, hparams.mixup_on is not None)
+  if spec.mixup and not all(given):
+    raise ValueError("spec.mixup is True but hparams.mixup_alpha or mixup_on is None; build the "
+                     "state with create_train_state(..., mixup_alpha > 0)")
+  if not spec.mixup and any(given):
+    raise ValueError("this state was built with mixup_alpha=0, so its training step has no MixUp "
+                     "and cannot use hparams.mixup_alpha or mixup_on; build the state with "
+                     "create_train_state(..., mixup_alpha > 0) to train with MixUp")
+
+
 def _criterion(spec: StepSpec, hparams, logits_BxC, labels_B, mask_B):
   if spec.criterion == "focal":
     return losses.focal_loss(logits_BxC, labels_B, mask_B, hparams.class_weights, hparams.focal_gamma)
@@ -58,18 +70,22 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, 
   spec, hp, policy = state.spec, state.hparams, state.spec.policy
   batch = materialize(batch)
   check_batch(spec, batch)
+  _check_mixup_hparams(spec, hp)
   labels_B, mask_B = batch["label"].astype(jnp.int32), batch["mask"]
   mix_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-  inputs, labels_perm_B, lam = losses.mixup(mix_key, batch["image"], labels_B, mask_B,
-                                            hp.mixup_alpha, hp.mixup_on)
+  inputs = batch["image"]
+  if spec.mixup:
+    inputs, labels_perm_B, lam = losses.mixup(mix_key, inputs, labels_B, mask_B,
+                                              hp.mixup_alpha, hp.mixup_on)
 
   def loss_fn(params):
     logits, model_state = spec.model.apply(
         policy.cast_to_compute(params), state.model_state, policy.cast_to_compute(inputs),
         train=True, rng=dropout_key, mask=mask_B)
     logits = policy.cast_to_output(logits)
-    loss = (lam * _criterion(spec, hp, logits, labels_B, mask_B)
-            + (1.0 - lam) * _criterion(spec, hp, logits, labels_perm_B, mask_B))
+    loss = _criterion(spec, hp, logits, labels_B, mask_B)
+    if spec.mixup:
+      loss = lam * loss + (1.0 - lam) * _criterion(spec, hp, logits, labels_perm_B, mask_B)
     return state.loss_scale.scale_value(loss), (loss, logits, model_state)
 
   grads, (loss, logits, model_state) = jax.grad(loss_fn, has_aux=True)(state.params)

@@ -34,10 +34,32 @@ def test_the_compiled_build_equals_eager_initialisation_from_jax_random_key(seed
 def test_a_second_trial_of_the_same_structure_builds_its_state_without_compiling():
   executables.clear()
   kwargs = dict(input_shape=(2, 3, 1), num_classes=3)
-  create_train_state(MLP(num_classes=3, hidden=(5,)), seed=1, learning_rate=0.1, **kwargs)
+  create_train_state(MLP(num_classes=3, hidden=(5,)), seed=1, learning_rate=0.1, mixup_alpha=0.3,
+                     **kwargs)
   create_train_state(MLP(num_classes=3, hidden=(5,)), seed=2, learning_rate=0.2, mixup_alpha=0.1,
                      **kwargs)
   assert executables.stats("init")["compiled"] == 1
+  create_train_state(MLP(num_classes=3, hidden=(5,)), seed=3, mixup_alpha=0.0, **kwargs)
+  assert executables.stats("init")["compiled"] == 2  # without MixUp: another structure
+
+
+@pytest.mark.parametrize("alpha, epochs, mixup", [(0.2, 3, True), (0.0, 3, False), (0.2, 0, False)])
+def test_a_state_is_built_without_mixup_when_mixup_can_never_run(alpha, epochs, mixup):
+  from orchard_jax import TrainingConfig
+  from orchard_jax.core.state import state_from_config
+
+  cfg = TrainingConfig(mixup_alpha=alpha, mixup_epochs=epochs)
+  state = state_from_config(MLP(num_classes=3, hidden=(5,)), cfg, input_shape=(2, 3, 1),
+                            num_classes=3)
+  assert state.spec.mixup is mixup
+  assert (state.hparams.mixup_alpha is None) is (not mixup)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, float("nan")])
+def test_a_negative_or_nan_mixup_alpha_is_refused(alpha):
+  with pytest.raises(ValueError, match="mixup_alpha must be >= 0"):
+    create_train_state(MLP(num_classes=3, hidden=(5,)), input_shape=(2, 3, 1), num_classes=3,
+                       mixup_alpha=alpha)
 
 
 def test_class_weights_of_the_wrong_shape_raise_value_error():

@@ -30,11 +30,68 @@ def test_train_step_compiles_once_across_lr_mixup_switch_new_batch_and_new_trial
   state, _ = train_step(state, _batch(0))
   state = state.with_learning_rate(0.01).with_mixup(False)
   state, _ = train_step(state, _batch(1, n_valid=5))
-  # A second trial: other seed, lr, momentum, decay, smoothing, focal gamma, class weights.
+  # A second trial: other seed, lr, momentum, decay, smoothing, focal gamma, class weights,
+  # MixUp alpha.
   other = _mlp_state(seed=2, learning_rate=0.5, momentum=0.1, weight_decay=0.01, grad_clip=0.0,
-                     label_smoothing=0.2, class_weights=np.array([1.0, 2.0, 0.5]))
+                     label_smoothing=0.2, class_weights=np.array([1.0, 2.0, 0.5]),
+                     mixup_alpha=0.1)
   other, _ = train_step(other, _batch(2))
   assert train_step._cache_size() == 1
+  # mixup_alpha=0: a state without MixUp, whose step is a program of its own.
+  train_step(_mlp_state(seed=3, mixup_alpha=0.0), _batch(3))
+  assert train_step._cache_size() == 2
+
+
+def _dropout_states(seed=4):
+  """Two states with equal parameters: built without MixUp, and with MixUp switched off."""
+  kw = dict(input_shape=(4, 4, 1), num_classes=C, seed=seed, learning_rate=0.1,
+            label_smoothing=0.1, weight_decay=0.01)
+  model = MLP(num_classes=C, hidden=(16,), dropout=0.3)
+  return (create_train_state(model, mixup_alpha=0.0, **kw),
+          create_train_state(model, mixup_alpha=0.4, **kw).with_mixup(False))
+
+
+def test_a_state_built_without_mixup_trains_the_bits_of_mixup_switched_off():
+  without, switched_off = _dropout_states()
+  assert not without.spec.mixup and switched_off.spec.mixup
+  assert without.hparams.mixup_alpha is None and without.hparams.mixup_on is None
+  assert without.with_mixup(True) is without  # nothing to switch on: it never mixes
+  step = jax.jit(_train_step)
+  for i in range(3):  # dropout draws from the same keys; row 5.. are padding
+    without, m_without = step(without, _batch(i, n_valid=5))
+    switched_off, m_switched_off = step(switched_off, _batch(i, n_valid=5))
+  jax.tree.map(np.testing.assert_array_equal, (without.params, without.opt_state, m_without),
+               (switched_off.params, switched_off.opt_state, m_switched_off))
+
+
+def _primitives(jaxpr, found=None) -> set[str]:
+  """The names of every primitive in ``jaxpr`` and the jaxprs nested in its equations."""
+  found = set() if found is None else found
+  for eqn in jaxpr.eqns:
+    found.add(eqn.primitive.name)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else [value]:
+        if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+          _primitives(getattr(sub, "jaxpr", sub), found)
+  return found
+
+
+def test_the_step_without_mixup_has_no_gamma_sampler_or_permutation():
+  without, with_mixup = _dropout_states()
+  primitives = lambda state: _primitives(jax.make_jaxpr(_train_step)(state, _batch(0)).jaxpr)
+  assert {"random_gamma", "sort"} <= primitives(with_mixup)
+  assert not {"random_gamma", "sort"} & primitives(without)
+
+
+def test_mixup_hyperparameters_that_disagree_with_the_spec_are_a_clear_error():
+  without, with_mixup = _dropout_states()
+  given = without.replace(hparams=without.hparams._replace(
+      mixup_alpha=jnp.float32(0.3), mixup_on=jnp.bool_(True)))
+  with pytest.raises(ValueError, match="built with mixup_alpha=0.*has no MixUp"):
+    train_step(given, _batch(0))
+  missing = with_mixup.replace(hparams=with_mixup.hparams._replace(mixup_alpha=None))
+  with pytest.raises(ValueError, match="spec.mixup is True but hparams.mixup_alpha"):
+    train_step(missing, _batch(0))
 
 
 def test_train_step_is_pure_given_the_same_state_and_batch():
