@@ -3,13 +3,14 @@
 * :func:`run_trial` -- the body of an Optuna objective (the reference's
   ``TrialTrainingExecutor`` plus its objective guard).
 * :func:`fit` -- the same loop without Optuna, with early stopping.
-* :func:`train_epoch`, :func:`evaluate` -- one pass over a loader.
+* :func:`train_epoch`, :func:`evaluate` -- one pass over a loader;
+  :func:`compile_steps` -- their programs, compiled without training.
 * :func:`run_loop` and the callbacks, for custom loops.
 """
 
 from orchard_jax.engine.callbacks import (BestState, EarlyStopping, LRSchedulerStep,
                                           OptunaReportPrune, load_best, read_summary, save_best)
-from orchard_jax.engine.epoch import evaluate, train_epoch
+from orchard_jax.engine.epoch import compile_steps, evaluate, train_epoch
 from orchard_jax.engine.loop import (Callback, EpochLog, EpochLoop, LoopResult, fallback_metrics,
                                      run_loop, update_best, worst_value)
 from orchard_jax.engine.trial import (FitResult, TrialTrainingExecutor, best_state_dir, fit,
@@ -19,7 +20,7 @@ from orchard_jax.engine.trial import (FitResult, TrialTrainingExecutor, best_sta
 __all__ = [
     "BestState", "Callback", "EarlyStopping", "EpochLog", "EpochLoop", "FitResult",
     "LRSchedulerStep", "LoopResult", "OptunaReportPrune", "TrialTrainingExecutor",
-    "best_state_dir", "evaluate", "fallback_metrics", "fit", "initial_state", "load_best",
+    "best_state_dir", "compile_steps", "evaluate", "fallback_metrics", "fit", "initial_state", "load_best",
     "load_best_state", "read_summary", "run_loop", "run_trial", "save_best", "train_epoch",
     "trial_training_config", "update_best", "worst_value",
 ]

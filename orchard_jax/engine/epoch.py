@@ -74,6 +74,38 @@ def _compiled(step_fn, name: str, state: TrainState, batch):
   return executables.compiled(step_fn, (state, batch), name=name, model=state.spec.model)
 
 
+def compile_steps(state: TrainState, train_loader: Iterable, val_loader: Iterable | None = None,
+                  *, layout: str = "NCHW") -> None:
+  """Compiles (or loads) every program an epoch of ``state`` runs, without training ``state``.
+
+  Takes the first batch of each loader as :func:`train_epoch` and
+  :func:`evaluate` do, gets the same programs (see
+  :mod:`orchard_jax.core.executables`) and runs each once, with the packing
+  of an epoch's sums for ``len(loader)`` batches. Later epochs of states of
+  the same structure then compile nothing. ``state`` is donated to the
+  training step: do not use it afterwards. For compiling ahead on a thread
+  (:mod:`orchard_jax.study.ahead`).
+  """
+  for loader, step_fn, name in ((train_loader, train_step, "train_step"),
+                                (val_loader, eval_step, "eval_step")):
+    if loader is None:
+      continue
+    with _batches(state, loader, None, layout) as batches:
+      batch = next(batches, None)
+    if batch is None:
+      continue
+    out = _compiled(step_fn, name, state, batch)(state, batch)
+    if name == "train_step":
+      state, sums = out  # as train_epoch collects them
+    else:
+      sums = {key: out[key] for key in SUM_KEYS}  # as evaluate does
+    try:
+      count = max(len(loader), 1)
+    except TypeError:
+      count = 1
+    jax.block_until_ready(_packed([sums] * count))
+
+
 def train_epoch(state: TrainState, loader: Iterable, *, epoch: int | None = None,
                 layout: str = "NCHW") -> tuple[TrainState, float]:
   """Runs ``train_step`` over every batch of ``loader``.

@@ -42,11 +42,13 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from orchard_jax.study.ahead import CompileAhead
 from orchard_jax.study.build import History, architecture_for, model_for, trial_config
 from orchard_jax.study.callbacks import (FailureStreak, GracefulInterrupt, KeepBestCheckpoint,
                                          Progress, StudyEarlyStopping, threshold_for)
 from orchard_jax.study.checks import RecipeError
-from orchard_jax.study.outputs import ERROR, HISTORY, INTERRUPTED, RETRY_OF, write_study_outputs
+from orchard_jax.study.outputs import (ERROR, HISTORY, INTERRUPTED, RETRY_OF, import_ahead,
+                                      write_study_outputs)
 from orchard_jax.study.space import build_space
 from orchard_jax.study.storage import masked, open_storage, storage_url
 
@@ -212,54 +214,59 @@ def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None) 
   for name in space.model_pool or ():  # every candidate must build before any trial runs
     model_for(architecture_for(recipe, {"model_name": name}), source)
   url = storage_url(config.storage, run_dir)
-  study = open_study(recipe, url)  # a storage that cannot be opened stops before any write
-  run_dir.mkdir(parents=True, exist_ok=True)
-  stored = study.get_trials(deepcopy=False)
-  if stored:
-    _warn_if_changed(recipe, run_dir / "recipe.yaml")
-  retried = requeue_interrupted(study)
-  done = finished_count(stored)
-  if stored:
-    logger.info("Resuming study %r: %d finished trial(s) stored%s", config.study_name, done,
-                f"; retrying interrupted trial(s) {retried}" if retried else "")
-  threshold = threshold_for(training.monitor_metric, training.monitor_direction,
-                            config.early_stopping_threshold)
-  early = None
-  if config.enable_early_stopping and threshold is not None:
-    early = StudyEarlyStopping(threshold, training.monitor_direction,
-                               config.early_stopping_patience).count_from(stored)
-  interrupted, status = False, EXIT_INTERRUPTED
-  if done >= config.n_trials:
-    logger.info("Nothing to run: the study has %d finished trials (optuna.n_trials=%d)", done,
-                config.n_trials)
-  elif early is not None and early.reached:
-    logger.info("Nothing to run: the study stopped early (%d consecutive trials reached %s)",
-                early.count, threshold)
-  else:
-    trials_dir = run_dir / "trials"
-    bar = tqdm(total=config.n_trials, initial=done, desc=config.study_name, unit="trial",
-               disable=None if recipe.study.show_progress_bar else True, dynamic_ncols=True)
-    callbacks = [Progress(bar, training.monitor_metric, training.monitor_direction),
-                 KeepBestCheckpoint(trials_dir, training.monitor_direction), FailureStreak()]
-    callbacks += [early] if early is not None else []
-    handler = GracefulInterrupt(study)
-    try:
-      with handler, bar, logging_redirect_tqdm(loggers=[logging.getLogger("orchard_jax")]):
-        if not handler.requested:
-          study.optimize(_objective(recipe, source, space, trials_dir, handler),
-                         n_trials=config.n_trials - done, timeout=config.timeout,
-                         n_jobs=config.n_jobs, catch=(Exception,), callbacks=callbacks,
-                         gc_after_trial=False)
-    except KeyboardInterrupt:
-      interrupted = True
-    interrupted = interrupted or handler.requested
-    status = handler.exit_status
-  best = write_study_outputs(study, recipe, run_dir, out=out)
-  if interrupted:
-    finished = finished_count(study.get_trials(deepcopy=False))
-    then = ("run the same command to continue" if url is not None
-            else "the in-memory study cannot be resumed")
-    cause = "SIGTERM" if status == 128 + signal.SIGTERM else "Ctrl-C"
-    print(f"\nStopped by {cause} after {finished}/{config.n_trials} trials; {then}.", file=out)
-    return status
-  return 0 if best is not None else 1
+  # The first trial's programs compile while the study opens; every way out waits for them.
+  with CompileAhead(recipe, source, space) as ahead:
+    study = open_study(recipe, url)  # a storage that cannot be opened stops before any write
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stored = study.get_trials(deepcopy=False)
+    if stored:
+      _warn_if_changed(recipe, run_dir / "recipe.yaml")
+    retried = requeue_interrupted(study)
+    done = finished_count(stored)
+    if stored:
+      logger.info("Resuming study %r: %d finished trial(s) stored%s", config.study_name, done,
+                  f"; retrying interrupted trial(s) {retried}" if retried else "")
+    threshold = threshold_for(training.monitor_metric, training.monitor_direction,
+                              config.early_stopping_threshold)
+    early = None
+    if config.enable_early_stopping and threshold is not None:
+      early = StudyEarlyStopping(threshold, training.monitor_direction,
+                                 config.early_stopping_patience).count_from(stored)
+    interrupted, status = False, EXIT_INTERRUPTED
+    if done >= config.n_trials:
+      logger.info("Nothing to run: the study has %d finished trials (optuna.n_trials=%d)", done,
+                  config.n_trials)
+    elif early is not None and early.reached:
+      logger.info("Nothing to run: the study stopped early (%d consecutive trials reached %s)",
+                  early.count, threshold)
+    else:
+      trials_dir = run_dir / "trials"
+      bar = tqdm(total=config.n_trials, initial=done, desc=config.study_name, unit="trial",
+                 disable=None if recipe.study.show_progress_bar else True, dynamic_ncols=True)
+      callbacks = [Progress(bar, training.monitor_metric, training.monitor_direction),
+                   KeepBestCheckpoint(trials_dir, training.monitor_direction), FailureStreak()]
+      callbacks += [early] if early is not None else []
+      if ahead.started:
+        import_ahead(recipe)  # overlaps the compile too
+      ahead.wait()
+      handler = GracefulInterrupt(study)
+      try:
+        with handler, bar, logging_redirect_tqdm(loggers=[logging.getLogger("orchard_jax")]):
+          if not handler.requested:
+            study.optimize(_objective(recipe, source, space, trials_dir, handler),
+                           n_trials=config.n_trials - done, timeout=config.timeout,
+                           n_jobs=config.n_jobs, catch=(Exception,), callbacks=callbacks,
+                           gc_after_trial=False)
+      except KeyboardInterrupt:
+        interrupted = True
+      interrupted = interrupted or handler.requested
+      status = handler.exit_status
+    best = write_study_outputs(study, recipe, run_dir, out=out)
+    if interrupted:
+      finished = finished_count(study.get_trials(deepcopy=False))
+      then = ("run the same command to continue" if url is not None
+              else "the in-memory study cannot be resumed")
+      cause = "SIGTERM" if status == 128 + signal.SIGTERM else "Ctrl-C"
+      print(f"\nStopped by {cause} after {finished}/{config.n_trials} trials; {then}.", file=out)
+      return status
+    return 0 if best is not None else 1
