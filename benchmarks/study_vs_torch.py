@@ -48,6 +48,9 @@ ROOT = HERE.parent
 TORCH_STUDY = HERE / "torch_study.py"
 STUDY_NAME = "digits_mini_cnn"   # the bundled recipe's optuna.study_name
 RECIPE_WARMUP = 3                # its optuna.pruning_warmup_epochs
+# A JAX log line: bare, or "WARNING:jax._src...:" once a root handler exists (importing
+# orbax.checkpoint installs one).
+LOGGED = re.compile(r"^(?:[A-Z]+:[\w.]+:)?(.*)$")
 TRIAL_LINE = re.compile(r"^Trial (\d+) (COMPLETE|PRUNED|FAIL) \| \S+ (\S+) \| epochs (\d+) \| "
                         r"([0-9.]+|nan) s")
 
@@ -81,10 +84,12 @@ def parse_log(stderr: str) -> dict:
     m = TRIAL_LINE.match(line)
     if m:
       trials.append(float(m.group(5)))
-    elif line.startswith("Compiling "):
+      continue
+    message = LOGGED.match(line).group(1)
+    if message.startswith("Compiling "):
       traced += 1
       after_first += bool(trials)
-    elif line.startswith("Persistent compilation cache hit"):
+    elif message.startswith("Persistent compilation cache hit"):
       hits += 1
   return {"trial_seconds": trials, "traced": traced, "traced_after_first": after_first,
           "cache_hits": hits, "xla_compiles": traced - hits}

@@ -28,6 +28,7 @@ import importlib
 import importlib.util
 import math
 import os
+import pathlib
 import sys
 import zipfile
 from collections.abc import Callable, Mapping
@@ -157,16 +158,77 @@ def array_source(name: str, arrays: Mapping[str, np.ndarray], num_classes: int |
   return ArraySource(name, splits, num_classes, eval_batch_size)
 
 
+def _approximate_mode(class_counts: np.ndarray, n_draws: int,
+                      rng: np.random.RandomState) -> np.ndarray:
+  """Samples per class of a stratified draw: scikit-learn's ``_approximate_mode``."""
+  continuous = class_counts / class_counts.sum() * n_draws
+  floored = np.floor(continuous)
+  need_to_add = int(n_draws - floored.sum())
+  if need_to_add > 0:
+    remainder = continuous - floored
+    for value in np.sort(np.unique(remainder))[::-1]:  # largest remainders first, ties by rng
+      (indices,) = np.where(remainder == value)
+      add_now = min(len(indices), need_to_add)
+      floored[rng.choice(indices, size=add_now, replace=False)] += 1
+      need_to_add -= add_now
+      if need_to_add == 0:
+        break
+  return floored.astype(int)
+
+
+def stratified_split(labels: np.ndarray, test_size: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(train, test)`` indices of a stratified shuffled split of ``labels``.
+
+  The indices ``sklearn.model_selection.train_test_split(..., test_size=test_size,
+  stratify=labels, random_state=seed)`` picks (scikit-learn's
+  ``StratifiedShuffleSplit`` algorithm, BSD-3-Clause), re-implemented so that
+  loading the digits does not import scikit-learn and SciPy: about 1.7 s that
+  the command spends instead while its first programs compile
+  (:mod:`orchard_jax.study.ahead`). ``tests/study/test_sources.py`` checks it
+  against scikit-learn.
+  """
+  n_test = math.ceil(test_size * len(labels))
+  n_train = len(labels) - n_test
+  classes, y_indices, class_counts = np.unique(labels, return_inverse=True, return_counts=True)
+  if class_counts.min() < 2 or min(n_train, n_test) < len(classes):
+    raise RecipeError(f"dataset: a stratified split of {len(labels)} samples of {len(classes)} "
+                      f"classes into {n_train} and {n_test} needs every class at least twice and "
+                      f"both parts at least one sample per class")
+  class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+  rng = np.random.RandomState(seed)
+  n_i = _approximate_mode(class_counts, n_train, rng)
+  t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+  train, test = [], []
+  for i in range(len(classes)):
+    shuffled = class_indices[i].take(rng.permutation(class_counts[i]), mode="clip")
+    train.extend(shuffled[:n_i[i]])
+    test.extend(shuffled[n_i[i]:n_i[i] + t_i[i]])
+  return rng.permutation(train), rng.permutation(test)
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """``sklearn.datasets.load_digits(return_X_y=True)``, read from scikit-learn's data file.
+
+  The file ships with scikit-learn; reading it does not import the package.
+  """
+  spec = importlib.util.find_spec("sklearn")
+  if spec is None or not spec.submodule_search_locations:
+    raise RecipeError("dataset: the digits source reads scikit-learn's bundled data; "
+                      "pip install scikit-learn")
+  path = pathlib.Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+  data = np.loadtxt(path, delimiter=",")
+  return data[:, :-1], data[:, -1].astype(int)
+
+
 def _digits(spec: Any) -> ArraySource:
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-  images, labels = load_digits(return_X_y=True)
+  images, labels = digits_arrays()
   images = (images / 16.0).astype(np.float32).reshape(-1, 8, 8)
-  rest_x, x_test, rest_y, y_test = train_test_split(
-      images, labels, test_size=spec.test_fraction, stratify=labels, random_state=spec.split_seed)
-  x_train, x_val, y_train, y_val = train_test_split(
-      rest_x, rest_y, test_size=spec.val_fraction / (1 - spec.test_fraction), stratify=rest_y,
-      random_state=spec.split_seed)
+  rest, test = stratified_split(labels, spec.test_fraction, spec.split_seed)
+  rest_x, x_test, rest_y, y_test = images[rest], images[test], labels[rest], labels[test]
+  train, val = stratified_split(rest_y, spec.val_fraction / (1 - spec.test_fraction),
+                                spec.split_seed)
+  x_train, x_val, y_train, y_val = rest_x[train], rest_x[val], rest_y[train], rest_y[val]
   arrays = {"train_images": x_train, "train_labels": y_train, "val_images": x_val,
             "val_labels": y_val, "test_images": x_test, "test_labels": y_test}
   return array_source("digits", arrays, spec.num_classes, spec.eval_batch_size)

@@ -86,6 +86,19 @@ def test_conv3x3_equals_flax_conv_in_values_params_and_gradients(shape, features
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_ref)
 
 
+@pytest.mark.parametrize("side, im2col", [(2, True), (4, True), (5, False), (8, False)])
+def test_evaluation_convolves_images_under_25_pixels_by_im2col(side, im2col):
+  from orchard_jax.models.layers import Conv3x3
+  x = jax.random.normal(jax.random.key(0), (3, side, side, 16))
+  module = Conv3x3(32)
+  params = module.init(jax.random.key(1), x)
+  jaxpr = str(jax.make_jaxpr(lambda p, x: module.apply(p, x, False))(params, x))
+  assert ("conv_general_dilated" not in jaxpr) is (im2col and jax.default_backend() == "cpu")
+  np.testing.assert_allclose(module.apply(params, x, False),
+                             nn.Conv(32, (3, 3), padding="SAME").apply(params, x),
+                             rtol=1e-5, atol=1e-5)
+
+
 def _bn_pair(momentum=0.9):
   from orchard_jax.models.layers import BatchNorm
   return (BatchNorm(use_running_average=False, momentum=momentum, epsilon=1e-5),

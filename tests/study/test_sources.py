@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.recipe import DatasetSpec
-from orchard_jax.study.sources import ArrayLoader, load_source
+from orchard_jax.study.sources import ArrayLoader, digits_arrays, load_source, stratified_split
 
 
 def medmnist_arrays(n=(12, 6, 6), classes=3, rgb=False) -> dict:
@@ -147,3 +150,41 @@ def test_missing_function_in_module_is_reported(tmp_path):
   path = write_module(tmp_path, "x = 1\n")
   with pytest.raises(RecipeError, match="has no function 'loaders'"):
     load(DatasetSpec(source="function", function=f"{path}:loaders", num_classes=2))
+
+
+def test_the_digits_are_scikit_learns_read_without_importing_it():
+  from sklearn.datasets import load_digits
+  images, labels = digits_arrays()
+  want_images, want_labels = load_digits(return_X_y=True)
+  np.testing.assert_array_equal(images, want_images)
+  np.testing.assert_array_equal(labels, want_labels)
+  code = ("import sys; from orchard_jax.study.recipe import DatasetSpec; "
+          "from orchard_jax.study.sources import load_source; "
+          "load_source(DatasetSpec(), batch_size=32, seed=0); "
+          "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
+
+
+def test_the_stratified_split_picks_the_indices_of_scikit_learns_train_test_split():
+  from sklearn.model_selection import train_test_split
+  _, digits = digits_arrays()
+  rng = np.random.default_rng(0)
+  uneven = np.repeat(np.arange(5), [5, 5, 3, 7, 2])  # ties in the remainders
+  cases = [(digits, 0.15), (digits[:1527], 0.15 / 0.85), (digits, 0.3), (digits, 0.5),
+           (uneven, 0.5), (uneven, 0.33), (rng.permutation(uneven), 0.45),
+           (rng.integers(0, 3, 101), 0.2)]
+  for labels, fraction in cases:
+    for seed in (0, 1, 42):
+      want_train, want_test = train_test_split(np.arange(len(labels)), test_size=fraction,
+                                               stratify=labels, random_state=seed)
+      train, test = stratified_split(labels, fraction, seed)
+      np.testing.assert_array_equal(train, want_train)
+      np.testing.assert_array_equal(test, want_test)
+
+
+def test_a_split_that_cannot_be_stratified_is_a_recipe_error():
+  with pytest.raises(RecipeError, match="every class at least twice"):
+    stratified_split(np.array([0, 0, 1, 1, 2]), 0.5, 0)
+  with pytest.raises(RecipeError, match="at least one sample per class"):
+    stratified_split(np.repeat(np.arange(10), 10), 0.05, 0)
