@@ -18,6 +18,10 @@ loaders are independent in-memory arrays (digits, npz): a user's loader
 function could hand back shared loaders whose shuffling the extra pass
 would move. If it fails, the failure is logged at debug level and the first
 trial compiles as it would have (and raises the error itself).
+
+The thread starts before the study is opened, so a resumed study with no
+trial left to run also waits for it (once: with a warm cache the thread
+only loads the programs).
 """
 
 from __future__ import annotations
