@@ -95,6 +95,8 @@ class CompileAhead:
       self.error = e
       logger.debug("Compiling ahead failed (%s: %s); the first trial compiles", type(e).__name__, e)
     self.seconds = time.perf_counter() - start
+    if self.error is None:
+      logger.debug("The first trial's programs were ready in %.1f s", self.seconds)
 
   def wait(self) -> None:
     """Returns once the thread is done (at once if none was started)."""

@@ -7,6 +7,7 @@ lost after three.
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
 import signal
 import socket
@@ -82,8 +83,13 @@ def lost_workers(postgres, workdir, worker, make_recipe):
   read_until(killed, "joined")  # both are about to take a trial
   termed_log = "".join(read_until(termed, "joined"))
   survivor = worker(url, recipe, "survivor", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  signal_mid_trial(killed, signal.SIGKILL)
-  termed_log += "".join(signal_mid_trial(termed, signal.SIGTERM))
+  # Each worker is signalled as soon as its own first epoch shows: waiting for one before
+  # reading the other would let the other's short trial run to its end meanwhile.
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    killing = pool.submit(signal_mid_trial, killed, signal.SIGKILL)
+    terming = pool.submit(signal_mid_trial, termed, signal.SIGTERM)
+    killing.result()
+    termed_log += "".join(terming.result())
   survivor_log = survivor.communicate(timeout=TIMEOUT)[0]
   assert survivor.returncode == 0, survivor_log
   return {"trials": trials_of(url, "lost"), "killed": killed.returncode,
