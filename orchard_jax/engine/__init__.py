@@ -20,7 +20,7 @@ from orchard_jax.engine.trial import (FitResult, TrialTrainingExecutor, best_sta
 __all__ = [
     "BestState", "Callback", "EarlyStopping", "EpochLog", "EpochLoop", "FitResult",
     "LRSchedulerStep", "LoopResult", "OptunaReportPrune", "TrialTrainingExecutor",
-    "best_state_dir", "compile_steps", "evaluate", "fallback_metrics", "fit", "initial_state", "load_best",
-    "load_best_state", "read_summary", "run_loop", "run_trial", "save_best", "train_epoch",
-    "trial_training_config", "update_best", "worst_value",
+    "best_state_dir", "compile_steps", "evaluate", "fallback_metrics", "fit", "initial_state",
+    "load_best", "load_best_state", "read_summary", "run_loop", "run_trial", "save_best",
+    "train_epoch", "trial_training_config", "update_best", "worst_value",
 ]
