@@ -303,9 +303,9 @@ def console(argv: Sequence[str] | None = None) -> int:
 
   Python's cycle collector walks every live object in its full passes, and
   the imports (JAX, torch, optuna, matplotlib) make millions of them. On 2 CPU
-  cores that cost a study about 1.4 s during the run and 1.3 s more when the
-  interpreter exits (``gc.callbacks`` timings; ``benchmarks/study_vs_torch.py``
-  measures the whole). So the command freezes the collector's objects
+  cores that cost the bundled study about 1.4 s during the run and 1.7 s more
+  when the interpreter exits (``benchmarks/gc_freeze.py``: 0.87 s and 0.20 s
+  frozen). So the command freezes the collector's objects
   (``gc.freeze``) twice: once the recipe and data are loaded
   (``freeze_imports``), and when :func:`main` returns, by which time every
   output is written and closed. ``atexit`` handlers, ``weakref.finalize``
