@@ -1,0 +1,53 @@
+"""A real size-limited file system for disk-full tests: a tmpfs mounted for one test.
+
+Needs root (``mount -t tmpfs``); where the platform cannot mount one, the
+test is skipped with the reason (CI runs as root, so it runs there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import subprocess
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+
+@contextlib.contextmanager
+def tmpfs(size: str = "4m") -> Iterator[pathlib.Path]:
+  """Mounts a tmpfs of ``size`` (mount's syntax: ``512k``, ``4m``) and yields its path."""
+  if os.geteuid() != 0:
+    pytest.skip("disk-full tests mount a tmpfs, which needs root")
+  path = pathlib.Path(tempfile.mkdtemp(prefix="orchard-tmpfs-"))
+  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                        capture_output=True, text=True)
+  if proc.returncode:
+    path.rmdir()
+    pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    with contextlib.suppress(OSError):
+      path.rmdir()
+
+
+def fill(path: pathlib.Path, leave: int = 0) -> pathlib.Path:
+  """Fills the file system of ``path`` with a file ``path/filler`` until ``leave`` bytes
+  (rounded to blocks) stay free; returns the filler (delete it to free the space)."""
+  filler = path / "filler"
+  with open(filler, "wb") as f:
+    chunk = b"\0" * 65536
+    while True:
+      free = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize
+      if free <= leave:
+        break
+      try:
+        f.write(chunk[:max(1, min(len(chunk), free - leave))])
+        f.flush()
+      except OSError:
+        break
+  return filler
