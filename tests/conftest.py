@@ -1,7 +1,10 @@
-"""A real size-limited file system for disk-full tests: a tmpfs mounted for one test.
+"""Fixtures of every test folder.
 
-Needs root (``mount -t tmpfs``); where the platform cannot mount one, the
-test is skipped with the reason (CI runs as root, so it runs there).
+``tmpfs``: a real size-limited file system for disk-full tests. The fixture
+is a function ``tmpfs(size="4m") -> path`` that mounts a tmpfs for the test
+(unmounted after it); ``disk_filler`` is :func:`fill`. Mounting needs root;
+where the platform cannot mount one, the test is skipped with the reason (CI
+runs as root, so it runs there).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import pytest
 
 
 @contextlib.contextmanager
-def tmpfs(size: str = "4m") -> Iterator[pathlib.Path]:
+def mounted_tmpfs(size: str = "4m") -> Iterator[pathlib.Path]:
   """Mounts a tmpfs of ``size`` (mount's syntax: ``512k``, ``4m``) and yields its path."""
   if os.geteuid() != 0:
     pytest.skip("disk-full tests mount a tmpfs, which needs root")
@@ -51,3 +54,16 @@ def fill(path: pathlib.Path, leave: int = 0) -> pathlib.Path:
       except OSError:
         break
   return filler
+
+
+@pytest.fixture
+def tmpfs():
+  """``tmpfs(size="4m") -> path``: a fresh tmpfs of ``size``, unmounted after the test."""
+  with contextlib.ExitStack() as stack:
+    yield lambda size="4m": stack.enter_context(mounted_tmpfs(size))
+
+
+@pytest.fixture
+def disk_filler():
+  """:func:`fill`: ``disk_filler(path, leave=0) -> filler file``."""
+  return fill
