@@ -25,6 +25,8 @@ Deliberate differences from the reference (orchard-ml v0.2.5):
   ``core.precision.parse_policy`` (imported only when ``precision`` is set).
   ``None`` derives it from ``use_amp``; see :func:`resolve_precision`.
 * ``min_lr`` must be ``<= learning_rate``.
+* ``seed`` must be in ``[0, 2**32)``: the seeds numpy's and Optuna's samplers
+  take.
 * ``monitor_metric`` takes any metric name, since task adapters can report
   their own metrics. The reference allows only ``'auc'`` and ``'accuracy'``.
 * ``OptunaConfig.storage`` is a single field: ``'sqlite'``, ``'memory'`` or a
@@ -56,8 +58,33 @@ class ConfigError(ValueError):
   """An invalid configuration value, unknown field or inconsistent combination."""
 
 
+# Values that messages echo are capped: a value longer than SHOWN_MAX characters
+# is shown as its first SHOWN_HEAD characters, '…' and its length.
+SHOWN_MAX = 80
+SHOWN_HEAD = 60
+SEED_MAX = 2**32 - 1  # numpy's and Optuna's samplers take seeds in [0, 2**32)
+
+
+def clip(text: str, limit: int = SHOWN_MAX, length: int | None = None) -> str:
+  """``text``, or when longer than ``limit`` its start, '…' and ``(N characters)``."""
+  if len(text) <= limit:
+    return text
+  head = max(SHOWN_HEAD, limit - 20)
+  return f"{text[:head]}… ({len(text) if length is None else length} characters)"
+
+
+def brief(value: Any) -> str:
+  """``repr(value)``, capped by :func:`clip` (a string's length is its own)."""
+  try:
+    text = repr(value)
+  except Exception:  # e.g. an int of over 4300 digits, or a repr that raises
+    bits = value.bit_length() if isinstance(value, int) else None
+    text = f"<an int of {bits} bits>" if bits else f"<{type(value).__name__} object>"
+  return clip(text, length=len(value) if isinstance(value, str) else None)
+
+
 def _show(value: Any) -> str:
-  return f"{value!r} ({type(value).__name__})"
+  return f"{brief(value)} ({type(value).__name__})"
 
 
 def _closest(word: str, allowed: Any) -> str:
@@ -75,12 +102,15 @@ def _bound(x: float) -> str:
 @dataclasses.dataclass(frozen=True)
 class _Int:
   lo: int | None = None
+  hi: int | None = None
 
   def __call__(self, where: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
       raise ConfigError(f"{where} must be an int, got {_show(value)}")
+    if self.hi is not None and not self.lo <= value <= self.hi:
+      raise ConfigError(f"{where} must be in [{self.lo}, {self.hi}], got {brief(value)}")
     if self.lo is not None and value < self.lo:
-      raise ConfigError(f"{where} must be >= {self.lo}, got {value!r}")
+      raise ConfigError(f"{where} must be >= {self.lo}, got {brief(value)}")
     return int(value)
 
 
@@ -106,13 +136,13 @@ class _Float:
       raise ConfigError(f"{where} must be {kind}, got {_show(value)}")
     raw, value = value, float(value)
     if not math.isfinite(value):
-      raise ConfigError(f"{where} must be a finite float, got {raw!r}")
+      raise ConfigError(f"{where} must be a finite float, got {brief(raw)}")
     too_low = self.lo is not None and (
         value <= self.lo if self.lo_open else value < self.lo)
     too_high = self.hi is not None and (
         value >= self.hi if self.hi_open else value > self.hi)
     if too_low or too_high:
-      raise ConfigError(f"{where} must be {self.allowed()}, got {raw!r}")
+      raise ConfigError(f"{where} must be {self.allowed()}, got {brief(raw)}")
     return value
 
 
@@ -137,8 +167,11 @@ class _Choice:
       hint = _closest(value, self.options) if isinstance(value, str) else ""
       allowed = ", ".join(map(repr, self.options))
       raise ConfigError(
-          f"{where} must be one of {allowed}, got {value!r}{hint}")
+          f"{where} must be one of {allowed}, got {brief(value)}{hint}")
     return value
+
+
+_POLICY_MAX = 100  # 'params=bfloat16,compute=bfloat16,output=bfloat16' has 49
 
 
 def _check_precision(where: str, value: Any) -> str | None:
@@ -152,11 +185,17 @@ def _check_precision(where: str, value: Any) -> str | None:
   if not isinstance(value, str):
     raise ConfigError(
         f"{where} must be None or a dtype policy str, got {_show(value)}")
+  if len(value) > _POLICY_MAX:
+    raise ConfigError(
+        f"{where} must be a dtype policy str of at most {_POLICY_MAX} characters, such as "
+        f"'bfloat16' or 'params=float32,compute=bfloat16,output=float32', got {brief(value)}")
   from orchard_jax.core.precision import parse_policy
   try:
     parse_policy(value)
   except ValueError as e:
-    raise ConfigError(f"{where}={value!r} is invalid: {e}") from e
+    # parse_policy's message quotes the value: capped there too.
+    raise ConfigError(f"{where}={brief(value)} is invalid: "
+                      f"{str(e).replace(repr(value), brief(value))}") from e
   return value
 
 
@@ -171,7 +210,7 @@ def _check_storage(where: str, value: Any) -> str:
   raise ConfigError(
       f"{where} must be 'sqlite', 'memory' or a database URL such as "
       f"'postgresql://user:pass@host/db' or 'sqlite:///path/study.db', "
-      f"got {shown!r}")
+      f"got {brief(shown)}")
 
 
 def _field(default: Any, check: Callable[[str, Any], Any]) -> Any:
@@ -211,10 +250,10 @@ class _Config:
         continue
       if key in cls._NOT_READ:
         raise ConfigError(
-            f"{cls.__name__} has no field {key!r}: {cls._NOT_READ[key]}; "
+            f"{cls.__name__} has no field {brief(key)}: {cls._NOT_READ[key]}; "
             f"remove it")
       hint = _closest(key, names) or f"; valid fields: {', '.join(names)}"
-      raise ConfigError(f"{cls.__name__} has no field {key!r}{hint}")
+      raise ConfigError(f"{cls.__name__} has no field {brief(key)}{hint}")
 
   @classmethod
   def from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
@@ -253,7 +292,8 @@ class TrainingConfig(_Config):
   """Hyperparameters of one training run (the reference's ``training:``).
 
   Attributes:
-    seed: Seed of every random stream of the run (any int).
+    seed: Seed of every random stream of the run (and of the study's
+      sampler), an int in ``[0, 2**32)``, as numpy and Optuna take.
     batch_size: Samples per batch, ``>= 1``. Unlike the reference, no upper
       bound (the reference's cap of 128 suits 8 GB GPUs, not TPU/GPU JAX).
     epochs: Epochs of a full run, ``>= 1``.
@@ -292,7 +332,7 @@ class TrainingConfig(_Config):
       is not implemented, and ``True`` logs a warning when training starts.
   """
 
-  seed: int = _field(42, _Int())
+  seed: int = _field(42, _Int(lo=0, hi=SEED_MAX))
   batch_size: int = _field(16, _Int(lo=1))
   epochs: int = _field(60, _Int(lo=1))
   optimizer_type: str = _field("sgd", _Choice(("sgd", "adamw")))
@@ -330,7 +370,7 @@ class TrainingConfig(_Config):
     if self.min_lr > self.learning_rate:
       raise ConfigError(
           f"TrainingConfig.min_lr must be <= learning_rate, got "
-          f"min_lr={self.min_lr!r}, learning_rate={self.learning_rate!r}")
+          f"min_lr={brief(self.min_lr)}, learning_rate={brief(self.learning_rate)}")
 
   def resolved_precision(self, backend: str) -> str:
     """Shorthand for ``resolve_precision(self, backend)``."""
@@ -370,7 +410,9 @@ class OptunaConfig(_Config):
   ``monitor_direction``; they are not repeated here.
 
   Attributes:
-    study_name: Optuna study name (non-empty).
+    study_name: Optuna study name (non-empty). A recipe also makes it the run
+      folder's name, so there it must be a safe folder name (see
+      :func:`orchard_jax.study.checks.folder_name`).
     n_trials: Trials to run, ``>= 1``.
     epochs: Epochs of each trial, ``>= 1``.
     timeout: Study time limit in seconds, ``> 0``; None means no limit.
@@ -387,8 +429,10 @@ class OptunaConfig(_Config):
     n_jobs: Trials run in parallel, ``>= 1``.
     search_space_preset: ``'quick'`` or ``'full'``.
     enable_early_stopping: Stop the study once trials reach the threshold.
-    early_stopping_threshold: Metric value that counts as reached; None
-      lets the study pick one from the metric.
+    early_stopping_threshold: Metric value that counts as reached, any finite
+      float (task adapters report their own metrics; a recipe narrows it to
+      ``[0, 1]`` for auc/accuracy/f1 and ``>= 0`` for loss); None lets the
+      study pick one from the metric.
     early_stopping_patience: Consecutive trials at the threshold that stop
       the study, ``>= 1``.
   """
@@ -480,7 +524,7 @@ def _devices(where: str, value: Any) -> int | tuple[int, ...] | None:
     return None
   if isinstance(value, int) and not isinstance(value, bool):
     if value < 1:
-      raise ConfigError(f"{where} must be >= 1, got {value}")
+      raise ConfigError(f"{where} must be >= 1, got {brief(value)}")
     return value
   if isinstance(value, (list, tuple)) and value and all(
       isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
@@ -497,7 +541,7 @@ def _input_shape(where: str, value: Any) -> tuple[int, ...] | None:
       for d in value)):
     raise ConfigError(
         f"{where} must be None or a non-empty tuple of ints >= 1 (the "
-        f"per-sample shape, channels last, e.g. (28, 28, 1)), got {value!r}")
+        f"per-sample shape, channels last, e.g. (28, 28, 1)), got {brief(value)}")
   return tuple(int(d) for d in value)
 
 
@@ -509,7 +553,7 @@ def _fallback(where: str, value: Any) -> Mapping[str, float] | None:
       and not isinstance(v, bool) for k, v in value.items()):
     raise ConfigError(
         f"{where} must be None or a mapping of metric names (str) to numbers, "
-        f"got {value!r}")
+        f"got {brief(value)}")
   return MappingProxyType({k: float(v) for k, v in value.items()})
 
 

@@ -54,7 +54,8 @@ TRAINING_INSIDE = [
     ("mixup_alpha", 0.0, {}), ("focal_gamma", 0.0, {}),
     ("batch_size", 1, {"use_amp": False}), ("batch_size", 4, {}),
     ("batch_size", 4096, {}), ("epochs", 1, {}), ("mixup_epochs", 0, {}),
-    ("scheduler_patience", 0, {}), ("step_size", 1, {}), ("seed", -3, {}),
+    ("scheduler_patience", 0, {}), ("step_size", 1, {}), ("seed", 0, {}),
+    ("seed", 2**32 - 1, {}),
 ]
 TRAINING_OUTSIDE = [
     ("learning_rate", 1e-8, "in (1e-08, 1)"), ("learning_rate", 1.0, "in (1e-08, 1)"),
@@ -81,6 +82,22 @@ def test_training_refuses_out_of_range_value(field, value, allowed):
   expected = f"TrainingConfig.{field} must be {allowed}, got {value!r}"
   with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
     TrainingConfig(**{field: value})
+
+
+@pytest.mark.parametrize("value", [-1, -3, 2**32, 2**64])
+def test_seed_outside_the_samplers_range_is_refused(value):
+  # numpy's and Optuna's samplers take seeds in [0, 2**32); outside it a study failed late.
+  expected = f"TrainingConfig.seed must be in [0, 4294967295], got {value}"
+  with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
+    TrainingConfig(seed=value)
+
+
+def test_seed_range_is_checked_by_replace_and_from_dict():
+  expected = r"^TrainingConfig\.seed must be in \[0, 4294967295\], got -1$"
+  with pytest.raises(ConfigError, match=expected):
+    TrainingConfig().replace(seed=-1)
+  with pytest.raises(ConfigError, match=expected):
+    TrainingConfig.from_dict({"seed": -1})
 
 
 def test_training_batch_size_has_no_upper_bound():
@@ -443,3 +460,49 @@ def test_configs_without_precision_do_not_import_jax():
           "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax')))\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+# Echoed values are capped: over 80 characters, the first 60, '…' and the length.
+LONG = "x" * 5000
+CAPPED = "'" + "x" * 59 + "… (5000 characters)"
+
+
+@pytest.mark.parametrize("cls,field,expected", [
+    (TrainingConfig, "optimizer_type",
+     f"TrainingConfig.optimizer_type must be one of 'sgd', 'adamw', got {CAPPED}"),
+    (TrainingConfig, "learning_rate",
+     f"TrainingConfig.learning_rate must be a float, got {CAPPED} (str)"),
+    (TrainingConfig, "seed", f"TrainingConfig.seed must be an int, got {CAPPED} (str)"),
+    (TrainingConfig, "precision",
+     "TrainingConfig.precision must be a dtype policy str of at most 100 characters, such as "
+     f"'bfloat16' or 'params=float32,compute=bfloat16,output=float32', got {CAPPED}"),
+    (OptunaConfig, "storage",
+     "OptunaConfig.storage must be 'sqlite', 'memory' or a database URL such as "
+     "'postgresql://user:pass@host/db' or 'sqlite:///path/study.db', got " + CAPPED),
+    (OptunaConfig, "pruner_type",
+     "OptunaConfig.pruner_type must be one of 'median', 'percentile', 'hyperband', 'none', "
+     f"got {CAPPED}"),
+])
+def test_a_5000_character_value_is_echoed_capped(cls, field, expected):
+  with pytest.raises(ConfigError) as info:
+    cls(**{field: LONG})
+  message = str(info.value)
+  assert message == expected and "\n" not in message and len(message) < 300
+
+
+def test_a_long_unknown_field_name_is_capped():
+  with pytest.raises(ConfigError) as info:
+    OptunaConfig(**{LONG: 1})
+  assert str(info.value).startswith(f"OptunaConfig has no field {CAPPED}; valid fields: study_name")
+
+
+def test_a_short_value_is_echoed_in_full():
+  value = "y" * 78  # its repr has 80 characters: the cap's limit
+  with pytest.raises(ConfigError, match=f"got '{value}'$"):
+    TrainingConfig(optimizer_type=value)
+
+
+def test_an_int_too_long_to_print_is_described():
+  with pytest.raises(ConfigError, match=r"^TrainingConfig\.seed must be in \[0, 4294967295\], "
+                                        r"got <an int of 16610 bits>$"):
+    TrainingConfig(seed=10**5000)

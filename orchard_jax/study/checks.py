@@ -3,6 +3,8 @@
 Each check is ``check(where, value) -> value`` (``where`` is the key path,
 e.g. ``'dataset.val_fraction'``) and raises :class:`RecipeError` with a
 one-line message that names the key, the value received and what is allowed.
+Echoed values are capped (:func:`brief`): one over 80 characters is shown as
+its first 60, '…' and its length, so a message stays readable.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from orchard_jax.config import ConfigError
+from orchard_jax.config import SEED_MAX, ConfigError, brief, clip
 
 Check = Callable[[str, Any], Any]
 
@@ -24,7 +26,8 @@ class RecipeError(ConfigError):
 
 
 def show(value: Any) -> str:
-  return f"{value!r} ({type(value).__name__})"
+  """The value (capped, see :func:`brief`) and its type: ``"'x' (str)"``."""
+  return f"{brief(value)} ({type(value).__name__})"
 
 
 def closest(word: Any, allowed: Iterable[str]) -> str:
@@ -41,7 +44,7 @@ def refuse_unknown(where: str, data: Mapping, allowed: Iterable[str], what: str 
     if key not in allowed:
       prefix = "" if where == "recipe" else f"{where}."
       hint = closest(key, allowed) or f"; valid {what}s: {', '.join(allowed)}"
-      raise RecipeError(f"unknown {what} '{prefix}{key}' in the recipe{hint}")
+      raise RecipeError(f"unknown {what} '{prefix}{clip(str(key))}' in the recipe{hint}")
 
 
 def as_mapping(where: str, data: Any) -> Mapping:
@@ -101,7 +104,7 @@ _ENTRY = re.compile(r"[^:\s]+:[A-Za-z_][A-Za-z0-9_]*")
 def entry_point(where: str, value: Any) -> str:
   if not isinstance(value, str) or not _ENTRY.fullmatch(value):
     raise RecipeError(f"{where} must be 'module:function' or 'path/file.py:function', "
-                      f"got {value!r}")
+                      f"got {brief(value)}")
   return value
 
 
@@ -117,19 +120,26 @@ def choice(options: tuple[str, ...], upper: bool = False) -> Check:
       value = value.upper()
     if not isinstance(value, str) or value not in options:
       raise RecipeError(f"{where} must be one of {', '.join(map(repr, options))}, "
-                        f"got {value!r}{closest(value, options)}")
+                        f"got {brief(value)}{closest(value, options)}")
     return value
   return checked
 
 
-def integer(lo: int | None = None) -> Check:
+def integer(lo: int | None = None, hi: int | None = None) -> Check:
+  """An integer ``>= lo`` (and, with ``hi``, ``<= hi``; then ``lo`` is required)."""
   def checked(where: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
       raise RecipeError(f"{where} must be an integer, got {show(value)}")
+    if hi is not None and not lo <= value <= hi:
+      raise RecipeError(f"{where} must be in [{lo}, {hi}], got {brief(value)}")
     if lo is not None and value < lo:
-      raise RecipeError(f"{where} must be >= {lo}, got {value!r}")
+      raise RecipeError(f"{where} must be >= {lo}, got {brief(value)}")
     return int(value)
   return checked
+
+
+# A seed of numpy's and Optuna's samplers: an integer in [0, 2**32).
+seed = integer(0, SEED_MAX)
 
 
 def number(where: str, value: Any) -> float:
@@ -149,9 +159,26 @@ def real(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> 
     value = number(where, value)
     if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
       interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-      raise RecipeError(f"{where} must be in {interval}, got {value!r}")
+      raise RecipeError(f"{where} must be in {interval}, got {brief(value)}")
     return value
   return checked
+
+
+FOLDER_MAX = 100
+_FOLDER = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9._-]{{0,{FOLDER_MAX - 1}}}")
+
+
+def folder_name(where: str, value: Any) -> str:
+  """One safe path component: no separator, not '.' or '..', not hidden, not too long.
+
+  Letters and digits are ASCII only, so that the folder's name is the same on
+  every file system and in every shell.
+  """
+  if not isinstance(value, str) or not _FOLDER.fullmatch(value):
+    shown = brief(value) if isinstance(value, str) else show(value)
+    raise RecipeError(f"{where} must be one folder name of 1 to {FOLDER_MAX} characters "
+                      f"A-Z, a-z, 0-9, '.', '_' or '-', not starting with '.' or '-', got {shown}")
+  return value
 
 
 # ------------------------------------------------------------- conversions --

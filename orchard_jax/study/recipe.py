@@ -49,6 +49,7 @@ SECTIONS = ("dataset", "architecture", "training", "optuna", "telemetry")
 REFERENCE_ONLY_SECTIONS = ("augmentation", "hardware", "evaluation", "tracking", "export")
 DEFAULT_CACHE = "~/.cache/orchard_jax/jax"
 BUNDLED = "<bundled default recipe>"
+PATH_SHOWN = 200  # file paths in messages: capped later than values, they run long
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +58,11 @@ class DatasetSpec:
   source: str = "digits"              # 'digits' | 'npz' | 'function'
   path: str | None = None             # npz: the file
   function: str | None = None         # function: 'module:function' or 'file.py:function'
-  num_classes: int | None = None      # None: from the labels (npz) or the function
+  num_classes: int | None = None      # None: from the labels (npz) or the function; digits: 10
   layout: str = "NCHW"                # function: layout of 4-D inputs
   val_fraction: float = 0.15          # digits: validation share
   test_fraction: float = 0.15         # digits: test share
-  split_seed: int = 0                 # digits: seed of the stratified split
+  split_seed: int = 0                 # digits: seed of the stratified split, in [0, 2**32)
   eval_batch_size: int = 256          # batch size of validation and test loaders
 
 
@@ -134,7 +135,7 @@ _DATASET = {
     "num_classes": c.optional(c.integer(2)), "layout": c.choice(("NCHW", "NHWC")),
     "val_fraction": c.real(0, 1, lo_open=True, hi_open=True),
     "test_fraction": c.real(0, 1, lo_open=True, hi_open=True),
-    "split_seed": c.integer(), "eval_batch_size": c.integer(1),
+    "split_seed": c.seed, "eval_batch_size": c.integer(1),
 }
 _ONLY_FOR = {"path": "npz", "function": "function", "layout": "function",
              "val_fraction": "digits", "test_fraction": "digits", "split_seed": "digits"}
@@ -151,6 +152,7 @@ _STUDY = {"enable_model_search": c.boolean, "model_pool": c.optional(c.names),
 _REFERENCE_STORAGE = ("storage_type", "storage_path", "postgresql_url")
 _REFERENCE_TARGET = {"metric_name": "monitor_metric", "direction": "monitor_direction"}
 RECIPE_METRICS = ("auc", "accuracy", "f1", "loss")
+DIGITS_CLASSES = 10  # the bundled digits: 0-9
 
 
 def _dataset(data: Any) -> DatasetSpec:
@@ -160,13 +162,17 @@ def _dataset(data: Any) -> DatasetSpec:
   for key, source in _ONLY_FOR.items():
     if getattr(spec, key) != getattr(defaults, key) and spec.source != source:
       raise RecipeError(f"dataset.{key} is read only when dataset.source is {source!r}, "
-                        f"got source={spec.source!r}")
+                        f"got source={c.brief(spec.source)}")
   if spec.source == "npz" and spec.path is None:
     raise RecipeError("dataset.path is required when dataset.source is 'npz' (a MedMNIST-format "
                       ".npz file with train_images, train_labels, val_images, val_labels)")
   if spec.source == "function" and spec.function is None:
     raise RecipeError("dataset.function is required when dataset.source is 'function' "
                       "('module:function' returning loaders)")
+  if spec.source == "digits" and spec.num_classes not in (None, DIGITS_CLASSES):
+    raise RecipeError(f"dataset.num_classes must be {DIGITS_CLASSES} or null with dataset.source "
+                      f"'digits' (the bundled digits have {DIGITS_CLASSES} classes), got "
+                      f"{c.brief(spec.num_classes)}")
   if spec.val_fraction + spec.test_fraction >= 1:
     raise RecipeError(f"dataset.val_fraction + dataset.test_fraction must be < 1, got "
                       f"{spec.val_fraction} + {spec.test_fraction}")
@@ -182,7 +188,7 @@ def _architecture(data: Any) -> ArchitectureSpec:
   names = registry_names()
   if spec.name not in names:
     raise RecipeError(f"architecture.name must be one of {', '.join(map(repr, names))}, "
-                      f"got {spec.name!r}{c.closest(spec.name, names)}")
+                      f"got {c.brief(spec.name)}{c.closest(spec.name, names)}")
   return dataclasses.replace(spec, options=c.hashable(spec.options))
 
 
@@ -193,12 +199,13 @@ def _training(data: Any) -> TrainingConfig:
   if training.monitor_metric not in RECIPE_METRICS:
     raise RecipeError(f"training.monitor_metric must be one of {', '.join(map(repr, RECIPE_METRICS))} "
                       f"in a recipe (the metrics validation computes), got "
-                      f"{training.monitor_metric!r}"
+                      f"{c.brief(training.monitor_metric)}"
                       f"{c.closest(training.monitor_metric, RECIPE_METRICS)}")
   if (training.monitor_metric == "loss") != (training.monitor_direction == "minimize"):
     raise RecipeError(f"training.monitor_direction must be 'minimize' for 'loss' and 'maximize' "
                       f"for {', '.join(RECIPE_METRICS[:3])}, got monitor_metric="
-                      f"{training.monitor_metric!r}, monitor_direction={training.monitor_direction!r}")
+                      f"{c.brief(training.monitor_metric)}, "
+                      f"monitor_direction={c.brief(training.monitor_direction)}")
   return training
 
 
@@ -221,7 +228,8 @@ def _storage(data: dict[str, Any]) -> None:
   elif kind == "memory":
     data["storage"] = "memory"
   else:
-    raise RecipeError(f"optuna.storage_type must be 'sqlite', 'memory' or 'postgresql', got {kind!r}")
+    raise RecipeError(f"optuna.storage_type must be 'sqlite', 'memory' or 'postgresql', "
+                      f"got {c.brief(kind)}")
 
 
 def _study(data: Any, training: TrainingConfig) -> StudySpec:
@@ -232,11 +240,15 @@ def _study(data: Any, training: TrainingConfig) -> StudySpec:
   for key, field in _REFERENCE_TARGET.items():
     if key in data and data.pop(key) != getattr(training, field):
       raise RecipeError(f"optuna.{key} must agree with training.{field} "
-                        f"({getattr(training, field)!r}); the study optimizes training.{field}")
+                        f"({c.brief(getattr(training, field))}); the study optimizes "
+                        f"training.{field}")
   _storage(data)
   if data.get("n_jobs") == -1:
     data["n_jobs"] = os.cpu_count() or 1
+  if "study_name" in data:  # also the run folder: outputs/<study_name>
+    c.folder_name("optuna.study_name", data["study_name"])
   config = c.renamed(OptunaConfig.from_dict, data)
+  _threshold(config.early_stopping_threshold, training.monitor_metric)
   if config.sampler_type == "cmaes" and importlib.util.find_spec("cmaes") is None:
     raise RecipeError("optuna.sampler_type 'cmaes' needs the 'cmaes' package "
                       "(pip install cmaes), or use 'tpe' or 'random'")
@@ -247,13 +259,26 @@ def _study(data: Any, training: TrainingConfig) -> StudySpec:
       raise RecipeError("optuna.model_pool requires optuna.enable_model_search: true")
     if len(spec.model_pool) < 2:
       raise RecipeError(f"optuna.model_pool must name at least 2 architectures, got "
-                        f"{list(spec.model_pool)}")
+                        f"{c.brief(list(spec.model_pool))}")
     from orchard_jax.study.space import registry_names
     for name in spec.model_pool:
       if name not in registry_names():
-        raise RecipeError(f"optuna.model_pool: unknown architecture {name!r}"
+        raise RecipeError(f"optuna.model_pool: unknown architecture {c.brief(name)}"
                           f"{c.closest(name, registry_names())}; known: {', '.join(registry_names())}")
   return spec
+
+
+def _threshold(threshold: float | None, metric: str) -> None:
+  """The early-stopping threshold must be a value ``metric`` can take."""
+  if threshold is None:
+    return
+  if metric == "loss" and threshold < 0:
+    raise RecipeError(f"optuna.early_stopping_threshold must be >= 0 for training.monitor_metric "
+                      f"'loss', got {c.brief(threshold)}")
+  if metric != "loss" and not 0 <= threshold <= 1:
+    raise RecipeError(f"optuna.early_stopping_threshold must be in [0, 1] for "
+                      f"training.monitor_metric {c.brief(metric)} (a score between 0 and 1), "
+                      f"got {c.brief(threshold)}")
 
 
 def _telemetry(data: Any) -> TelemetrySpec:
@@ -296,10 +321,11 @@ def apply_sets(data: dict[str, Any], assignments: Sequence[str]) -> dict[str, An
     key, sep, text = assignment.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
-      raise RecipeError(f"--set expects key.path=value (e.g. optuna.n_trials=20), got {assignment!r}")
+      raise RecipeError(f"--set expects key.path=value (e.g. optuna.n_trials=20), "
+                        f"got {c.brief(assignment)}")
     try:
       value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: an int of over 4300 digits
       value = text
     node = data
     for i, part in enumerate(parts[:-1]):
@@ -307,7 +333,8 @@ def apply_sets(data: dict[str, Any], assignments: Sequence[str]) -> dict[str, An
       if child is None:
         child = node[part] = {}
       if not isinstance(child, dict):
-        raise RecipeError(f"--set {key}: {'.'.join(parts[:i + 1])} is {c.show(child)}, not a section")
+        raise RecipeError(f"--set {c.clip(key)}: {c.clip('.'.join(parts[:i + 1]))} is "
+                          f"{c.show(child)}, not a section")
       node = child
     node[parts[-1]] = value
   return data
@@ -321,16 +348,21 @@ def load_recipe(path: str | os.PathLike | None, sets: Sequence[str] = ()) -> Rec
   else:
     p = pathlib.Path(path)
     if not p.is_file():
-      raise RecipeError(f"recipe file not found: {origin}")
+      raise RecipeError(f"recipe file not found: {c.clip(origin, PATH_SHOWN)}")
     text = p.read_text()
   try:
     data = yaml.safe_load(text)
   except yaml.YAMLError as e:
     mark = getattr(e, "problem_mark", None)
     where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-    raise RecipeError(f"{origin} is not valid YAML{where}: "
-                      f"{getattr(e, 'problem', None) or e}") from None
+    raise RecipeError(f"{c.clip(origin, PATH_SHOWN)} is not valid YAML{where}: "
+                      f"{c.clip(' '.join(str(getattr(e, 'problem', None) or e).split()), 160)}"
+                      ) from None
+  except ValueError as e:  # PyYAML's int(): more than 4300 digits
+    raise RecipeError(f"{c.clip(origin, PATH_SHOWN)} is not a readable recipe: "
+                      f"{c.clip(' '.join(str(e).split()), 160)}") from None
   data = {} if data is None else data
   if not isinstance(data, dict):
-    raise RecipeError(f"{origin}: a recipe must be a mapping of sections, got {c.show(data)}")
+    raise RecipeError(f"{c.clip(origin, PATH_SHOWN)}: a recipe must be a mapping of sections, "
+                      f"got {c.show(data)}")
   return parse_recipe(apply_sets(data, sets), origin)

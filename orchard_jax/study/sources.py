@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from orchard_jax.study.checks import RecipeError
+from orchard_jax.study.checks import RecipeError, brief, clip
 
 __all__ = ["ArrayLoader", "ArraySource", "FunctionSource", "Loaders", "load_source"]
 
@@ -44,8 +44,14 @@ REQUIRED = ("train_images", "train_labels", "val_images", "val_labels")
 OPTIONAL = ("test_images", "test_labels")
 
 
+def _shown(path: str) -> str:
+  """A path or entry point in a message: quoted, capped later than values (they run long)."""
+  return clip(repr(path), 200)
+
+
 def one_line(e: BaseException) -> str:
-  return f"{type(e).__name__}: {' '.join(str(e).split())}"
+  """``'Type: message'`` on one line, the message capped at 160 characters."""
+  return f"{type(e).__name__}: {clip(' '.join(str(e).split()), 160)}"
 
 
 class Loaders(NamedTuple):
@@ -152,7 +158,9 @@ def array_source(name: str, arrays: Mapping[str, np.ndarray], num_classes: int |
   if num_classes is None:
     num_classes = top
   elif top > num_classes:
-    raise RecipeError(f"dataset: labels go up to {top - 1}, but dataset.num_classes is {num_classes}")
+    raise RecipeError(f"dataset: labels go up to {top - 1}, but dataset.num_classes is "
+                      f"{num_classes} (class ids must be < num_classes); set "
+                      f"dataset.num_classes: {top} or null")
   if num_classes < 2:
     raise RecipeError(f"dataset: at least 2 classes are needed, the labels have {num_classes}")
   return ArraySource(name, splits, num_classes, eval_batch_size)
@@ -223,6 +231,10 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def _digits(spec: Any) -> ArraySource:
   images, labels = digits_arrays()
+  classes = len(np.unique(labels))
+  if spec.num_classes is not None and spec.num_classes != classes:
+    raise RecipeError(f"dataset.num_classes must be {classes} or null with dataset.source 'digits' "
+                      f"(the bundled digits have {classes} classes), got {brief(spec.num_classes)}")
   images = (images / 16.0).astype(np.float32).reshape(-1, 8, 8)
   rest, test = stratified_split(labels, spec.test_fraction, spec.split_seed)
   rest_x, x_test, rest_y, y_test = images[rest], images[test], labels[rest], labels[test]
@@ -237,22 +249,22 @@ def _digits(spec: Any) -> ArraySource:
 def _npz(spec: Any) -> ArraySource:
   path = os.path.expanduser(spec.path)
   if not os.path.isfile(path):
-    raise RecipeError(f"dataset.path: file not found: {spec.path}")
+    raise RecipeError(f"dataset.path: file not found: {clip(spec.path, 200)}")
   try:
     with np.load(path, allow_pickle=False) as npz:
       missing = [k for k in REQUIRED if k not in npz.files]
       if missing:
         raise RecipeError(
-            f"dataset.path: {spec.path} lacks {', '.join(missing)}; a MedMNIST-format .npz has "
-            f"{', '.join(REQUIRED)} (and optionally {', '.join(OPTIONAL)})")
+            f"dataset.path: {clip(spec.path, 200)} lacks {', '.join(missing)}; a MedMNIST-format "
+            f".npz has {', '.join(REQUIRED)} (and optionally {', '.join(OPTIONAL)})")
       if sum(k in npz.files for k in OPTIONAL) == 1:
-        raise RecipeError(f"dataset.path: {spec.path} has only one of {', '.join(OPTIONAL)}; "
-                          f"give both or neither")
+        raise RecipeError(f"dataset.path: {clip(spec.path, 200)} has only one of "
+                          f"{', '.join(OPTIONAL)}; give both or neither")
       arrays = {k: npz[k] for k in (*REQUIRED, *OPTIONAL) if k in npz.files}
   except RecipeError:
     raise
   except (OSError, ValueError, zipfile.BadZipFile) as e:
-    raise RecipeError(f"dataset.path: {spec.path} is not a readable .npz file "
+    raise RecipeError(f"dataset.path: {clip(spec.path, 200)} is not a readable .npz file "
                       f"({one_line(e)})") from None
   name = os.path.splitext(os.path.basename(path))[0]
   return array_source(name, arrays, spec.num_classes, spec.eval_batch_size)
@@ -264,11 +276,11 @@ def _npz(spec: Any) -> ArraySource:
 def resolve_function(entry: str) -> Callable[..., Any]:
   """Imports ``'module:function'`` or ``'path/file.py:function'``."""
   target, _, attr = entry.rpartition(":")
-  where = f"dataset.function {entry!r}"
+  where = f"dataset.function {_shown(entry)}"
   try:
     if target.endswith(".py") or os.sep in target or "/" in target:
       if not os.path.isfile(target):
-        raise RecipeError(f"{where}: file not found: {target}")
+        raise RecipeError(f"{where}: file not found: {clip(target, 200)}")
       spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0],
                                                     target)
       module = importlib.util.module_from_spec(spec)
@@ -280,10 +292,10 @@ def resolve_function(entry: str) -> Callable[..., Any]:
   except RecipeError:
     raise
   except Exception as e:  # the user's module: any import-time error
-    raise RecipeError(f"{where}: cannot import {target!r}: {one_line(e)}") from None
+    raise RecipeError(f"{where}: cannot import {_shown(target)}: {one_line(e)}") from None
   fn = getattr(module, attr, None)
   if not callable(fn):
-    raise RecipeError(f"{where}: module {target!r} has no function {attr!r}")
+    raise RecipeError(f"{where}: module {_shown(target)} has no function {brief(attr)}")
   return fn
 
 
@@ -308,7 +320,7 @@ class FunctionSource:
     return self._cache[key]
 
   def _call(self, batch_size: int, seed: int) -> Loaders:
-    where = f"dataset.function {self.entry!r}"
+    where = f"dataset.function {_shown(self.entry)}"
     try:
       out = self.fn(batch_size=batch_size, seed=seed)
     except Exception as e:  # the user's code
@@ -335,13 +347,14 @@ class FunctionSource:
   def _set_classes(self, where: str, classes: Any) -> None:
     given = self._given_classes
     if classes is not None and given is not None and classes != given:
-      raise RecipeError(f"{where} returned num_classes={classes}, but dataset.num_classes is {given}")
+      raise RecipeError(f"{where} returned num_classes={brief(classes)}, but dataset.num_classes "
+                        f"is {given}")
     chosen = classes if classes is not None else given
     if chosen is None:
       raise RecipeError(f"dataset.num_classes is required with a function source (or return "
                         f"it as the mapping's 'num_classes')")
     if isinstance(chosen, bool) or not isinstance(chosen, int) or chosen < 2:
-      raise RecipeError(f"{where}: num_classes must be an integer >= 2, got {chosen!r}")
+      raise RecipeError(f"{where}: num_classes must be an integer >= 2, got {brief(chosen)}")
     self.num_classes = chosen
 
   def peek(self, batch_size: int, seed: int) -> None:
@@ -351,9 +364,10 @@ class FunctionSource:
       inputs, _ = next(iter(loaders.train))
       shape = tuple(np.shape(inputs)[1:])
     except StopIteration:
-      raise RecipeError(f"dataset.function {self.entry!r}: the train loader yielded no batch") from None
+      raise RecipeError(f"dataset.function {_shown(self.entry)}: the train loader yielded no "
+                        f"batch") from None
     except Exception as e:  # the user's loader
-      raise RecipeError(f"dataset.function {self.entry!r}: reading a first batch failed: "
+      raise RecipeError(f"dataset.function {_shown(self.entry)}: reading a first batch failed: "
                         f"{one_line(e)}") from None
     if len(shape) == 3 and self.layout == "NCHW":
       shape = (shape[1], shape[2], shape[0])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import pathlib
+import re
 
 import pytest
 import yaml
@@ -199,3 +201,165 @@ def test_load_recipe_reports_invalid_yaml_with_its_line(tmp_path):
 
 def test_bundled_text_is_commented():
   assert bundled_recipe_text().lstrip().startswith("#")
+
+
+# ------------------------------------------------------ ranges (issue 15) --
+
+SEED_RANGE = "must be in [0, 4294967295]"
+
+
+@pytest.mark.parametrize("value", [-1, 2**32])
+def test_training_seed_outside_the_samplers_range_is_refused(value):
+  assert error_of({"training": {"seed": value}}) == f"training.seed {SEED_RANGE}, got {value}"
+
+
+@pytest.mark.parametrize("value", [0, 2**32 - 1])
+def test_training_seed_at_the_ends_of_the_range_is_accepted(value):
+  assert parse_recipe({"training": {"seed": value}}).training.seed == value
+
+
+@pytest.mark.parametrize("value", [-7, 2**32])
+def test_split_seed_outside_the_range_is_refused(value):
+  message = error_of({"dataset": {"split_seed": value}})
+  assert message == f"dataset.split_seed {SEED_RANGE}, got {value}"
+
+
+FOLDER_RULE = ("optuna.study_name must be one folder name of 1 to 100 characters A-Z, a-z, 0-9, "
+               "'.', '_' or '-', not starting with '.' or '-', got ")
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/abs", "a/b", "a\\b", ".", "..", ".hidden",
+                                  "-rf", "", "two words", "name\n", "ünï"])
+def test_study_name_that_is_not_one_safe_folder_name_is_refused(name):
+  assert error_of({"optuna": {"study_name": name}}) == FOLDER_RULE + repr(name)
+
+
+def test_study_name_over_100_characters_is_refused_with_its_length():
+  message = error_of({"optuna": {"study_name": "s" * 300}})
+  assert message == FOLDER_RULE + "'" + "s" * 59 + "… (300 characters)"
+
+
+def test_study_name_that_is_not_a_string_is_refused_with_its_type():
+  assert error_of({"optuna": {"study_name": 7}}) == FOLDER_RULE + "7 (int)"
+
+
+@pytest.mark.parametrize("name", ["s" * 100, "digits_mini_cnn", "run-2.v3", "_x", "0"])
+def test_study_name_of_safe_characters_is_accepted(name):
+  assert parse_recipe({"optuna": {"study_name": name}}).study.config.study_name == name
+
+
+def test_telemetry_output_dir_may_be_any_path():
+  recipe = parse_recipe({"optuna": {"study_name": "s"}, "telemetry": {"output_dir": "../../x y/z"}})
+  assert recipe.telemetry.output_dir == "../../x y/z"
+
+
+@pytest.mark.parametrize("metric", ["auc", "accuracy", "f1"])
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_early_stopping_threshold_of_a_score_must_be_in_0_1(metric, value):
+  message = error_of({"training": {"monitor_metric": metric},
+                      "optuna": {"early_stopping_threshold": value}})
+  assert message == (f"optuna.early_stopping_threshold must be in [0, 1] for "
+                     f"training.monitor_metric '{metric}' (a score between 0 and 1), got {value}")
+
+
+def test_early_stopping_threshold_of_loss_must_be_at_least_0():
+  message = error_of({"training": {"monitor_metric": "loss", "monitor_direction": "minimize"},
+                      "optuna": {"early_stopping_threshold": -0.1}})
+  assert message == ("optuna.early_stopping_threshold must be >= 0 for training.monitor_metric "
+                     "'loss', got -0.1")
+
+
+@pytest.mark.parametrize("metric,direction,value", [
+    ("accuracy", "maximize", 0.0), ("accuracy", "maximize", 1.0), ("auc", "maximize", "9.99e-1"),
+    ("loss", "minimize", 0.0), ("loss", "minimize", 2.5)])
+def test_early_stopping_threshold_inside_its_range_is_accepted(metric, direction, value):
+  recipe = parse_recipe({"training": {"monitor_metric": metric, "monitor_direction": direction},
+                         "optuna": {"early_stopping_threshold": value}})
+  assert recipe.study.config.early_stopping_threshold == float(value)
+
+
+def test_digits_num_classes_other_than_10_is_refused():
+  message = error_of({"dataset": {"source": "digits", "num_classes": 100000}})
+  assert message == ("dataset.num_classes must be 10 or null with dataset.source 'digits' (the "
+                     "bundled digits have 10 classes), got 100000")
+
+
+def test_digits_num_classes_of_10_is_accepted():
+  assert parse_recipe({"dataset": {"num_classes": 10}}).dataset.num_classes == 10
+
+
+def test_digits_source_refuses_another_num_classes_when_loading():
+  from orchard_jax.study.recipe import DatasetSpec
+  from orchard_jax.study.sources import load_source
+  with pytest.raises(RecipeError) as info:
+    load_source(DatasetSpec(num_classes=3), batch_size=8, seed=0)
+  assert str(info.value) == ("dataset.num_classes must be 10 or null with dataset.source 'digits' "
+                             "(the bundled digits have 10 classes), got 3")
+
+
+def test_npz_num_classes_below_its_labels_is_refused_naming_the_count(tmp_path):
+  import numpy as np
+  from orchard_jax.study.sources import load_source
+  path = tmp_path / "tiny.npz"
+  rng = np.random.default_rng(0)
+  np.savez(path, train_images=rng.random((6, 4, 4)), train_labels=np.array([0, 1, 2, 0, 1, 2]),
+           val_images=rng.random((3, 4, 4)), val_labels=np.array([0, 1, 2]))
+  recipe = parse_recipe({"dataset": {"source": "npz", "path": str(path), "num_classes": 2}})
+  with pytest.raises(RecipeError) as info:
+    load_source(recipe.dataset, batch_size=2, seed=0)
+  message = str(info.value)
+  assert "\n" not in message
+  assert message == ("dataset: labels go up to 2, but dataset.num_classes is 2 (class ids must be "
+                     "< num_classes); set dataset.num_classes: 3 or null")
+
+
+# ---------------------------------------------------- capped echoed values --
+
+LONG = "x" * 5000
+CAPPED = "'" + "x" * 59 + "… (5000 characters)"
+
+
+@pytest.mark.parametrize("data,start", [
+    ({"training": {"optimizer_type": LONG}}, "training.optimizer_type must be one of"),
+    ({"training": {"monitor_metric": LONG}}, "training.monitor_metric must be one of"),
+    ({"training": {"precision": LONG}}, "training.precision must be a dtype policy str"),
+    ({"training": {"learning_rate": LONG}}, "training.learning_rate must be a float"),
+    ({"training": {"seed": LONG}}, "training.seed must be an int"),
+    ({"optuna": {"storage": LONG}}, "optuna.storage must be 'sqlite', 'memory' or a database URL"),
+    ({"optuna": {"storage_type": LONG}}, "optuna.storage_type must be"),
+    ({"optuna": {"study_name": LONG}}, "optuna.study_name must be one folder name"),
+    ({"optuna": {"pruner_type": LONG}}, "optuna.pruner_type must be one of"),
+    ({"dataset": {"source": LONG}}, "dataset.source must be one of"),
+    ({"dataset": {"source": "function", "function": LONG}}, "dataset.function must be"),
+    ({"dataset": {"split_seed": LONG}}, "dataset.split_seed must be an integer"),
+    ({"telemetry": {"log_level": LONG}}, "telemetry.log_level must be one of"),
+    ({"telemetry": {"log_interval": [LONG]}}, "telemetry.log_interval must be an integer"),
+    ({"training": {LONG: 1}}, "unknown key 'training.xxx"),
+])
+def test_a_5000_character_value_is_echoed_capped(data, start):
+  message = error_of(data)
+  assert message.startswith(start)
+  assert "x" * 61 not in message.lower()
+  assert re.search(r"[xX]… \(500[04] characters\)", message)
+  if "unknown key" not in message:  # that one goes on to list the valid keys
+    assert len(message) < 300
+
+
+def test_a_5000_character_value_gives_a_message_under_300_characters():
+  message = error_of({"training": {"optimizer_type": LONG}})
+  assert message == f"training.optimizer_type must be one of 'sgd', 'adamw', got {CAPPED}"
+  assert len(message) < 300
+
+
+def test_a_long_set_value_and_an_int_of_5000_digits_are_one_capped_line(tmp_path, monkeypatch):
+  with pytest.raises(RecipeError) as info:
+    load_recipe(None, ["training.seed=" + "1" * 5000])
+  message = str(info.value)
+  assert message == "training.seed must be an int, got '" + "1" * 59 + "… (5000 characters) (str)"
+  monkeypatch.chdir(tmp_path)
+  pathlib.Path("big.yaml").write_text("training:\n  seed: " + "1" * 5000 + "\n")
+  with pytest.raises(RecipeError) as info:
+    load_recipe("big.yaml")
+  message = str(info.value)
+  assert message.startswith("big.yaml is not a readable recipe: Exceeds the limit (4300 digits)")
+  assert "\n" not in message and len(message) < 300
