@@ -7,7 +7,10 @@
 * :class:`EarlyStopping` -- stops after ``patience`` epochs without a new best.
 * :class:`BestState` -- keeps the best epoch's parameters (a device copy) and,
   given a directory, writes them with orbax-checkpoint at the end of the run;
-  :func:`load_best` reads them back into a state of the same structure.
+  :func:`load_best` reads them back into a state of the same structure. The
+  folder appears whole or not at all (:func:`orchard_jax.fileio.atomic_directory`),
+  and a write that fails (a full disk) is a warning and ``write_error``, never
+  the loss of the trained run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import optuna
 
 from orchard_jax.core.schedules import LRController
 from orchard_jax.core.state import TrainState
+from orchard_jax.fileio import atomic_directory
 from orchard_jax.engine.loop import Callback, EpochLog, LoopResult
 
 logger = logging.getLogger(__name__)
@@ -90,6 +94,15 @@ def _copy(tree: Any) -> Any:
   return jax.device_put(tree, may_alias=False)
 
 
+def _root_cause(e: BaseException) -> str:
+  """:func:`orchard_jax.study.storage.root_cause` (the OS's words under orbax's wrappers)."""
+  try:
+    from orchard_jax.study.storage import root_cause  # pylint: disable=import-outside-toplevel
+  except Exception:  # pylint: disable=broad-except  # never let a warning cost the run
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+  return root_cause(e)
+
+
 class BestState(Callback):
   """Keeps the parameters and model state of the best epoch.
 
@@ -99,18 +112,25 @@ class BestState(Callback):
   ``directory/checkpoint`` and ``directory/best.json`` (epoch, value,
   metric). Read it back with :func:`load_best`.
 
+  A write that fails (a full disk, any error of orbax) costs nothing of the
+  run: it is logged as one warning with its cause, kept in ``write_error``,
+  and ``directory`` keeps what it held before (or stays absent).
+
   Attributes:
     epoch: The best epoch, or None before any epoch improved.
     value: Its monitored value.
     params, model_state: Copies of that epoch's arrays.
+    write_error: Why the best state could not be written (one line), or None.
   """
 
-  def __init__(self, directory: str | pathlib.Path | None = None, *, metric_name: str):
+  def __init__(self, directory: str | pathlib.Path | None = None, *, metric_name: str,
+               trial_number: int | None = None):
     self.directory = None if directory is None else pathlib.Path(directory).absolute()
-    self.metric_name = metric_name
+    self.metric_name, self.trial_number = metric_name, trial_number
     self.epoch: int | None = None
     self.value = math.nan
     self.params = self.model_state = None
+    self.write_error: str | None = None
 
   def on_epoch_end(self, log: EpochLog, state: TrainState) -> bool:
     if log.improved:
@@ -125,8 +145,15 @@ class BestState(Callback):
       logger.warning("No epoch set a best %s (all NaN); nothing written to %s",
                      self.metric_name, self.directory)
       return
-    save_best(self.directory, self.params, self.model_state,
-              {"epoch": self.epoch, "value": self.value, "metric": self.metric_name})
+    try:
+      save_best(self.directory, self.params, self.model_state,
+                {"epoch": self.epoch, "value": self.value, "metric": self.metric_name})
+    except Exception as e:  # pylint: disable=broad-except  # the run's value must survive
+      self.write_error = _root_cause(e)
+      who, keeps = (("Fit", "the run keeps its result") if self.trial_number is None else
+                    (f"Trial {self.trial_number}", "the trial keeps its value"))
+      logger.warning("%s: the best state could not be written to %s: %s; %s", who,
+                     self.directory, self.write_error, keeps)
 
   def apply_to(self, state: TrainState) -> TrainState | None:
     """``state`` with the best parameters and model state; None if none yet."""
@@ -139,16 +166,22 @@ def save_best(directory: str | pathlib.Path, params: Any, model_state: Any,
               summary: dict[str, Any]) -> pathlib.Path:
   """Writes ``{"params", "model_state"}`` with orbax and ``summary`` as JSON.
 
-  Overwrites a previous best in the same directory. Returns the directory.
+  ``directory`` is the best state's own folder: both are written into a
+  temporary sibling that then replaces ``directory`` as a whole
+  (:func:`~orchard_jax.fileio.atomic_directory`), so ``directory/checkpoint``
+  and ``directory/best.json`` appear together or not at all. On an error (a
+  full disk) the temporary folder, with orbax's own
+  ``checkpoint.orbax-checkpoint-tmp`` in it, is removed and ``directory``
+  keeps its previous best. Returns the directory.
   """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   directory = pathlib.Path(directory).absolute()
-  directory.mkdir(parents=True, exist_ok=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(directory / CHECKPOINT_SUBDIR,
-                      {"params": params, "model_state": model_state}, force=True)
-  (directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+  with atomic_directory(directory) as temporary:
+    with ocp.StandardCheckpointer() as checkpointer:  # waits for orbax's writes on leaving
+      checkpointer.save(temporary / CHECKPOINT_SUBDIR,
+                        {"params": params, "model_state": model_state})
+    (temporary / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
   return directory
 
 

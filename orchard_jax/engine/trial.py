@@ -182,11 +182,13 @@ class TrialTrainingExecutor:
     cfg, number = self.cfg, trial.number
     training = trial_training_config(cfg)
     best = BestState(None if cfg.output_dir is None else best_state_dir(cfg.output_dir, number),
-                     metric_name=training.monitor_metric)
+                     metric_name=training.monitor_metric, trial_number=number)
     report = OptunaReportPrune(trial, enable_pruning=cfg.optuna.enable_pruning,
                                warmup_epochs=cfg.optuna.pruning_warmup_epochs,
                                metric_name=training.monitor_metric)
     result = _run(cfg, training, f"T{number}", best=best, report=report)
+    if best.write_error is not None:  # the trial keeps its value; its checkpoint is missing
+      trial.set_user_attr("checkpoint_error", best.write_error)
     logger.info("Trial %d completed", number)
     logger.info("  Best %-13s: %.6f", training.monitor_metric.upper(), result.best)
     logger.info("  %-18s: %.4f", "Final Loss", result.final_train_loss)
@@ -232,7 +234,9 @@ def fit(cfg: TrialConfig) -> FitResult:
 
   Early stopping ends the run after ``training.patience`` epochs without a
   new best. With ``cfg.output_dir`` the best state is written to
-  ``best_state_dir(cfg.output_dir)``. Exceptions propagate.
+  ``best_state_dir(cfg.output_dir)``; if that write fails (a full disk) the
+  result keeps its values, with a warning and ``checkpoint_dir`` None.
+  Exceptions of the training propagate.
   """
   training = cfg.training
   directory = None if cfg.output_dir is None else best_state_dir(cfg.output_dir)
@@ -244,7 +248,7 @@ def fit(cfg: TrialConfig) -> FitResult:
               result.final_train_loss)
   return FitResult(result.best, result.best_epoch, result.history, result.state,
                    best.apply_to(result.state), result.stopped_early,
-                   directory if best.epoch is not None else None)
+                   directory if best.epoch is not None and best.write_error is None else None)
 
 
 def load_best_state(cfg: TrialConfig, trial_number: int | None = None) -> TrainState:

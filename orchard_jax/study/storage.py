@@ -21,6 +21,24 @@ looks, and Optuna's retry callback enqueues its parameters again (at most
 ``max_retry`` times); the retry's system attribute ``failed_trial`` names the
 original (``retried_trial_number``).
 
+SQLite waits up to :data:`SQLITE_BUSY_TIMEOUT_S` for a lock another
+process holds (Optuna's default, sqlite3's 5 s, failed trials whose worker
+met a longer write of another one).
+
+A journal file whose last line is torn (a full disk or a killed process in
+the middle of an append) is repaired when it is opened and before each
+append: the torn bytes are moved to ``<journal>.torn-<UTC time>`` and the file
+is cut back to its last complete line, under the lock Optuna's
+``JournalFileBackend`` takes for its appends (:func:`repair_journal`). An
+append of this module's backend that fails (``ENOSPC``) cuts its own partial
+line off at once. A bad line *followed by others* is a real corruption: it is
+left alone and named in a :class:`RecipeError`.
+
+:func:`root_cause` and :func:`is_transient` read a storage exception's chain
+(Optuna's ``StorageInternalError``, SQLAlchemy's wrappers, the driver's
+error): its deepest cause in one line, and whether it is a fault of the
+storage (a lock, a full disk, a lost connection) rather than of the trial.
+
 The *study lock* (:func:`study_lock`) is held by a worker while it counts the
 stored trials and asks for the next one, so that workers together start
 exactly ``n_trials`` trials: a PostgreSQL advisory lock, a MySQL named lock,
@@ -29,30 +47,40 @@ or an ``fcntl`` lock on a file next to a SQLite database or journal.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import errno
 import fcntl
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import pathlib
 import re
+import sqlite3
 import warnings
 import zlib
 from typing import Any
 
 import optuna
+from optuna.storages.journal import JournalFileBackend
 
 from orchard_jax.study.checks import RecipeError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Heartbeat", "JOURNAL", "StudyLock", "masked", "open_storage", "retried_trial_number",
-           "storage_url", "study_lock"]
+__all__ = ["Heartbeat", "JOURNAL", "SQLITE_BUSY_TIMEOUT_S", "StudyLock", "is_transient", "masked",
+           "open_storage", "repair_journal", "retried_trial_number", "root_cause", "storage_url",
+           "study_lock"]
 
 JOURNAL = "journal:"
 DB_FILE, JOURNAL_FILE = "study.db", "study.journal"
 CONNECT_TIMEOUT_S = 10
+# How long SQLite waits for a lock another process holds (sqlite3's ``timeout``) before
+# "database is locked": longer than any write of a trial (a heartbeat, a commit).
+SQLITE_BUSY_TIMEOUT_S = 60.0
 # Retries of a first connection that raced another worker creating Optuna's tables.
 _CREATE_ATTEMPTS = 3
 
@@ -152,11 +180,14 @@ def with_driver(url: str) -> str:
                     "(psycopg2-binary)")
 
 
-def _rdb(url: str, heartbeat: Heartbeat | None) -> optuna.storages.RDBStorage:
+def _rdb(url: str, heartbeat: Heartbeat | None,
+         sqlite_timeout: float = SQLITE_BUSY_TIMEOUT_S) -> optuna.storages.RDBStorage:
   url = with_driver(url)
   engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
   if url.startswith(("postgresql", "mysql")):
     engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+  elif url.startswith("sqlite"):  # SQLAlchemy's pysqlite passes it to sqlite3.connect(timeout=)
+    engine_kwargs["connect_args"] = {"timeout": sqlite_timeout}
   kwargs: dict[str, Any] = {}
   if heartbeat is not None:
     kwargs = {"heartbeat_interval": heartbeat.interval, "grace_period": heartbeat.grace,
@@ -175,32 +206,325 @@ def _rdb(url: str, heartbeat: Heartbeat | None) -> optuna.storages.RDBStorage:
 
 
 def open_storage(url: str | None, heartbeat: Heartbeat | None = None,
-                 where: str = "optuna.storage") -> Any:
+                 where: str = "optuna.storage", *,
+                 sqlite_timeout: float = SQLITE_BUSY_TIMEOUT_S) -> Any:
   """Opens the storage of ``url`` (None: in memory, returned as None).
 
   File storages get their folder created. A database storage gets the
-  ``heartbeat`` (journal files have none). Nothing is written to a database
+  ``heartbeat`` (journal files have none); SQLite waits ``sqlite_timeout``
+  seconds for another process's lock. A journal's torn last line is moved
+  aside first (:func:`repair_journal`). Nothing is written to a database
   that cannot be reached or refuses the credentials.
 
   Raises:
     RecipeError: one line naming ``where``, the URL without its password and
       the driver's reason (a missing driver, an unreachable host, a refused
-      password, ...).
+      password, ...), or the file and line of a journal corrupt before its
+      last line.
   """
   if url is None:
     return None
   try:
     if url.startswith(JOURNAL):
-      from optuna.storages.journal import JournalFileBackend
-      path = journal_path(url)
-      path.parent.mkdir(parents=True, exist_ok=True)
-      return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+      return _open_journal(journal_path(url), where)
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
       pathlib.Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return _rdb(url, heartbeat)
+    return _rdb(url, heartbeat, sqlite_timeout)
+  except RecipeError:
+    raise
   except Exception as e:  # a driver missing, a host unreachable, a password refused, ...
     raise RecipeError(f"{where}: cannot open {masked(url)}: {type(e).__name__}: "
                       f"{_driver_message(e)}") from None
+
+
+# --------------------------------------------------------- journal files --
+
+
+def _journal_lock(path: pathlib.Path) -> Any:
+  """The lock of Optuna's ``JournalFileBackend`` appends to ``path`` (its default
+  ``lock_obj``: a symlink ``<path>.lock``, taken around each append)."""
+  from optuna.storages.journal import JournalFileSymlinkLock
+  return JournalFileSymlinkLock(str(path))
+
+
+@contextlib.contextmanager
+def _held(lock: Any) -> Any:
+  from optuna.storages.journal._file import get_lock_file
+  with get_lock_file(lock):
+    yield
+
+
+def _torn_tail(f: Any, size: int) -> int | None:
+  """The offset where the torn last line of the open journal ``f`` starts (None: not torn).
+
+  Torn: the file does not end with a newline, or its last line is not a JSON
+  object (what Optuna's appends write).
+  """
+  if size == 0:
+    return None
+  f.seek(size - 1)
+  ends_with_newline = f.read(1) == b"\n"
+  end = size - 1 if ends_with_newline else size  # the last line, without its newline
+  start, chunk = end, 1 << 16
+  while start > 0:  # back to the newline before the last line
+    lo = max(0, start - chunk)
+    f.seek(lo)
+    block = f.read(start - lo)
+    i = block.rfind(b"\n")
+    if i >= 0:
+      start = lo + i + 1
+      break
+    start = lo
+  if not ends_with_newline:
+    return start
+  f.seek(start)
+  return None if _is_record(f.read(end - start)) else start
+
+
+def _is_record(line: bytes) -> bool:
+  try:
+    record = json.loads(line)
+  except ValueError:  # JSONDecodeError, UnicodeDecodeError
+    return False
+  return isinstance(record, dict) and "op_code" in record
+
+
+def _torn_name(path: pathlib.Path) -> pathlib.Path:
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+  candidate, n = path.with_name(f"{path.name}.torn-{stamp}"), 1
+  while candidate.exists():
+    n += 1
+    candidate = path.with_name(f"{path.name}.torn-{stamp}-{n}")
+  return candidate
+
+
+def _cut_torn_tail(path: pathlib.Path) -> pathlib.Path | None:
+  """:func:`repair_journal`'s work; the caller holds the journal's append lock."""
+  try:
+    f = open(path, "r+b")  # pylint: disable=consider-using-with
+  except FileNotFoundError:
+    return None
+  with f:
+    size = os.fstat(f.fileno()).st_size
+    start = _torn_tail(f, size)
+    if start is None:
+      return None
+    f.seek(start)
+    torn = f.read(size - start)
+    aside = _torn_name(path)
+    try:
+      with open(aside, "xb") as out:
+        out.write(torn)
+        out.flush()
+        os.fsync(out.fileno())
+    except BaseException:
+      with contextlib.suppress(OSError):
+        aside.unlink()
+      raise
+    f.truncate(start)
+    f.flush()
+    os.fsync(f.fileno())
+  logger.warning("The journal %s ended with a torn line (%d bytes, an interrupted append); "
+                 "moved it to %s and cut the journal back to its last complete line",
+                 path, len(torn), aside)
+  return aside
+
+
+def repair_journal(path: str | os.PathLike, lock: Any = None) -> pathlib.Path | None:
+  """Moves a torn last line of the journal ``path`` aside; returns where (None: not torn).
+
+  Appends are sequential, so only the last line can be torn: a full disk or a
+  killed process left it without its newline, or (rarely) not a JSON record.
+  Its bytes go to ``<path>.torn-<UTC time>`` and ``path`` is cut back to its
+  last complete line, with a warning naming both files and the byte count.
+  The check and the cut hold ``lock`` (default: Optuna's ``JournalFileBackend``
+  lock of ``path``, the one its appends take), so the line of an append in
+  progress in another process is never taken for a torn one.
+
+  Raises:
+    OSError: the torn bytes could not be written aside (a disk still full);
+      the journal is then left as it was.
+  """
+  path = pathlib.Path(path)
+  try:
+    if path.stat().st_size == 0:
+      return None
+    with open(path, "rb") as f:  # unlocked first look: most journals are whole
+      if _torn_tail(f, os.fstat(f.fileno()).st_size) is None:
+        return None
+  except FileNotFoundError:
+    return None
+  with _held(_journal_lock(path) if lock is None else lock):
+    return _cut_torn_tail(path)
+
+
+class RepairingJournalFileBackend(JournalFileBackend):
+  """Optuna's ``JournalFileBackend`` whose appends never leave or extend a torn line.
+
+  Each append, under the backend's lock, first moves a torn last line aside
+  (another process's interrupted append: appending to it would glue the new
+  record to it and corrupt the journal for good), then writes the records as
+  Optuna does, and if that fails (a full disk) cuts its own partial line off
+  before the error propagates.
+  """
+
+  def append_logs(self, logs: list[dict[str, Any]]) -> None:
+    path = pathlib.Path(self._file_path)
+    data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs)
+            + "\n").encode("utf-8")
+    with _held(self._lock):
+      _cut_torn_tail(path)
+      fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+      try:
+        size, written = os.fstat(fd).st_size, 0
+        try:
+          while written < len(data):
+            written += os.write(fd, data[written:])
+        except BaseException:
+          with contextlib.suppress(OSError):  # freeing blocks needs no space
+            os.ftruncate(fd, size)
+          raise
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+
+
+def _bad_journal_line(path: pathlib.Path) -> tuple[int, str] | None:
+  """The first line (1-based) of ``path`` that is not a journal record, and why."""
+  with open(path, "rb") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.endswith(b"\n"):
+        return number, "it has no newline"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        return number, f"not JSON: {e.msg} at character {e.pos + 1}"
+      except ValueError as e:  # UnicodeDecodeError
+        return number, f"not JSON: {e}"
+      if not isinstance(record, dict) or "op_code" not in record:
+        return number, "it is JSON but not an Optuna journal record"
+  return None
+
+
+def _open_journal(path: pathlib.Path, where: str) -> Any:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    repair_journal(path)
+  except OSError as e:  # no room for the torn bytes: Optuna's reads skip a torn last line
+    logger.warning("The journal %s ends with a torn line that could not be moved aside (%s); "
+                   "it is left in place and moved before the next append", path, root_cause(e))
+  backend = RepairingJournalFileBackend(str(path))
+  try:
+    return optuna.storages.JournalStorage(backend)
+  except Exception as e:
+    bad = _bad_journal_line(path)
+    if bad is None:
+      raise
+    number, why = bad
+    raise RecipeError(f"{where}: the journal {path} is corrupt at line {number} ({why}) and "
+                      f"lines follow it, so it is no torn last append: restore the file from a "
+                      f"copy, or cut it off before that line to keep the trials above it") from e
+
+
+# -------------------------------------------------- storage fault causes --
+
+_SQLITE_TRANSIENT = ("locked", "busy", "full", "disk i/o error", "unable to open")
+_TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+_DRIVER_MODULES = ("psycopg2", "psycopg", "pymysql", "MySQLdb", "mysql")
+# tensorstore (orbax's writer) reports an OS error as ValueError("... [os_error_code='28']")
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+  """``e`` and its causes, outermost first: SQLAlchemy's ``.orig`` (the driver's
+  error), else ``__cause__``, else ``__context__`` unless ``raise ... from None``."""
+  chain: list[BaseException] = []
+  current: BaseException | None = e
+  while current is not None and all(current is not seen for seen in chain):
+    chain.append(current)
+    orig = getattr(current, "orig", None)
+    if isinstance(orig, BaseException) and orig is not current.__cause__:
+      current = orig
+    elif current.__cause__ is not None:
+      current = current.__cause__
+    else:
+      current = None if current.__suppress_context__ else current.__context__
+  return chain
+
+
+def _is_driver_error(e: BaseException, names: tuple[str, ...]) -> bool:
+  return any(cls.__module__.split(".")[0] in _DRIVER_MODULES and cls.__name__ in names
+             for cls in type(e).__mro__)
+
+
+def _os_error_code(e: BaseException) -> int | None:
+  if isinstance(e, OSError):
+    return e.errno
+  match = _OS_ERROR_CODE.search(str(e))
+  return int(match.group(1)) if match else None
+
+
+def _transient_one(e: BaseException) -> bool:
+  from orchard_jax.errors import StorageFault
+  if isinstance(e, StorageFault):
+    return True
+  if isinstance(e, sqlite3.Error):
+    return any(word in str(e).lower() for word in _SQLITE_TRANSIENT)
+  if _os_error_code(e) in _TRANSIENT_ERRNOS:
+    return True
+  if _is_driver_error(e, ("OperationalError", "InterfaceError")):
+    return True  # PostgreSQL / MySQL: a lost or refused connection, a lock or statement timeout
+  import sqlalchemy.exc
+  if isinstance(e, sqlalchemy.exc.DisconnectionError):
+    return True
+  if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
+    return True
+  # SQLAlchemy's OperationalError: decided by the driver's error under it where there is one
+  # (sqlite3 raises OperationalError for "no such table" too)
+  return isinstance(e, sqlalchemy.exc.OperationalError) and not isinstance(e.orig, BaseException)
+
+
+def is_transient(e: BaseException) -> bool:
+  """Whether ``e`` is a fault of the study's storage rather than of the trial's work.
+
+  True when its chain (``__cause__``, ``__context__``, SQLAlchemy's ``.orig``)
+  holds: a ``sqlite3`` error saying locked, busy, full, disk I/O error or
+  unable to open; an OS error ENOSPC, EDQUOT or EIO; a psycopg2 / psycopg /
+  MySQL driver ``OperationalError`` or ``InterfaceError`` (a lost connection);
+  SQLAlchemy's ``DisconnectionError``, an invalidated connection, or an
+  ``OperationalError`` with no driver error under it; a
+  :class:`~orchard_jax.errors.StorageFault`. Optuna's ``StorageInternalError``
+  is transient exactly when its chain holds one of these. Anything else (a
+  ``ValueError`` of a model, a bad SQL statement) is not.
+  """
+  return any(_transient_one(link) for link in _chain(e))
+
+
+def _describe(e: BaseException) -> str:
+  code = None if isinstance(e, OSError) else _os_error_code(e)
+  if code is not None:
+    return f"[Errno {code}] {os.strerror(code)}"
+  text = str(e)
+  if isinstance(e, (OSError, sqlite3.Error)) or any(
+      cls.__module__.split(".")[0] in _DRIVER_MODULES for cls in type(e).__mro__):
+    return text or type(e).__name__
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def root_cause(e: BaseException, limit: int = 300) -> str:
+  """The deepest cause of ``e``, in one line of at most ``limit`` characters.
+
+  Walks the chain of :func:`is_transient` to its end, past Optuna's
+  ``StorageInternalError`` ("An exception is raised during the commit ...")
+  and SQLAlchemy's wrapper, to the driver's or the OS's own words: a storage
+  or OS error gives its message alone ("database or disk is full",
+  "database is locked", "[Errno 28] No space left on device", psycopg2's
+  "server closed the connection unexpectedly ..."; tensorstore's
+  ``[os_error_code='28']`` reads as the OS error), anything else
+  ``"<Type>: <message>"``.
+  """
+  text = " ".join(_describe(_chain(e)[-1]).split())
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ------------------------------------------------------------ study lock --

@@ -1,0 +1,86 @@
+"""The best-state checkpoint on a really full disk (a size-limited tmpfs, filled).
+
+A trained trial must keep its value when its checkpoint cannot be written,
+the cause must be named in one line, and nothing half-written may be left.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from orchard_jax.engine import (best_state_dir, fit, initial_state, load_best, read_summary,
+                                run_trial, save_best)
+
+NO_SPACE = "No space left on device"
+
+
+@pytest.fixture
+def full_disk(tmpfs, disk_filler):
+  """A 1 MiB tmpfs filled until two pages stay free: orbax starts writing, then fails."""
+  path = tmpfs("1m")
+  disk_filler(path, leave=8192)
+  return path
+
+
+def left_in(path):
+  """What a run left on the full disk besides the filler."""
+  return sorted(p.name for p in path.iterdir() if p.name != "filler")
+
+
+def test_a_full_disk_keeps_the_trials_value_and_records_the_cause(make_cfg, study_factory,
+                                                                  full_disk, tmp_path, caplog):
+  expected = run_trial(study_factory().ask(), make_cfg(output_dir=tmp_path / "roomy"))
+  assert (best_state_dir(tmp_path / "roomy", 0) / "checkpoint").is_dir()
+
+  study = study_factory()
+  with caplog.at_level(logging.WARNING, logger="orchard_jax.engine.callbacks"):
+    value = run_trial(study.ask(), make_cfg(output_dir=full_disk))
+
+  assert value == expected
+  attrs = study.trials[0].user_attrs
+  assert "error" not in attrs and NO_SPACE in attrs["checkpoint_error"]
+  assert "\n" not in attrs["checkpoint_error"] and len(attrs["checkpoint_error"]) <= 300
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any(m.startswith(f"Trial 0: the best state could not be written to "
+                          f"{best_state_dir(full_disk, 0)}: ") and NO_SPACE in m
+             and m.endswith("; the trial keeps its value") for m in warnings), warnings
+  assert left_in(full_disk) == []  # no trial_0/, no .trial_0.tmp-*, no orbax tmp folder
+
+
+def test_a_full_disk_under_fit_keeps_the_result_without_a_checkpoint_dir(make_cfg, full_disk,
+                                                                         tmp_path, caplog):
+  expected = fit(make_cfg(output_dir=tmp_path))
+  assert expected.checkpoint_dir == best_state_dir(tmp_path)
+
+  with caplog.at_level(logging.WARNING, logger="orchard_jax.engine.callbacks"):
+    result = fit(make_cfg(output_dir=full_disk))
+
+  assert (result.best, result.best_epoch) == (expected.best, expected.best_epoch)
+  assert result.checkpoint_dir is None and result.best_state is not None
+  assert f"Fit: the best state could not be written to {best_state_dir(full_disk)}" in caplog.text
+  assert NO_SPACE in caplog.text and left_in(full_disk) == []
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_whole_and_loadable(make_cfg, tmpfs,
+                                                                         disk_filler):
+  root = tmpfs("1m")
+  directory = root / "trial_0"
+  state = initial_state(make_cfg())
+  first = {"epoch": 1, "value": 0.5, "metric": "auc"}
+  save_best(directory, state.params, state.model_state, first)
+
+  disk_filler(root, leave=0)
+  doubled = jax.tree.map(lambda p: p * 2, state.params)
+  with pytest.raises(Exception, match=NO_SPACE):
+    save_best(directory, doubled, state.model_state, {"epoch": 2, "value": 0.9, "metric": "auc"})
+
+  assert left_in(root) == ["trial_0"]  # the temporary folder is gone
+  assert sorted(p.name for p in directory.iterdir()) == ["best.json", "checkpoint"]
+  assert read_summary(directory) == first
+  (root / "filler").unlink()
+  restored = load_best(directory, initial_state(make_cfg(training={"seed": 7})))
+  jax.tree.map(np.testing.assert_array_equal, restored.params, state.params)
