@@ -281,12 +281,17 @@ def main(argv: Sequence[str] | None = None, *, freeze_imports: bool = False) -> 
     parser.print_help(sys.stderr)
     return EXIT_RECIPE
   from orchard_jax.config import ConfigError
+  from orchard_jax.errors import StorageFault
 
   try:
     return args.func(args)
   except ConfigError as e:  # RecipeError included: a bad recipe, data source or setting
     print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
     return EXIT_RECIPE
+  except StorageFault as e:  # what could not be stored is retried by the next run
+    print(f"{PROG}: error: {_one_line(e)}; what it could not store is retried by the next run "
+          f"of the same command", file=sys.stderr)
+    return EXIT_FAILED
   except KeyboardInterrupt:
     print(f"\n{PROG}: interrupted", file=sys.stderr)
     return EXIT_INTERRUPTED

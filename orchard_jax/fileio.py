@@ -16,7 +16,8 @@ import shutil
 import uuid
 from collections.abc import Iterator
 
-__all__ = ["atomic_directory", "atomic_write_text", "remove_stale_temporaries"]
+__all__ = ["atomic_directory", "atomic_write_bytes", "atomic_write_text",
+           "remove_stale_temporaries"]
 
 
 def _temporary(path: pathlib.Path) -> pathlib.Path:
@@ -35,12 +36,17 @@ def remove_stale_temporaries(path: pathlib.Path) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
   """Writes ``text`` to ``path`` through a temporary sibling and a rename (fsynced)."""
+  return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
+  """Writes ``data`` to ``path`` through a temporary sibling and a rename (fsynced)."""
   path = pathlib.Path(path)
   remove_stale_temporaries(path)
   temporary = _temporary(path)
   try:
-    with open(temporary, "w", encoding="utf-8") as f:
-      f.write(text)
+    with open(temporary, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(temporary, path)

@@ -25,6 +25,7 @@ import jax
 import optuna
 
 from orchard_jax.core.schedules import LRController
+from orchard_jax.errors import StorageFault
 from orchard_jax.core.state import TrainState
 from orchard_jax.fileio import atomic_directory
 from orchard_jax.engine.loop import Callback, EpochLog, LoopResult
@@ -33,6 +34,16 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoint"
 SUMMARY_FILE = "best.json"
+
+
+def storage_call(method: Any, *args: Any) -> Any:
+  """``method(*args)``, a call of an Optuna trial; its failure is the study storage's, not the
+  trial's: raised as :class:`~orchard_jax.errors.StorageFault`, chained to the original."""
+  try:
+    return method(*args)
+  except Exception as e:  # pylint: disable=broad-except
+    raise StorageFault(f"{getattr(method, '__name__', 'the study storage')} failed: "
+                       f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
 
 
 class OptunaReportPrune(Callback):
@@ -51,8 +62,9 @@ class OptunaReportPrune(Callback):
 
   def on_epoch_end(self, log: EpochLog, state: TrainState) -> bool:
     if not math.isnan(log.value):
-      self.trial.report(log.value, log.epoch)
-    if self.enable_pruning and log.epoch >= self.warmup_epochs and self.trial.should_prune():
+      storage_call(self.trial.report, log.value, log.epoch)
+    if (self.enable_pruning and log.epoch >= self.warmup_epochs
+        and storage_call(self.trial.should_prune)):
       logger.info("Trial %d pruned at epoch %d (%s=%.4f)", self.trial.number, log.epoch,
                   self.metric_name, log.value)
       raise optuna.TrialPruned(f"Trial {self.trial.number} pruned at epoch {log.epoch} "

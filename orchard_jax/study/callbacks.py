@@ -82,9 +82,13 @@ class FailureStreak:
   def __init__(self, limit: int = MAX_CONSECUTIVE_FAILURES):
     self.limit, self.count = limit, 0
 
-  def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+  def observe(self, trial: FrozenTrial) -> bool:
+    """Counts ``trial``; True once ``limit`` trials in a row have failed."""
     self.count = self.count + 1 if trial.state == TrialState.FAIL else 0
-    if self.count >= self.limit:
+    return self.count >= self.limit
+
+  def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+    if self.observe(trial):
       logger.error("%d consecutive trials failed (last: %s); stopping the study", self.count,
                    trial.user_attrs.get(ERROR, "see the log"))
       study.stop()

@@ -20,12 +20,16 @@ TPU chip). All workers share one study: the recipe's database URL, or, for
 checkpoints to ``<run folder>/trials``; the launcher writes the study's
 outputs once they are all done, as a single ``run`` does.
 
-A worker that dies (a crash, SIGKILL) has its running trial marked FAIL and
-its parameters enqueued again, so a live worker retries it. SIGINT and
-SIGTERM are forwarded to every worker (they run in their own sessions, so a
-terminal's Ctrl-C reaches them once, through the launcher). Exit status: 0
-with a best trial; 1 without one, or when workers died before the study was
-done; 130 after Ctrl-C; 143 after SIGTERM.
+Each launch names its workers uniquely (``cpu0.<launch>``). A worker that
+dies (a crash, SIGKILL) has its running trial marked FAIL and its
+parameters enqueued again, so a live worker (or the next run) retries it.
+SIGINT and SIGTERM are forwarded to every worker (they run in their own
+sessions, so a terminal's Ctrl-C reaches them once, through the launcher),
+and the kernel sends each worker SIGTERM if the launcher itself dies
+(``PR_SET_PDEATHSIG``): no orphans. The launcher owns the run folder as
+``run`` does. Exit status: 0 with a best trial; 1 without one; 3 when the
+study ends short of ``n_trials`` (workers died, a failure streak); 130
+after Ctrl-C; 143 after SIGTERM.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,10 +52,12 @@ from optuna.trial import TrialState
 
 from orchard_jax.study.callbacks import StopSignals
 from orchard_jax.study.checks import RecipeError
-from orchard_jax.study.outputs import RETRY_OF, write_study_outputs
-from orchard_jax.study.runner import _warn_if_changed, finished_count, open_study
-from orchard_jax.study.storage import storage_url
-from orchard_jax.study.workers import WORKER, budget_used
+from orchard_jax.study.liveness import RunFolderLock, die_with_parent, reap_dead
+from orchard_jax.study.outputs import write_study_outputs
+from orchard_jax.study.runner import _warn_if_changed, finished_count
+from orchard_jax.study.storage import storage_url, study_lock
+from orchard_jax.study.workers import (EXIT_SHORT, budget_used, join_study, new_worker,
+                                       requeue_unfinished)
 
 logger = logging.getLogger(__name__)
 
@@ -119,17 +126,15 @@ def _worker_count(requested: int | None, platform: str, available: int) -> int:
   return requested
 
 
-def reclaim(study: optuna.Study, name: str, returncode: int) -> list[int]:
-  """Fails the running trials of a worker that exited and enqueues their parameters again."""
-  numbers = []
-  for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-    if t.user_attrs.get(WORKER) == name:
-      study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-      study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number})
-      numbers.append(t.number)
-  if numbers:
-    logger.warning("Worker %s exited with status %d during trial(s) %s: marked FAIL, their "
-                   "parameters are enqueued again", name, returncode, numbers)
+def reclaim(joined: Any, lock: Any) -> list[int]:
+  """Under the study lock: fails the running trials of dead workers, enqueues their
+  parameters again (and those of interrupted trials); returns the numbers failed."""
+  lock.acquire()
+  try:
+    numbers = reap_dead(joined.study, joined.liveness)
+    requeue_unfinished(joined.study)
+  finally:
+    lock.release()
   return numbers
 
 
@@ -165,41 +170,54 @@ def launch_workers(recipe: Any, run_dir: pathlib.Path, workers: int | None,
   platform, available = probe_devices(os.environ)
   count = _worker_count(workers, platform, available)
   url = storage_url(config.storage, run_dir, several=True)
-  study = open_study(recipe, url)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  stored = study.get_trials(deepcopy=False)
-  if stored:
-    _warn_if_changed(recipe, run_dir / "recipe.yaml")
-  if budget_used(stored) >= config.n_trials and not any(
-      t.state == TrialState.WAITING for t in stored):
-    logger.info("Nothing to run: the study has %d finished trials (optuna.n_trials=%d)",
-                finished_count(stored), config.n_trials)
-    return 0 if write_study_outputs(study, recipe, run_dir, out=out) is not None else 1
-  logger.info("Starting %d worker(s), one per %s device, on study %r in %s", count, platform,
-              config.study_name, url)
-  names = [f"{platform}{i}" for i in range(count)]
-  procs = [subprocess.Popen(_command(recipe_args, url, run_dir, name, debug),
-                            env=device_env(os.environ, i, platform), start_new_session=True)
-           for i, name in enumerate(names)]
-  codes: dict[str, int] = {}
-  with _Forward(procs) as forward:
-    while len(codes) < len(procs):
-      time.sleep(0.2)
-      for name, proc in zip(names, procs):
-        if name not in codes and proc.poll() is not None:
-          codes[name] = proc.returncode
-          reclaim(study, name, proc.returncode)
-  best = write_study_outputs(study, recipe, run_dir, out=out)
-  finished = finished_count(study.get_trials(deepcopy=False))
-  if forward.signum is not None:
-    cause = "SIGTERM" if forward.signum == signal.SIGTERM else "Ctrl-C"
-    print(f"\nStopped by {cause} after {finished}/{config.n_trials} trials; run the same "
-          f"command to continue.", file=out)
-    return 128 + forward.signum
-  failed = {name: code for name, code in codes.items() if code not in (0, 1)}
-  if failed and finished < config.n_trials:
-    print(f"\nWorker(s) exited abnormally ({', '.join(f'{n}: {c}' for n, c in failed.items())}) "
-          f"after {finished}/{config.n_trials} trials; run the same command to continue.",
-          file=out)
-    return 1
-  return 0 if best is not None else 1
+  joined = join_study(recipe, url, None, "optuna.storage", join=False)
+  study = joined.study
+  with RunFolderLock(run_dir):
+    lock = study_lock(joined.storage, url, config.study_name)
+    stored = study.get_trials(deepcopy=False)
+    if stored:
+      _warn_if_changed(recipe, run_dir / "recipe.yaml")
+      reclaim(joined, lock)  # what a killed launch left RUNNING is retried, not counted
+      stored = study.get_trials(deepcopy=False)
+    before = len(stored)
+    if budget_used(stored) >= config.n_trials and not any(
+        t.state == TrialState.WAITING for t in stored):
+      logger.info("Nothing to run: the study has %d finished trials (optuna.n_trials=%d)",
+                  finished_count(stored), config.n_trials)
+      return 0 if write_study_outputs(study, recipe, run_dir, out=out,
+                                      recipe_ran=False) is not None else 1
+    launch = uuid.uuid4().hex[:6]
+    logger.info("Starting %d worker(s), one per %s device, on study %r in %s (launch %s)", count,
+                platform, config.study_name, url, launch)
+    names = [f"{platform}{i}.{launch}" for i in range(count)]
+    procs = [subprocess.Popen(_command(recipe_args, url, run_dir, name, debug),
+                              env=device_env(os.environ, i, platform), start_new_session=True,
+                              preexec_fn=die_with_parent)
+             for i, name in enumerate(names)]
+    codes: dict[str, int] = {}
+    with _Forward(procs) as forward:
+      while len(codes) < len(procs):
+        time.sleep(0.2)
+        for name, proc in zip(names, procs):
+          if name not in codes and proc.poll() is not None:
+            codes[name] = proc.returncode
+            lost = reclaim(joined, lock)
+            if lost:
+              logger.warning("Worker %s exited with status %d during trial(s) %s: marked FAIL, "
+                             "their parameters are enqueued again", name, proc.returncode, lost)
+    trials = study.get_trials(deepcopy=False)
+    best = write_study_outputs(study, recipe, run_dir, out=out, recipe_ran=len(trials) > before)
+    finished = finished_count(trials)
+    if forward.signum is not None:
+      cause = "SIGTERM" if forward.signum == signal.SIGTERM else "Ctrl-C"
+      print(f"\nStopped by {cause} after {finished}/{config.n_trials} trials; run the same "
+            f"command to continue.", file=out)
+      return 128 + forward.signum
+    if finished < config.n_trials and not new_worker(joined, recipe).early_stopped(trials):
+      failed = {name: code for name, code in codes.items() if code not in (0, 1)}
+      why = (f"worker(s) exited abnormally: {', '.join(f'{n}: {c}' for n, c in failed.items())}"
+             if failed else "the workers stopped early")
+      print(f"\nThe study is short of optuna.n_trials: {finished}/{config.n_trials} trials "
+            f"finished ({why}); run the same command to continue.", file=out)
+      return EXIT_SHORT
+    return 0 if best is not None else 1

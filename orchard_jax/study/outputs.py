@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -31,10 +32,16 @@ from typing import Any
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from orchard_jax.fileio import atomic_directory, atomic_write_bytes, atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 # Trial user attributes written by the runner.
 HISTORY, ERROR, INTERRUPTED, RETRY_OF = "history", "error", "interrupted", "retry_of"
+CONFIG = "config"                      # the resolved recipe the trial trained with
+STORAGE_FAULT = "storage_fault"        # the storage's error that stopped the trial (retried)
+LOST = "lost"                          # the process running the trial died (retried)
+CHECKPOINT_ERROR = "checkpoint_error"  # why the trial's best state could not be written
 TOP_K = 5
 
 
@@ -76,24 +83,49 @@ def format_table(trials: Sequence[FrozenTrial], metric: str, direction: str, k: 
   return "\n".join(lines)
 
 
+def retry_source(trial: FrozenTrial) -> int | None:
+  """The trial ``trial`` retries: ``retry_of`` (interrupted, lost or storage-faulted trials)
+  or Optuna's heartbeat retry (system attribute ``failed_trial``); None for a new one."""
+  number = trial.user_attrs.get(RETRY_OF)
+  return trial.system_attrs.get("failed_trial") if number is None else number
+
+
+def trial_error(trial: FrozenTrial) -> str:
+  """Why a trial did not finish: its error, ``interrupted``, ``lost: ...``, ``storage: ...``."""
+  if trial.user_attrs.get(ERROR):
+    return trial.user_attrs[ERROR]
+  if trial.user_attrs.get(INTERRUPTED):
+    return "interrupted"
+  if trial.user_attrs.get(LOST):
+    return f"lost: {trial.user_attrs[LOST]}"
+  if trial.user_attrs.get(STORAGE_FAULT):
+    return f"storage: {trial.user_attrs[STORAGE_FAULT]}"
+  return ""
+
+
 def write_trials_csv(trials: Sequence[FrozenTrial], path: pathlib.Path) -> pathlib.Path:
   names = sorted({name for t in trials for name in t.params})
   columns = ["number", "state", "value", "epochs", "seconds", "datetime_start",
-             "datetime_complete", *(f"params_{n}" for n in names), "retry_of", "error"]
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(columns)
-    for t in sorted(trials, key=lambda t: t.number):
-      error = t.user_attrs.get(ERROR) or ("interrupted" if t.user_attrs.get(INTERRUPTED) else "")
-      writer.writerow([t.number, t.state.name, "" if t.value is None else t.value,
-                       t.last_step or 0, _seconds(t) or "", t.datetime_start or "",
-                       t.datetime_complete or "", *(t.params.get(n, "") for n in names),
-                       t.user_attrs.get(RETRY_OF, ""), error])
+             "datetime_complete", *(f"params_{n}" for n in names), "retry_of", "error",
+             "checkpoint_error"]
+  buffer = io.StringIO()
+  writer = csv.writer(buffer)
+  writer.writerow(columns)
+  for t in sorted(trials, key=lambda t: t.number):
+    retry = retry_source(t)
+    writer.writerow([t.number, t.state.name, "" if t.value is None else t.value,
+                     t.last_step or 0, _seconds(t) or "", t.datetime_start or "",
+                     t.datetime_complete or "", *(t.params.get(n, "") for n in names),
+                     "" if retry is None else retry, trial_error(t),
+                     t.user_attrs.get(CHECKPOINT_ERROR, "")])
+  atomic_write_text(path, buffer.getvalue())
   return path
 
 
-def best_config_dict(recipe: Any, trial: FrozenTrial, run_dir: pathlib.Path) -> dict[str, Any]:
-  """The recipe that retrains ``trial``: its parameters, ``training.epochs``, no optuna."""
+def resolved_config(recipe: Any, params: dict[str, Any]) -> dict[str, Any]:
+  """The recipe a trial with ``params`` trains: data paths absolute, the trial's architecture
+  and training values; no ``optuna`` or ``telemetry`` section. Stored with each trial
+  (user attribute ``config``) as it starts."""
   from orchard_jax.study.build import architecture_for
   from orchard_jax.study.space import apply_params
 
@@ -104,11 +136,25 @@ def best_config_dict(recipe: Any, trial: FrozenTrial, run_dir: pathlib.Path) -> 
     target, _, attr = dataset.function.rpartition(":")
     if target.endswith(".py") or "/" in target:
       dataset = dataclasses.replace(dataset, function=f"{os.path.abspath(target)}:{attr}")
+  trial = dataclasses.replace(recipe, dataset=dataset, study=None,
+                              architecture=architecture_for(recipe, params),
+                              training=apply_params(recipe.training, params))
+  data = trial.to_dict()
+  data.pop("telemetry", None)
+  return yaml.safe_load(yaml.safe_dump(data))  # plain, JSON-ready values
+
+
+def best_config_dict(recipe: Any, trial: FrozenTrial, run_dir: pathlib.Path) -> dict[str, Any]:
+  """The recipe that retrains ``trial``: the configuration stored with it (parameters,
+  data, architecture, ``training.epochs``), no optuna; the run's telemetry, writing to
+  ``run_dir/retrain``."""
+  config = trial.user_attrs.get(CONFIG)
+  if config is None:  # a trial stored before configurations were
+    logger.warning("Trial %d has no stored configuration; best_config.yaml is rebuilt from the "
+                   "current recipe and the trial's parameters", trial.number)
+    config = resolved_config(recipe, trial.params)
   telemetry = dataclasses.replace(recipe.telemetry, output_dir=str((run_dir / "retrain").absolute()))
-  best = dataclasses.replace(recipe, dataset=dataset, study=None, telemetry=telemetry,
-                             architecture=architecture_for(recipe, trial.params),
-                             training=apply_params(recipe.training, trial.params))
-  return best.to_dict()
+  return {**config, "telemetry": dataclasses.asdict(telemetry)}
 
 
 def write_best_config(recipe: Any, trial: FrozenTrial, run_dir: pathlib.Path) -> pathlib.Path:
@@ -120,12 +166,13 @@ def write_best_config(recipe: Any, trial: FrozenTrial, run_dir: pathlib.Path) ->
             f"# with the best trial's hyperparameters, reporting validation and test metrics:\n"
             f"#   orchard-jax run {path}\n")
   body = yaml.safe_dump(best_config_dict(recipe, trial, run_dir), sort_keys=False)
-  path.write_text(header + body)
+  atomic_write_text(path, header + body)
   return path
 
 
 def export_best_model(run_dir: pathlib.Path, trial: FrozenTrial) -> pathlib.Path | None:
-  """Copies ``trials/trial_<n>`` to ``best_model/``; None if it was not written."""
+  """Copies ``trials/trial_<n>`` to ``best_model/`` (whole or not at all); None if the trial's
+  checkpoint was not written."""
   source, dest = run_dir / "trials" / f"trial_{trial.number}", run_dir / "best_model"
   if not (source / "checkpoint").is_dir():
     if not (dest / "trial.json").is_file() or json.loads(
@@ -133,11 +180,18 @@ def export_best_model(run_dir: pathlib.Path, trial: FrozenTrial) -> pathlib.Path
       logger.warning("No checkpoint of trial %d in %s; best_model/ not written", trial.number, source)
       return None
     return dest
-  shutil.rmtree(dest, ignore_errors=True)
-  shutil.copytree(source, dest)
-  (dest / "trial.json").write_text(json.dumps(
-      {"number": trial.number, "value": trial.value, "params": trial.params}, indent=2) + "\n")
+  with atomic_directory(dest) as folder:
+    shutil.copytree(source, folder, dirs_exist_ok=True)
+    (folder / "trial.json").write_text(json.dumps(
+        {"number": trial.number, "value": trial.value, "params": trial.params}, indent=2) + "\n")
   return dest
+
+
+def _save_figure(fig: Any, path: pathlib.Path, **kwargs: Any) -> None:
+  """``fig.savefig`` as a PNG that appears whole or not at all."""
+  image = io.BytesIO()
+  fig.savefig(image, format="png", dpi=110, **kwargs)
+  atomic_write_bytes(path, image.getvalue())
 
 
 def plot_history(epochs: Sequence[dict[str, float]], path: pathlib.Path, metric: str,
@@ -162,7 +216,7 @@ def plot_history(epochs: Sequence[dict[str, float]], path: pathlib.Path, metric:
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save_figure(fig, path)
   plt.close(fig)
   return path
 
@@ -214,7 +268,7 @@ def save_study_plots(study: Any, plots_dir: pathlib.Path, metric: str,
         warnings.simplefilter("ignore")
         ax = plot()
       fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-      fig.savefig(plots_dir / f"{name}.png", dpi=110, bbox_inches="tight")
+      _save_figure(fig, plots_dir / f"{name}.png", bbox_inches="tight")
       plt.close(fig)
       written.append(plots_dir / f"{name}.png")
     except Exception as e:  # a plot must never cost the study's other outputs
@@ -227,22 +281,44 @@ def save_study_plots(study: Any, plots_dir: pathlib.Path, metric: str,
   return written
 
 
-def write_study_outputs(study: Any, recipe: Any, run_dir: pathlib.Path,
-                        out: Any) -> FrozenTrial | None:
-  """Writes every output of the study, prints the summary and table; returns the best trial."""
+def _written(what: str, write: Any, failed: list[str]) -> Any:
+  """``write()``; an OSError is logged and listed in ``failed`` (the study in storage is
+  the truth, and the same command writes the outputs again)."""
+  try:
+    return write()
+  except OSError as e:
+    logger.warning("Could not write %s: %s", what, " ".join(str(e).split())[:300])
+    failed.append(what)
+    return None
+
+
+def write_study_outputs(study: Any, recipe: Any, run_dir: pathlib.Path, out: Any, *,
+                        recipe_ran: bool = True) -> FrozenTrial | None:
+  """Writes every output of the study, prints the summary and table; returns the best trial.
+
+  Each file appears whole or not at all. ``recipe.yaml`` is rewritten only when
+  ``recipe_ran`` (trials ran with this recipe); ``best_config.yaml`` comes from
+  the best trial's own stored configuration. A write that fails (a full disk)
+  is logged and named in the summary; it never touches the stored trials.
+  """
   training, spec = recipe.training, recipe.study
   trials = study.get_trials(deepcopy=False)
   best = best_trial(trials, training.monitor_direction)
-  write_trials_csv(trials, run_dir / "trials.csv")
-  (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-  written = [run_dir / "trials.csv", run_dir / "recipe.yaml"]
+  failed: list[str] = []
+  written = [_written("trials.csv", lambda: write_trials_csv(trials, run_dir / "trials.csv"),
+                      failed)]
+  if recipe_ran or not (run_dir / "recipe.yaml").exists():
+    written.append(_written("recipe.yaml", lambda: atomic_write_text(
+        run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False)), failed))
   if best is not None:
     if spec.save_best_config:
-      written.append(write_best_config(recipe, best, run_dir))
-    model = export_best_model(run_dir, best)
-    written += [model] if model else []
+      written.append(_written("best_config.yaml", lambda: write_best_config(recipe, best, run_dir),
+                              failed))
+    written.append(_written("best_model/", lambda: export_best_model(run_dir, best), failed))
   if spec.save_plots:
-    written += save_study_plots(study, run_dir / "plots", training.monitor_metric, best)
+    written += _written("plots/", lambda: save_study_plots(
+        study, run_dir / "plots", training.monitor_metric, best), failed) or []
+  written = [p for p in written if p]
   counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,
                                                            TrialState.FAIL)}
   print(f"\nStudy {spec.config.study_name!r}: {len(trials)} trials, "
@@ -257,6 +333,9 @@ def write_study_outputs(study: Any, recipe: Any, run_dir: pathlib.Path,
           file=out)
   print(f"Outputs in {run_dir}: " + ", ".join(
       os.path.relpath(p, run_dir) for p in written), file=out)
-  if best is not None and spec.save_best_config:
+  if failed:
+    print(f"Not written (see the log): {', '.join(failed)}; the trials are stored, and the same "
+          f"command writes them again.", file=out)
+  if best is not None and spec.save_best_config and "best_config.yaml" not in failed:
     print(f"Retrain the best trial: orchard-jax run {run_dir / 'best_config.yaml'}", file=out)
   return best

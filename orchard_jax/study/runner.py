@@ -1,8 +1,9 @@
 """Runs a recipe's study: sampler, pruner, storage, resume, Ctrl-C, study callbacks.
 
 * **Sampler**: ``tpe``/``cmaes``/``random``, seeded with ``training.seed``
-  plus the number of trials already stored, so a resumed study does not
-  replay the parameters it started with.
+  plus the number of trials stored when each trial is asked, so a resumed
+  study does not replay the parameters it started with, and two processes
+  never draw alike.
 * **Pruner**: ``median`` and ``percentile`` (25th) with
   ``optuna.pruner_startup_trials`` unpruned trials (Optuna's default 5),
   ``hyperband`` with Optuna's defaults; ``NopPruner`` without pruning. The
@@ -11,11 +12,14 @@
   ``study.journal``); ``'memory'`` keeps nothing; any other value is a
   storage URL (see :mod:`orchard_jax.study.storage`). A database that cannot
   be opened stops the run before anything is written.
-* **Budget and resume**: ``n_trials`` is the study's total. A run counts the
-  finished trials already stored (complete, pruned, and failed ones that were
-  neither interrupted nor retried) and runs the rest, so the same command
-  continues an interrupted study. Several workers share the budget through
-  :mod:`orchard_jax.study.workers`.
+* **One mechanism**: ``run`` takes its trials exactly as every worker does
+  (:mod:`orchard_jax.study.workers`): under the study lock, counting the
+  budget, failing the trials of dead processes and retrying their
+  parameters. ``n_trials`` is the study's total, so the same command
+  continues an interrupted or crashed study. A second ``run`` on a run folder
+  that another ``run`` owns refuses in one line that names it
+  (:class:`~orchard_jax.study.liveness.RunFolderLock`); ``orchard-jax
+  worker`` joins a running study instead.
 * **Ctrl-C and SIGTERM**: the first SIGINT lets the running trial finish,
   then stops the study; a second one, or a SIGTERM, stops at once. Either way
   the outputs of what finished are written and the exit status is 130 (143
@@ -27,13 +31,14 @@
   reference: auc 0.9999, accuracy 0.995, f1 0.98, loss 0.01), and after
   three failed trials in a row. Only the current best trial's checkpoint is
   kept (see :mod:`orchard_jax.study.callbacks`).
+* **Exit status**: 0 done with a best trial; 1 no trial completed; 3 the
+  study ended short of ``n_trials`` (said on stdout); 130/143 after a signal.
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,24 +49,30 @@ from optuna.trial import FrozenTrial, TrialState
 
 from orchard_jax.study.ahead import CompileAhead
 from orchard_jax.study.build import History, architecture_for, model_for, trial_config
-from orchard_jax.study.callbacks import (FailureStreak, GracefulInterrupt, KeepBestCheckpoint,
-                                         Progress, StudyEarlyStopping, threshold_for)
+from orchard_jax.study.callbacks import GracefulInterrupt, KeepBestCheckpoint, Progress
 from orchard_jax.study.checks import RecipeError
-from orchard_jax.study.outputs import (ERROR, HISTORY, INTERRUPTED, RETRY_OF, import_ahead,
-                                      write_study_outputs)
+from orchard_jax.study.liveness import RunFolderLock
+from orchard_jax.study.outputs import (CONFIG, ERROR, HISTORY, INTERRUPTED, import_ahead,
+                                      resolved_config, write_study_outputs)
 from orchard_jax.study.space import build_space
-from orchard_jax.study.storage import masked, open_storage, storage_url
+from orchard_jax.study.storage import Heartbeat, masked, open_storage, storage_url
+from orchard_jax.study.workers import (drive, exit_status, finished_count, join_study, new_worker,
+                                       requeue_unfinished, retried_numbers)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_pruner", "build_sampler", "finished_count", "open_study", "requeue_interrupted",
+__all__ = ["build_pruner", "build_sampler", "finished_count", "open_study", "requeue_unfinished",
            "retried_numbers", "run_study", "storage_url"]
 
 EXIT_INTERRUPTED = 130
 
 
 def build_sampler(kind: str, seed: int, parallel: bool = False) -> optuna.samplers.BaseSampler:
-  """The sampler; ``parallel`` (several workers) makes TPE count running trials (constant liar)."""
+  """The sampler; ``parallel`` (several workers) makes TPE count running trials (constant liar).
+
+  ``seed`` is taken modulo 2**32 (a recipe's seed plus a trial count may pass it).
+  """
+  seed %= 2**32
   if kind == "tpe":
     return optuna.samplers.TPESampler(seed=seed, constant_liar=parallel)
   samplers = {"random": optuna.samplers.RandomSampler, "cmaes": optuna.samplers.CmaEsSampler}
@@ -76,34 +87,6 @@ def build_pruner(config: Any, startup_trials: int) -> optuna.pruners.BasePruner:
   if config.pruner_type == "percentile":
     return optuna.pruners.PercentilePruner(25.0, n_startup_trials=startup_trials)
   return optuna.pruners.HyperbandPruner()
-
-
-def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
-  """Numbers of the trials another trial retries: ``retry_of`` (interrupted or lost with their
-  worker) or Optuna's heartbeat ``retry_history``."""
-  numbers = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
-  return numbers.union(*(t.system_attrs.get("retry_history", ()) for t in trials))
-
-
-def finished_count(trials: Sequence[FrozenTrial]) -> int:
-  """Trials that used the budget: complete, pruned, and failed but neither interrupted nor
-  retried."""
-  retried = retried_numbers(trials)
-  return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
-      t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED)
-      and t.number not in retried) for t in trials)
-
-
-def requeue_interrupted(study: optuna.Study) -> list[int]:
-  """Enqueues the parameters of interrupted trials not yet retried; returns their numbers."""
-  trials = study.get_trials(deepcopy=False)
-  retried = {t.user_attrs.get(RETRY_OF) for t in trials}
-  numbers = [t.number for t in trials if t.state == TrialState.FAIL
-             and t.user_attrs.get(INTERRUPTED) and t.number not in retried]
-  for t in trials:
-    if t.number in numbers:
-      study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number})
-  return numbers
 
 
 def open_study(recipe: Any, url: str | None, storage: Any = None, *, join: bool = False,
@@ -166,9 +149,8 @@ def _warn_if_changed(recipe: Any, previous: pathlib.Path) -> None:
 
 
 def _objective(recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path,
-               interrupt: GracefulInterrupt | None = None,
-               on_start: Callable[[optuna.Trial], None] | None = None):
-  """The study's objective; ``on_start(trial)`` runs first (a worker releases its lock there)."""
+               interrupt: GracefulInterrupt | None = None):
+  """The study's objective: samples, stores the trial's resolved configuration, trains."""
   from orchard_jax.engine import run_trial
 
   def objective(trial: optuna.Trial) -> float:
@@ -178,9 +160,8 @@ def _objective(recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path,
         interrupt.in_trial = True
         if interrupt.immediate:  # a SIGTERM came while the trial was being created
           raise KeyboardInterrupt
-      if on_start is not None:
-        on_start(trial)
       params = space.sample(trial, recipe.training)
+      trial.set_user_attr(CONFIG, resolved_config(recipe, params))
       cfg = trial_config(recipe, source, params, output_dir=trials_dir, history=history)
       return run_trial(trial, cfg)
     except optuna.TrialPruned:
@@ -189,8 +170,9 @@ def _objective(recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path,
       trial.set_user_attr(INTERRUPTED, True)
       raise
     except Exception as e:
-      if ERROR not in trial.user_attrs:
-        trial.set_user_attr(ERROR, f"{type(e).__name__}: {' '.join(str(e).split())}")
+      from orchard_jax.study.storage import is_transient
+      if ERROR not in trial.user_attrs and not is_transient(e):
+        trial.set_user_attr(ERROR, f"{type(e).__name__}: {' '.join(str(e).split())[:500]}")
       raise
     finally:
       if interrupt is not None:
@@ -203,7 +185,12 @@ def _objective(recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path,
 def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None) -> int:
   """Runs (or resumes) the recipe's study and writes its outputs; returns the exit status.
 
-  0: done with a best trial; 1: no trial completed; 130: stopped by Ctrl-C; 143: by SIGTERM.
+  0: done with a best trial; 1: no trial completed; 3: short of ``n_trials``;
+  130: stopped by Ctrl-C; 143: by SIGTERM.
+
+  Raises:
+    RecipeError: the storage cannot be opened, the study is of the other
+      direction, or another ``run`` owns ``run_dir``.
   """
   from tqdm.auto import tqdm
   from tqdm.contrib.logging import logging_redirect_tqdm
@@ -216,57 +203,59 @@ def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None) 
   url = storage_url(config.storage, run_dir)
   # The first trial's programs compile while the study opens; every way out waits for them.
   with CompileAhead(recipe, source, space) as ahead:
-    study = open_study(recipe, url)  # a storage that cannot be opened stops before any write
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stored = study.get_trials(deepcopy=False)
-    if stored:
-      _warn_if_changed(recipe, run_dir / "recipe.yaml")
-    retried = requeue_interrupted(study)
-    done = finished_count(stored)
-    if stored:
-      logger.info("Resuming study %r: %d finished trial(s) stored%s", config.study_name, done,
-                  f"; retrying interrupted trial(s) {retried}" if retried else "")
-    threshold = threshold_for(training.monitor_metric, training.monitor_direction,
-                              config.early_stopping_threshold)
-    early = None
-    if config.enable_early_stopping and threshold is not None:
-      early = StudyEarlyStopping(threshold, training.monitor_direction,
-                                 config.early_stopping_patience).count_from(stored)
-    interrupted, status = False, EXIT_INTERRUPTED
-    if done >= config.n_trials:
-      logger.info("Nothing to run: the study has %d finished trials (optuna.n_trials=%d)", done,
-                  config.n_trials)
-    elif early is not None and early.reached:
-      logger.info("Nothing to run: the study stopped early (%d consecutive trials reached %s)",
-                  early.count, threshold)
-    else:
+    # A storage that cannot be opened stops before any write.
+    joined = join_study(recipe, url, Heartbeat(), "optuna.storage", join=False)
+    study = joined.study
+    with RunFolderLock(run_dir):
+      stored = study.get_trials(deepcopy=False)
+      if stored:
+        _warn_if_changed(recipe, run_dir / "recipe.yaml")
+        logger.info("Resuming study %r: %d/%d finished trials stored", config.study_name,
+                    finished_count(stored), config.n_trials)
       trials_dir = run_dir / "trials"
-      bar = tqdm(total=config.n_trials, initial=done, desc=config.study_name, unit="trial",
-                 disable=None if recipe.study.show_progress_bar else True, dynamic_ncols=True)
+      done = finished_count(stored)
+      bar = tqdm(total=config.n_trials, initial=min(done, config.n_trials), desc=config.study_name,
+                 unit="trial", disable=None if recipe.study.show_progress_bar else True,
+                 dynamic_ncols=True)
       callbacks = [Progress(bar, training.monitor_metric, training.monitor_direction),
-                   KeepBestCheckpoint(trials_dir, training.monitor_direction), FailureStreak()]
-      callbacks += [early] if early is not None else []
+                   KeepBestCheckpoint(trials_dir, training.monitor_direction)]
       if ahead.started:
         import_ahead(recipe)  # overlaps the compile too
       ahead.wait()
+      worker = new_worker(joined, recipe)
       handler = GracefulInterrupt(study)
       try:
         with handler, bar, logging_redirect_tqdm(loggers=[logging.getLogger("orchard_jax")]):
           if not handler.requested:
-            study.optimize(_objective(recipe, source, space, trials_dir, handler),
-                           n_trials=config.n_trials - done, timeout=config.timeout,
-                           n_jobs=config.n_jobs, catch=(Exception,), callbacks=callbacks,
-                           gc_after_trial=False)
+            objective = _objective(recipe, source, space, trials_dir, handler)
+            _drive_jobs(joined, worker, objective, callbacks, handler, config.n_jobs)
       except KeyboardInterrupt:
-        interrupted = True
-      interrupted = interrupted or handler.requested
-      status = handler.exit_status
-    best = write_study_outputs(study, recipe, run_dir, out=out)
-    if interrupted:
-      finished = finished_count(study.get_trials(deepcopy=False))
-      then = ("run the same command to continue" if url is not None
-              else "the in-memory study cannot be resumed")
-      cause = "SIGTERM" if status == 128 + signal.SIGTERM else "Ctrl-C"
-      print(f"\nStopped by {cause} after {finished}/{config.n_trials} trials; {then}.", file=out)
-      return status
-    return 0 if best is not None else 1
+        handler.requested = True
+      if worker.ran == 0 and not handler.requested:
+        logger.info("Nothing to run: the study has %d finished trials (optuna.n_trials=%d)%s",
+                    finished_count(study.get_trials(deepcopy=False)), config.n_trials,
+                    f"; {worker.stopped_by}" if worker.stopped_by else "")
+      best = write_study_outputs(study, recipe, run_dir, out=out, recipe_ran=worker.ran > 0)
+      return exit_status(study, recipe, best, worker, handler, out, resume_hint=url is not None)
+
+
+def _drive_jobs(joined: Any, worker: Any, objective: Any, callbacks: Any,
+                interrupt: GracefulInterrupt, n_jobs: int) -> None:
+  """Runs the study's loop in ``n_jobs`` threads (``optuna.n_jobs``), each taking trials
+  under the study lock as any other process does."""
+  if n_jobs <= 1:
+    drive(joined, worker, objective, callbacks, interrupt, "run")
+    return
+  import concurrent.futures
+  others = [new_worker(joined, worker.recipe) for _ in range(n_jobs - 1)]
+  with concurrent.futures.ThreadPoolExecutor(n_jobs - 1) as pool:
+    futures = [pool.submit(drive, joined, w, objective, callbacks, interrupt, f"run.{i + 1}")
+               for i, w in enumerate(others)]
+    try:
+      drive(joined, worker, objective, callbacks, interrupt, "run.0")
+    finally:
+      for future in futures:
+        future.result()
+  worker.ran += sum(w.ran for w in others)
+  worker.stopped_by = worker.stopped_by or next((w.stopped_by for w in others if w.stopped_by),
+                                                None)

@@ -1,64 +1,110 @@
-"""A worker: one of several processes, on one or many machines, that share a study.
+"""The one way a process runs a study's trials: ``run``, each ``run --workers`` worker, ``worker``.
 
-Every worker runs the same loop against the shared storage. Holding the
+Every process runs the same loop against the shared storage. Holding the
 study lock (:func:`~orchard_jax.study.storage.study_lock`) it
 
-1. fails the trials whose heartbeat went stale (their workers died) and lets
-   Optuna's retry callback enqueue their parameters again;
-2. enqueues, once, the parameters of interrupted trials (stopped by SIGTERM
-   or a second Ctrl-C, in any worker);
+1. fails the trials whose process died -- on a file storage, by the lock
+   each live process holds (:mod:`orchard_jax.study.liveness`); on a
+   database server, by Optuna's heartbeat -- and enqueues their parameters
+   again;
+2. enqueues, once, the parameters of trials stopped by SIGTERM, a second
+   Ctrl-C or a storage fault (in any process);
 3. counts the budget: finished trials that used it (complete, pruned, failed
    and not retried), plus running and waiting ones;
-4. starts the next trial (a waiting one first) if the budget allows, and
-   releases the lock as soon as that trial exists.
+4. if the budget allows, asks for the next trial (a waiting retry first,
+   with a sampler seeded by the trial's number, so that no two processes
+   draw alike), tags it with this process's unique worker id, and releases
+   the lock.
 
-So the workers together run exactly ``optuna.n_trials`` trials (retries of
-lost or interrupted trials take the place of the trial they repeat), none
-twice. A worker whose budget is spent waits while trials of other workers
-still run on a storage with a heartbeat (one of them may die and need a
-retry), then stops. It also stops on study early stopping, after three
-failed trials of its own in a row, and after ``optuna.timeout`` seconds.
+So any mix of processes together runs exactly ``optuna.n_trials`` trials;
+a retry takes the place of the trial it repeats. A process whose budget is
+spent waits while other live processes' trials still run (one may die and
+need a retry), then stops. It also stops on study early stopping, after
+three failed trials in a row, and after ``optuna.timeout`` seconds.
+
+A trial's value is stored with retries: a storage that is locked or full
+(:func:`~orchard_jax.study.storage.is_transient`) is tried again for
+:data:`STORE_PATIENCE_S` seconds before the process gives up with the root
+cause in one line. The trial then stays RUNNING under a process that is
+gone, so the next process retries it: a storage fault never uses budget.
 
 Signals: Ctrl-C as in :func:`~orchard_jax.study.runner.run_study`; SIGTERM
 stops at once, storing the running trial as FAIL with ``interrupted`` (a
-live worker retries it). Exit status: 0 when the study is done with a best
-trial, 1 without one (or after a failure streak), 130 after Ctrl-C, 143
-after SIGTERM.
+live process retries it). Exit status (:func:`exit_status`): 0 when the
+study is done with a best trial, 1 without one, 3 when the study ends short
+of ``n_trials`` (a failure streak, the timeout, dead workers), 130 after
+Ctrl-C, 143 after SIGTERM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
+import signal
 import socket
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from orchard_jax.errors import StorageFault
 from orchard_jax.study.callbacks import (FailureStreak, GracefulInterrupt, KeepBestCheckpoint,
                                          Progress, StudyEarlyStopping, threshold_for)
-from orchard_jax.study.outputs import best_trial, write_study_outputs
-from orchard_jax.study.runner import (_objective, build_sampler, finished_count, open_study,
-                                      requeue_interrupted)
-from orchard_jax.study.space import build_space
-from orchard_jax.study.storage import Heartbeat, StudyLock, open_storage, study_lock
+from orchard_jax.study.liveness import (WORKER_ID, Liveness, new_worker_id, reap_dead,
+                                        retry_trial)
+from orchard_jax.study.outputs import (ERROR, INTERRUPTED, RETRY_OF, STORAGE_FAULT, best_trial,
+                                       write_study_outputs)
+from orchard_jax.study.storage import (Heartbeat, JOURNAL, StudyLock, journal_path, open_storage,
+                                       study_lock)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WORKER", "Joined", "budget_used", "default_name", "join_study", "run_worker"]
+__all__ = ["EXIT_SHORT", "WORKER", "Joined", "budget_used", "default_name", "drive",
+           "exit_status", "finished_count", "join_study", "new_worker", "requeue_unfinished",
+           "retried_numbers", "run_worker"]
 
-WORKER = "worker"  # trial user attribute: the name of the worker that ran it
+WORKER = "worker"  # trial user attribute: the name of the process that ran it
 POLL_S = 1.0
+# How long a locked or full storage is retried before the process gives up (its trial is then
+# retried by the next run); ORCHARD_JAX_STORE_PATIENCE_S sets it for the command.
+STORE_PATIENCE_S = 120.0
+EXIT_SHORT = 3
 
 
 def default_name() -> str:
   return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# ------------------------------------------------------------------ budget --
+
+
+def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+  """Numbers of the trials another trial retries: ``retry_of`` (interrupted, lost with their
+  process, or stopped by a storage fault) or Optuna's heartbeat ``retry_history``."""
+  numbers = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
+  return numbers.union(*(t.system_attrs.get("retry_history", ()) for t in trials))
+
+
+def _unfinished(trial: FrozenTrial) -> bool:
+  """A failure that says nothing of its parameters: interrupted, or a storage fault."""
+  return trial.state == TrialState.FAIL and bool(
+      trial.user_attrs.get(INTERRUPTED) or trial.user_attrs.get(STORAGE_FAULT))
+
+
+def finished_count(trials: Sequence[FrozenTrial]) -> int:
+  """Trials that used the budget: complete, pruned, and failed for their own reasons (not
+  interrupted, lost or stopped by a storage fault) and not retried."""
+  retried = retried_numbers(trials)
+  return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+      t.state == TrialState.FAIL and not _unfinished(t) and t.number not in retried)
+      for t in trials)
 
 
 def budget_used(trials: Sequence[FrozenTrial]) -> int:
@@ -67,11 +113,133 @@ def budget_used(trials: Sequence[FrozenTrial]) -> int:
   return finished_count(trials) + pending
 
 
-class _Worker:
-  """The state of one worker's loop (see the module docstring)."""
+def requeue_unfinished(study: optuna.Study) -> list[int]:
+  """Enqueues the parameters of interrupted or storage-faulted trials not yet retried."""
+  trials = study.get_trials(deepcopy=False)
+  retried = retried_numbers(trials)
+  numbers = [t.number for t in trials if _unfinished(t) and t.number not in retried]
+  for t in trials:
+    if t.number in numbers:
+      retry_trial(study, t)
+      logger.info("Trial %d %s: its parameters are retried", t.number,
+                  "was interrupted" if t.user_attrs.get(INTERRUPTED)
+                  else f"was stopped by a storage fault ({t.user_attrs[STORAGE_FAULT]})")
+  return numbers
 
-  def __init__(self, recipe: Any, study: optuna.Study, lock: StudyLock, heartbeat: bool):
-    self.recipe, self.study, self.lock, self.heartbeat = recipe, study, lock, heartbeat
+
+# ------------------------------------------------------- storing, patiently --
+
+
+def store(action: Callable[[], Any], what: str, patience: float | None = None) -> Any:
+  """``action()``, retried while the storage is locked or full, for ``patience`` seconds.
+
+  Raises:
+    StorageFault: the storage still failed after ``patience`` seconds; the
+      message is one line with the root cause.
+  """
+  from orchard_jax.study.storage import is_transient, root_cause
+  if patience is None:
+    patience = float(os.environ.get("ORCHARD_JAX_STORE_PATIENCE_S", STORE_PATIENCE_S))
+  deadline, warned = time.monotonic() + patience, False
+  while True:
+    try:
+      return action()
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_transient(e):
+        raise
+      if time.monotonic() >= deadline:
+        raise StorageFault(f"the study's storage failed while storing {what}: {root_cause(e)} "
+                           f"(retried for {patience:.0f} s)") from e
+      if not warned:
+        logger.warning("The study's storage failed while storing %s: %s; retrying for up to "
+                       "%.0f s", what, root_cause(e), patience)
+        warned = True
+      time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+
+
+@contextlib.contextmanager
+def _beating(storage: Any, trial_id: int) -> Iterator[None]:
+  """Records Optuna heartbeats of a running trial (database storages with a heartbeat)."""
+  interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+  if not interval:
+    yield
+    return
+  stop = threading.Event()
+
+  def beat() -> None:
+    while True:
+      with contextlib.suppress(Exception):  # one missed beat is within the grace period
+        storage.record_heartbeat(trial_id)
+      if stop.wait(interval):
+        return
+
+  thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    thread.join()
+
+
+# ----------------------------------------------------------------- sharing --
+
+
+class Joined(NamedTuple):
+  """A study a process runs trials of: where, its storage, the study, how the dead are seen.
+
+  ``heartbeat``: Optuna's heartbeat fails trials of dead processes (database
+  servers). ``liveness``: the folder of the processes' liveness locks (file
+  storages), None for a database server or an in-memory study.
+  """
+  url: str | None
+  storage: Any
+  study: optuna.Study
+  heartbeat: bool
+  liveness: pathlib.Path | None = None
+
+
+def liveness_folder(url: str | None) -> pathlib.Path | None:
+  """Where the processes of a file storage keep their liveness locks (None: not a file)."""
+  if url is None:
+    return None
+  if url.startswith(JOURNAL):
+    path = journal_path(url)
+  elif url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+    path = pathlib.Path(url[len("sqlite:///"):])
+  else:
+    return None
+  return path.with_name(path.name + ".workers")
+
+
+def join_study(recipe: Any, url: str | None, heartbeat: Heartbeat | None = None,
+               where: str = "--storage", *, join: bool = True) -> Joined:
+  """Opens ``url`` and joins (or creates) the recipe's study.
+
+  A database server gets Optuna's ``heartbeat``; a file storage gets
+  liveness locks instead (no writes, no grace period). ``join=False``
+  (``orchard-jax run``) honours ``optuna.load_if_exists``.
+
+  Raises:
+    RecipeError: the storage cannot be opened (unreachable, credentials
+      refused, no driver), or its study has the other direction; nothing is
+      written then.
+  """
+  from orchard_jax.study.runner import open_study
+  folder = liveness_folder(url)
+  storage = open_storage(url, heartbeat if folder is None else None, where=where)
+  study = open_study(recipe, url, storage, join=join, where=where)
+  return Joined(url, storage, study, heartbeat is not None and folder is None and url is not None,
+                folder)
+
+
+class _Worker:
+  """The state of one process's loop (see the module docstring)."""
+
+  def __init__(self, recipe: Any, study: optuna.Study, lock: StudyLock | None, heartbeat: bool,
+               liveness: pathlib.Path | None = None):
+    self.recipe, self.study, self.heartbeat, self.liveness = recipe, study, heartbeat, liveness
+    self.lock = lock or StudyLock()
     config, training = recipe.study.config, recipe.training
     self.config, self.training = config, training
     threshold = threshold_for(training.monitor_metric, training.monitor_direction,
@@ -79,50 +247,173 @@ class _Worker:
     self.threshold = threshold if config.enable_early_stopping else None
     self.failures = FailureStreak()
     self.started, self.ran = time.monotonic(), 0
+    self.stopped_by: str | None = None
 
-  def _early_stopped(self, trials: Sequence[FrozenTrial]) -> bool:
+  def _fail_stale(self) -> None:
+    """Optuna's heartbeat check: fails trials whose heartbeat went stale, and says so."""
+    running = {t.number: t for t in self.study.get_trials(deepcopy=False,
+                                                          states=(TrialState.RUNNING,))}
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+      optuna.storages.fail_stale_trials(self.study)
+    for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+      if t.number in running:
+        logger.warning("Trial %d of %s stopped beating: marked FAIL; Optuna's retry callback "
+                       "enqueues its parameters", t.number,
+                       running[t.number].user_attrs.get(WORKER, "a worker"))
+
+  def early_stopped(self, trials: Sequence[FrozenTrial]) -> bool:
     if self.threshold is None:
       return False
     return StudyEarlyStopping(self.threshold, self.training.monitor_direction,
                               self.config.early_stopping_patience).count_from(trials).reached
 
   def next_step(self) -> str:
-    """Under the lock: ``'run'`` a trial, ``'wait'`` for other workers, or ``'done'``."""
+    """Under the lock: ``'run'`` a trial, ``'wait'`` for other processes, or ``'done'``."""
     if self.heartbeat:
-      with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(self.study)
-    requeue_interrupted(self.study)
+      self._fail_stale()
+    reap_dead(self.study, self.liveness)
+    requeue_unfinished(self.study)
     trials = self.study.get_trials(deepcopy=False)
     timeout = self.config.timeout
-    if (self._early_stopped(trials) or self.failures.count >= self.failures.limit
-        or (timeout is not None and time.monotonic() - self.started >= timeout)):
+    if self.early_stopped(trials):
+      self.stopped_by = "early stopping"
+      return "done"
+    if self.failures.count >= self.failures.limit:
+      self.stopped_by = f"{self.failures.count} failed trials in a row"
+      return "done"
+    if timeout is not None and time.monotonic() - self.started >= timeout:
+      self.stopped_by = f"optuna.timeout ({timeout:g} s)"
       return "done"
     waiting = any(t.state == TrialState.WAITING for t in trials)
     if waiting or budget_used(trials) < self.config.n_trials:
-      # A seed per trial number, so that workers do not replay one another's draws.
+      # A seed per trial number, so that processes do not replay one another's draws.
+      from orchard_jax.study.runner import build_sampler
       self.study.sampler = build_sampler(self.config.sampler_type,
                                          self.training.seed + len(trials), parallel=True)
       return "run"
-    # Trials of live workers may still die and need a retry; only workers' trials beat.
-    beating = any(t.state == TrialState.RUNNING and WORKER in t.user_attrs for t in trials)
-    return "wait" if self.heartbeat and beating else "done"
+    # Trials of live processes may still die and need a retry.
+    running = any(t.state == TrialState.RUNNING and (WORKER_ID in t.user_attrs or WORKER in
+                                                     t.user_attrs) for t in trials)
+    return "wait" if running and (self.heartbeat or self.liveness is not None) else "done"
 
-  def loop(self, objective: Any, callbacks: list[Any], interrupt: GracefulInterrupt) -> None:
+  def loop(self, run_one: Callable[[], None], interrupt: GracefulInterrupt) -> None:
+    """Until done: under the lock, decide; ``run_one()`` releases the lock once its trial
+    exists."""
     while not interrupt.requested:
       self.lock.acquire()
       try:
-        step = self.next_step()
+        step = store(self.next_step, "the study's next trial")
         if step == "run":
           self.ran += 1
-          self.study.optimize(objective, n_trials=1, catch=(Exception,),
-                              callbacks=[*callbacks, self.failures], gc_after_trial=False)
+          run_one()
       finally:
         self.lock.release()
       if step == "done":
         return
       if step == "wait":
         time.sleep(POLL_S)
+
+
+class TrialRunner:
+  """Asks, runs and tells one trial at a time for a :class:`_Worker` (ask/tell, not optimize).
+
+  ``objective(trial) -> value`` raises ``optuna.TrialPruned``, a storage fault
+  or any failure; ``callbacks(study, frozen_trial)`` run after each tell.
+  """
+
+  def __init__(self, joined: Joined, worker: _Worker, objective: Callable[[optuna.Trial], float],
+               callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]], name: str,
+               worker_id: str):
+    self.joined, self.worker, self.objective, self.callbacks = joined, worker, objective, callbacks
+    self.name, self.worker_id = name, worker_id
+
+  def __call__(self) -> None:
+    study = self.joined.study
+    trial = store(study.ask, "a new trial")
+    # Tagged before the lock is released: a RUNNING trial is then always one whose process
+    # can be checked (a storage that fails between the two is retried meanwhile).
+    store(lambda: trial.set_user_attr(WORKER, self.name), f"trial {trial.number}'s worker")
+    store(lambda: trial.set_user_attr(WORKER_ID, self.worker_id), f"trial {trial.number}'s worker")
+    self.worker.lock.release()  # the trial exists and is ours: others may count it
+    state, value, interrupted = None, None, None
+    with _beating(study._storage, trial._trial_id):  # pylint: disable=protected-access
+      try:
+        value = self.objective(trial)
+        state = TrialState.COMPLETE
+      except optuna.TrialPruned:
+        state = TrialState.PRUNED
+      except KeyboardInterrupt as e:
+        state, interrupted = TrialState.FAIL, e
+      except Exception as e:  # pylint: disable=broad-except
+        state = TrialState.FAIL
+        self._note_storage_fault(trial, e)
+    what = f"trial {trial.number}'s result"
+    if state == TrialState.COMPLETE:
+      store(lambda: study.tell(trial, value), what)
+    else:
+      store(lambda: study.tell(trial, state=state), what)
+    frozen = store(lambda: study._storage.get_trial(trial._trial_id),  # pylint: disable=protected-access
+                   what)
+    if self.worker.failures.observe(frozen):
+      logger.error("%d consecutive trials failed (last: %s); stopping", self.worker.failures.count,
+                   frozen.user_attrs.get(ERROR, "see the log"))
+    for callback in self.callbacks:
+      store(lambda: callback(study, frozen), f"trial {trial.number}'s outputs")
+    if interrupted is not None:
+      raise interrupted
+
+  @staticmethod
+  def _note_storage_fault(trial: optuna.Trial, e: Exception) -> None:
+    from orchard_jax.study.storage import is_transient, root_cause
+    if not (isinstance(e, StorageFault) or is_transient(e)):
+      return
+    cause = root_cause(e)
+    logger.warning("Trial %d was stopped by a storage fault (%s): it is retried; the budget is "
+                   "unchanged", trial.number, cause)
+    store(lambda: trial.set_user_attr(STORAGE_FAULT, cause), f"trial {trial.number}'s fault")
+
+
+def new_worker(joined: Joined, recipe: Any) -> _Worker:
+  """The loop state of this process over ``joined``'s study, with the study's lock."""
+  lock = study_lock(joined.storage, joined.url, recipe.study.config.study_name) if (
+      joined.url is not None) else StudyLock()
+  return _Worker(recipe, joined.study, lock, joined.heartbeat, joined.liveness)
+
+
+def drive(joined: Joined, worker: _Worker, objective: Callable[[optuna.Trial], float],
+          callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]],
+          interrupt: GracefulInterrupt, name: str) -> None:
+  """Runs trials of ``joined``'s study until done (see the module docstring), holding this
+  process's liveness lock meanwhile; ``worker`` counts them and tells what stopped it."""
+  worker_id = new_worker_id()
+  with contextlib.ExitStack() as stack:
+    if joined.liveness is not None:
+      stack.enter_context(Liveness(joined.liveness, worker_id))
+    worker.loop(TrialRunner(joined, worker, objective, callbacks, name, worker_id), interrupt)
+
+
+def exit_status(study: optuna.Study, recipe: Any, best: FrozenTrial | None, worker: _Worker | None,
+                interrupt: GracefulInterrupt | None, out: Any, *, resume_hint: bool = True) -> int:
+  """The exit status of a process that ran trials of ``study``, saying why when short.
+
+  0: done with a best trial; 1: no trial completed; 3: short of
+  ``n_trials`` (:data:`EXIT_SHORT`); 128 + signal after Ctrl-C or SIGTERM.
+  """
+  config = recipe.study.config
+  finished = finished_count(study.get_trials(deepcopy=False))
+  then = "run the same command to continue" if resume_hint else "the study cannot be resumed"
+  if interrupt is not None and interrupt.requested:
+    cause = "SIGTERM" if interrupt.exit_status == 128 + signal.SIGTERM else "Ctrl-C"
+    print(f"\nStopped by {cause} after {finished}/{config.n_trials} trials; {then}.", file=out)
+    return interrupt.exit_status
+  if finished < config.n_trials and not (worker is not None and worker.early_stopped(
+      study.get_trials(deepcopy=False))):
+    why = worker.stopped_by if worker is not None and worker.stopped_by else "trials were lost"
+    print(f"\nThe study is short of optuna.n_trials: {finished}/{config.n_trials} trials "
+          f"finished (stopped by {why}); {then}.", file=out)
+    return EXIT_SHORT
+  return 0 if best is not None else 1
 
 
 def _summary(study: optuna.Study, recipe: Any, name: str, ran: int, out: Any) -> FrozenTrial | None:
@@ -135,28 +426,6 @@ def _summary(study: optuna.Study, recipe: Any, name: str, ran: int, out: Any) ->
   return best
 
 
-class Joined(NamedTuple):
-  """A study a worker joined: where, its storage, the study, whether trials beat."""
-  url: str
-  storage: Any
-  study: optuna.Study
-  heartbeat: bool
-
-
-def join_study(recipe: Any, url: str, heartbeat: Heartbeat | None = None,
-               where: str = "--storage") -> Joined:
-  """Opens ``url`` (with the heartbeat, on a database) and joins or creates the recipe's study.
-
-  Raises:
-    RecipeError: the storage cannot be opened (unreachable, credentials
-      refused, no driver), or its study has the other direction; nothing is
-      written then.
-  """
-  storage = open_storage(url, heartbeat, where=where)
-  study = open_study(recipe, url, storage, join=True, where=where)
-  return Joined(url, storage, study, heartbeat is not None and not url.startswith("journal:"))
-
-
 def run_worker(recipe: Any, source: Any, run_dir: pathlib.Path, joined: Joined, *,
                name: str | None = None, write_outputs: bool = True, out: Any = None) -> int:
   """Runs trials of the joined study until it is done (see the module docstring).
@@ -166,13 +435,13 @@ def run_worker(recipe: Any, source: Any, run_dir: pathlib.Path, joined: Joined, 
   :func:`~orchard_jax.study.runner.run_study` does; without, one summary
   line is printed. Returns the exit status.
   """
+  from orchard_jax.study.runner import _objective
+  from orchard_jax.study.space import build_space
   out = out or sys.stdout
   name = name or default_name()
   space = build_space(recipe.study, source.input_shape, recipe.architecture.name)
   study = joined.study
   run_dir.mkdir(parents=True, exist_ok=True)
-  lock = study_lock(joined.storage, joined.url, recipe.study.config.study_name)
-  worker = _Worker(recipe, study, lock, joined.heartbeat)
   trials_dir = run_dir / "trials"
   import jax
   devices = jax.local_devices()
@@ -180,24 +449,18 @@ def run_worker(recipe: Any, source: Any, run_dir: pathlib.Path, joined: Joined, 
               recipe.study.config.study_name, len(devices), devices[0].platform,
               "s" if len(devices) > 1 else "", finished_count(study.get_trials(deepcopy=False)),
               recipe.study.config.n_trials)
-
-  def on_start(trial: optuna.Trial) -> None:
-    trial.set_user_attr(WORKER, name)
-    lock.release()  # the trial exists: other workers may count it and ask for theirs
-
   from tqdm.auto import tqdm
   direction = recipe.training.monitor_direction
   callbacks = [Progress(tqdm(disable=True), recipe.training.monitor_metric, direction),
                KeepBestCheckpoint(trials_dir, direction)]
   interrupt = GracefulInterrupt(study)
+  worker = new_worker(joined, recipe)
   try:
     with interrupt:
-      worker.loop(_objective(recipe, source, space, trials_dir, interrupt, on_start), callbacks,
-                  interrupt)
+      drive(joined, worker, _objective(recipe, source, space, trials_dir, interrupt), callbacks,
+            interrupt, name)
   except KeyboardInterrupt:
     interrupt.requested = True
-  best = (write_study_outputs(study, recipe, run_dir, out=out) if write_outputs
-          else _summary(study, recipe, name, worker.ran, out))
-  if interrupt.requested:
-    return interrupt.exit_status
-  return 0 if best is not None and worker.failures.count < worker.failures.limit else 1
+  best = (write_study_outputs(study, recipe, run_dir, out=out, recipe_ran=worker.ran > 0)
+          if write_outputs else _summary(study, recipe, name, worker.ran, out))
+  return exit_status(study, recipe, best, worker, interrupt, out)

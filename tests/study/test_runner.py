@@ -18,7 +18,7 @@ from orchard_jax.study.recipe import parse_recipe
 from orchard_jax.study.callbacks import (FailureStreak, GracefulInterrupt, StudyEarlyStopping,
                                          threshold_for)
 from orchard_jax.study.runner import (build_pruner, finished_count, open_study,
-                                      requeue_interrupted, storage_url)
+                                      requeue_unfinished, storage_url)
 
 
 @pytest.fixture(autouse=True)
@@ -99,9 +99,9 @@ def test_interrupted_failures_do_not_use_the_budget_and_are_requeued_once():
   add(study, TrialState.FAIL, error="ValueError: x")
   add(study, TrialState.FAIL, **{INTERRUPTED: True})
   assert finished_count(study.trials) == 3
-  assert requeue_interrupted(study) == [3]
+  assert requeue_unfinished(study) == [3]
   assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
-  assert requeue_interrupted(study) == []
+  assert requeue_unfinished(study) == []
   study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
   retry = study.trials[-1]
   assert retry.params == {"x": 0.5} and retry.user_attrs[RETRY_OF] == 3

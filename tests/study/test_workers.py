@@ -22,7 +22,7 @@ from optuna.trial import TrialState, create_trial
 from orchard_jax.cli import main
 from orchard_jax.study.callbacks import GracefulInterrupt
 from orchard_jax.study.checks import RecipeError
-from orchard_jax.study.launch import _Forward, _worker_count, device_env, parse_workers, reclaim
+from orchard_jax.study.launch import _Forward, _worker_count, device_env, parse_workers
 from orchard_jax.study.outputs import INTERRUPTED, RETRY_OF
 from orchard_jax.study.recipe import parse_recipe
 from orchard_jax.study.storage import FileLock, Heartbeat, storage_url, with_driver
@@ -87,17 +87,6 @@ def test_worker_starts_trials_until_the_budget_is_spent():
   assert _Worker(recipe_with(2), study, None, False).next_step() == "run"
   add(study, TrialState.RUNNING, **{WORKER: "w1"})
   assert _Worker(recipe_with(2), study, None, False).next_step() == "done"
-
-
-def test_reclaim_fails_a_dead_workers_trial_and_enqueues_it_once():
-  study = optuna.create_study(direction="maximize")
-  add(study, TrialState.RUNNING, **{WORKER: "gpu1"})
-  add(study, TrialState.RUNNING, **{WORKER: "gpu0"})
-  before = budget_used(study.trials)
-  assert reclaim(study, "gpu1", -9) == [0]
-  states = [t.state for t in study.trials]
-  assert states == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
-  assert study.trials[2].user_attrs[RETRY_OF] == 0 and budget_used(study.trials) == before
 
 
 # -------------------------------------------------------- storage and lock --
@@ -224,16 +213,18 @@ def test_four_per_device_workers_complete_the_study(workdir, warm_env, command, 
                         cwd=workdir, capture_output=True, text=True, timeout=TIMEOUT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Starting 4 worker(s), one per cpu device" in proc.stderr
-  joined = re.findall(r"\[(cpu\d)\] Worker \1 joined study 'per_device' \(1 cpu device\)",
-                      proc.stderr)
-  assert sorted(joined) == ["cpu0", "cpu1", "cpu2", "cpu3"]
+  # Names are unique per launch: cpu<i>.<launch token>, one token for the four.
+  joined = re.findall(r"\[(cpu\d)\.(\w{6})\] Worker \1\.\2 joined study 'per_device' "
+                      r"\(1 cpu device\)", proc.stderr)
+  assert sorted(name for name, _ in joined) == ["cpu0", "cpu1", "cpu2", "cpu3"]
+  (launch,) = {token for _, token in joined}
   run_dir = workdir / "per_device"
   url = f"journal://{run_dir / 'study.journal'}"
   from orchard_jax.study.storage import open_storage
   trials = optuna.load_study(study_name="per_device", storage=open_storage(url)).trials
   assert sorted(t.number for t in trials) == list(range(6))
   assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-  assert {t.user_attrs[WORKER] for t in trials} <= {"cpu0", "cpu1", "cpu2", "cpu3"}
+  assert {t.user_attrs[WORKER] for t in trials} <= {f"cpu{i}.{launch}" for i in range(4)}
   assert len(list(csv.DictReader(open(run_dir / "trials.csv")))) == 6
   assert not (run_dir / "study.db").exists() and "Best validation accuracy" in proc.stdout
 

@@ -1,0 +1,211 @@
+"""Which processes running a study's trials are alive, and who owns a run folder.
+
+Every process that runs trials (``orchard-jax run``, each ``run --workers``
+worker, ``orchard-jax worker``) has a unique worker id, ``host:pid:token``,
+stored in each trial it starts (user attribute ``worker_id``).
+
+* **On a file storage** (SQLite ``study.db``, Optuna's journal file) the
+  process holds an exclusive ``flock`` on ``<storage>.workers/<id>.alive``
+  for as long as it lives. The kernel drops that lock the moment the
+  process dies, however it dies (SIGKILL included). A RUNNING trial whose
+  worker's lock can be taken is therefore a trial of a dead process: the
+  next process that looks (under the study lock) marks it FAIL, enqueues its
+  parameters again (``retry_of``) and logs that it did. No heartbeat write,
+  no grace period.
+* **On a database server** (PostgreSQL, MySQL), which workers on several
+  machines share, Optuna's heartbeat does the same after its grace period
+  (:class:`~orchard_jax.study.storage.Heartbeat`).
+
+A run folder has one owner at a time: ``orchard-jax run`` (and the
+``run --workers`` launcher) holds ``<run folder>/.orchard-run.lock``; a second
+``run`` on the same folder refuses in one line that names the owner.
+Workers of ``orchard-jax worker`` share a study without owning the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import datetime
+import errno
+import fcntl
+import logging
+import os
+import pathlib
+import re
+import signal
+import socket
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from orchard_jax.study.checks import RecipeError
+from orchard_jax.study.outputs import LOST, RETRY_OF
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LIVENESS_SUFFIX", "Liveness", "RunFolderLock", "WORKER_ID", "die_with_parent",
+           "is_dead", "new_worker_id", "reap_dead", "retry_trial"]
+
+WORKER_ID = "worker_id"     # trial user attribute: the unique id of the process that ran it
+LIVENESS_SUFFIX = ".workers"
+RUN_LOCK = ".orchard-run.lock"
+
+
+def new_worker_id() -> str:
+  """``host:pid:token``, unique per process start (a reused pid gets another token)."""
+  return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _host(worker_id: str) -> str:
+  return worker_id.rsplit(":", 2)[0]
+
+
+def _file(folder: pathlib.Path, worker_id: str) -> pathlib.Path:
+  return folder / (re.sub(r"[^A-Za-z0-9._-]", "_", worker_id) + ".alive")
+
+
+class Liveness:
+  """Holds this process's liveness lock in ``folder`` until :meth:`close` (or death)."""
+
+  def __init__(self, folder: pathlib.Path, worker_id: str):
+    folder.mkdir(parents=True, exist_ok=True)
+    self.folder, self.worker_id = folder, worker_id
+    self.path = _file(folder, worker_id)
+    self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+  def close(self) -> None:
+    if self._fd is not None:
+      with contextlib.suppress(OSError):
+        self.path.unlink()
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> "Liveness":
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
+
+def is_dead(folder: pathlib.Path, worker_id: str) -> bool:
+  """True when ``worker_id``'s process is known to be gone; False if alive or unknown
+  (another host's process, whose lock this machine cannot see)."""
+  if _host(worker_id) != socket.gethostname():
+    return False
+  path = _file(folder, worker_id)
+  try:
+    fd = os.open(path, os.O_RDWR)
+  except FileNotFoundError:
+    return True  # removed on a clean exit (or never written): the process is not running
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno in (errno.EAGAIN, errno.EACCES):
+      return False  # held: alive
+    raise
+  finally:
+    os.close(fd)
+  with contextlib.suppress(OSError):
+    path.unlink()
+  return True
+
+
+def retry_trial(study: optuna.Study, trial: Any) -> None:
+  """Enqueues ``trial``'s parameters again, naming it in ``retry_of``."""
+  study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
+
+
+def reap_dead(study: optuna.Study, folder: pathlib.Path | None,
+              trials: Sequence[Any] | None = None) -> list[int]:
+  """Fails the RUNNING trials of dead processes and enqueues their parameters again.
+
+  Call it under the study lock. A RUNNING trial without a ``worker_id`` (one
+  started by a user's own objective) is left alone: nothing tells whether
+  its process lives. Returns the numbers of the trials failed.
+  """
+  if folder is None:
+    return []
+  trials = study.get_trials(deepcopy=False) if trials is None else trials
+  reaped = []
+  for t in trials:
+    worker_id = t.user_attrs.get(WORKER_ID)
+    if t.state != TrialState.RUNNING or worker_id is None or not is_dead(folder, worker_id):
+      continue
+    who = t.user_attrs.get("worker", worker_id)
+    # pylint: disable=protected-access
+    study._storage.set_trial_user_attr(t._trial_id, LOST, f"its process ({who}) died")
+    study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+    retry_trial(study, t)
+    reaped.append(t.number)
+    logger.warning("Trial %d was left RUNNING by %s, which is no longer running: marked FAIL; "
+                   "its parameters are retried", t.number, who)
+  return reaped
+
+
+# --------------------------------------------------------- run folder lock --
+
+
+class RunFolderLock:
+  """Exclusive ownership of a run folder by one ``orchard-jax run`` (non-blocking).
+
+  Raises:
+    RecipeError: another live process owns the folder; the message names it.
+  """
+
+  def __init__(self, run_dir: pathlib.Path):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    self.path = run_dir / RUN_LOCK
+    self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      owner = os.pread(self._fd, 512, 0).decode(errors="replace").strip() or "another process"
+      os.close(self._fd)
+      self._fd = None
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        raise
+      raise RecipeError(f"{run_dir} is in use by another orchard-jax run ({owner}); wait for it "
+                        f"to finish, or join its study with 'orchard-jax worker' (see "
+                        f"docs/distributed.md)") from None
+    started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}".encode(),
+              0)
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> "RunFolderLock":
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.release()
+
+
+# ------------------------------------------------ children die with parent --
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+  """In a child (``preexec_fn``): the kernel sends it SIGTERM when its parent dies (Linux).
+
+  Elsewhere it does nothing; the launcher still forwards its signals.
+  """
+  name = ctypes.util.find_library("c")
+  if name is None:
+    return
+  try:
+    libc = ctypes.CDLL(name, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+  except (OSError, AttributeError):
+    pass
