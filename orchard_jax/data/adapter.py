@@ -20,15 +20,17 @@ import queue
 import sys
 import threading
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from orchard_jax.core.sharding import check_batch_size
 from orchard_jax.data import gather, resident
+from orchard_jax.errors import DataError, LoaderError
 
 LAYOUTS = ("NCHW", "NHWC")
+ROLES = (None, "training", "validation")
 THREAD_NAME = "orchard_jax-prefetch"
 _JOIN_TIMEOUT_S = 5.0
 _POLL_S = 0.05
@@ -64,11 +66,46 @@ def _full_batch_size(loader: Any) -> int | None:
   return None
 
 
-def _where(batch_index: int, epoch: int | None) -> str:
-  return f"batch {batch_index}" + ("" if epoch is None else f" of epoch {epoch}")
+class Where(NamedTuple):
+  """Where a bad value was found, for the one-line messages of :class:`DataError`."""
+  role: str | None          # "training", "validation" or None
+  batch: int | None         # 0-based batch index; None: the whole dataset
+  epoch: int | None
+
+  def data(self, what: str) -> str:
+    """``'validation labels'`` (or ``'labels'`` without a role)."""
+    return what if self.role is None else f"{self.role} {what}"
+
+  @property
+  def at(self) -> str:
+    """``'in batch 3 (epoch 2)'``, ``'in batch 3'``, ``'in the dataset'``."""
+    place = "in the dataset" if self.batch is None else f"in batch {self.batch}"
+    return place if self.epoch is None else f"{place} (epoch {self.epoch})"
+
+  @property
+  def loader(self) -> str:
+    return "the loader" if self.role is None else f"{self.role} loader"
 
 
-def _to_numpy(x: Any, name: str, where: str) -> np.ndarray:
+def loader_error(e: BaseException, where: Where) -> BaseException:
+  """What an exception raised by iterating the user's loader becomes.
+
+  A :class:`LoaderError` naming the loader, the original type and message
+  and the batch being read (raise it ``from e``); a ``DataError`` or an
+  exception that is not an ``Exception`` (``KeyboardInterrupt``) stays as is.
+  """
+  if isinstance(e, DataError) or not isinstance(e, Exception):
+    return e
+  return LoaderError(f"{where.loader} raised {type(e).__name__}: {e} while reading "
+                     f"{where.at.removeprefix('in ')}")
+
+
+def _values(bad: np.ndarray) -> str:
+  shown = ", ".join(str(v) for v in bad[:10].tolist())
+  return shown + (f" (and {bad.size - 10} more)" if bad.size > 10 else "")
+
+
+def _to_numpy(x: Any, name: str, where: Where) -> np.ndarray:
   """A numpy view of ``x`` when possible (torch CPU tensors share memory)."""
   torch = sys.modules.get("torch")
   if torch is not None and isinstance(x, torch.Tensor):
@@ -83,56 +120,59 @@ def _to_numpy(x: Any, name: str, where: str) -> np.ndarray:
   try:
     return np.asarray(x)
   except (ValueError, TypeError) as e:
-    raise TypeError(f"{name} of {where} cannot be converted to a numeric array "
-                    f"({type(x).__name__}): {e}") from e
+    raise DataError(f"{where.data(name)} cannot be converted to a numeric array "
+                    f"({type(x).__name__}) {where.at}: {e}") from e
 
 
-def _convert_images(x: np.ndarray, layout: str, where: str) -> np.ndarray:
+def _convert_images(x: np.ndarray, layout: str, where: Where) -> np.ndarray:
   if x.dtype.kind not in "biuf":
-    raise TypeError(f"inputs of {where} must be numeric, got dtype {x.dtype}")
+    raise DataError(f"{where.data('inputs')} must be numeric, got dtype {x.dtype} {where.at}")
   if x.ndim == 4 and layout == "NCHW":
     x = x.transpose(0, 2, 3, 1)
   elif x.ndim == 3:
     x = x[..., None]
   elif x.ndim not in (2, 4):
-    raise ValueError(f"inputs of {where} must have 2 ([B, F]), 3 ([B, H, W]) or 4 dimensions "
-                     f"([B, C, H, W] or [B, H, W, C]), got shape {x.shape}")
+    raise DataError(f"{where.data('inputs')} must have 2 ([B, F]), 3 ([B, H, W]) or 4 dimensions "
+                    f"([B, C, H, W] or [B, H, W, C]), got shape {x.shape} {where.at}")
   return np.ascontiguousarray(x, dtype=np.float32)  # one pass: transpose and cast, or no copy
 
 
-def _convert_labels(y: np.ndarray, n: int, num_classes: int, where: str) -> np.ndarray:
+def _convert_labels(y: np.ndarray, n: int, num_classes: int, where: Where) -> np.ndarray:
+  labels = where.data("labels")
   if y.dtype.kind not in "iu":
-    raise TypeError(f"labels of {where} must be integer class ids, got dtype {y.dtype}")
+    raise DataError(f"{labels} must be integer class ids, got dtype {y.dtype} {where.at}")
   if y.ndim == 2 and y.shape[1] == 1:
     y = y[:, 0]
   if y.ndim != 1:
-    raise ValueError(f"labels of {where} must have shape [B] or [B, 1] (class ids), got "
-                     f"{y.shape}; one-hot or multi-label targets are not supported")
+    raise DataError(f"{labels} must have shape [B] or [B, 1] (class ids), got {y.shape} "
+                    f"{where.at}; one-hot or multi-label targets are not supported")
   if y.shape[0] != n:
-    raise ValueError(f"{where} has {n} inputs but {y.shape[0]} labels")
-  if n and (y.min() < 0 or y.max() >= num_classes):
+    raise DataError(f"{where.data('batch')} has {n} inputs but {y.shape[0]} labels {where.at}")
+  if n and (y.min() < 0 or y.max() >= num_classes):  # on the host, before the transfer
     bad = np.unique(y[(y < 0) | (y >= num_classes)])
-    raise ValueError(f"labels of {where} must be in [0, {num_classes}) (num_classes={num_classes}), "
-                     f"got {bad[:10].tolist()}")
+    raise DataError(f"{labels} must be in [0, {num_classes}), got {_values(bad)} {where.at}")
   return y.astype(np.int32)
 
 
 def _host_batch(batch: Any, num_classes: int, layout: str, full: int | None,
-                sample_shape: tuple | None, where: str) -> tuple[dict[str, np.ndarray], tuple]:
+                sample_shape: tuple | None, where: Where) -> tuple[dict[str, np.ndarray], tuple]:
   """Converts one ``(inputs, labels)`` batch; returns it padded and its raw per-sample shape."""
   if not isinstance(batch, (list, tuple)) or len(batch) != 2:
-    raise TypeError(f"{where} must be an (inputs, labels) pair, got {type(batch).__name__}"
-                    + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else ""))
+    got = type(batch).__name__ + (f" of length {len(batch)}"
+                                  if isinstance(batch, (list, tuple)) else "")
+    raise DataError(f"{where.data('batches')} must be (inputs, labels) pairs, got {got} "
+                    f"{where.at}")
   x = _to_numpy(batch[0], "inputs", where)
   y = _to_numpy(batch[1], "labels", where)
   if x.ndim == 0 or x.shape[0] == 0:
-    raise ValueError(f"{where} is empty (inputs of shape {x.shape})")
+    raise DataError(f"{where.data('batch')} is empty (inputs of shape {x.shape}) {where.at}")
   if sample_shape is not None and x.shape[1:] != sample_shape:
-    raise ValueError(f"inputs of {where} have per-sample shape {x.shape[1:]}, but the first "
-                     f"batch's was {sample_shape}")
+    raise DataError(f"{where.data('inputs')} have per-sample shape {x.shape[1:]} {where.at}, "
+                    f"but the first batch's was {sample_shape}")
   n = x.shape[0]
   if full is not None and n > full:
-    raise ValueError(f"{where} has {n} samples, more than the full batch size B={full}")
+    raise DataError(f"{where.data('batch')} has {n} samples {where.at}, more than the full "
+                    f"batch size B={full}")
   image = _convert_images(x, layout, where)
   label = _convert_labels(y, n, num_classes, where)
   full = n if full is None else full
@@ -144,7 +184,8 @@ def _host_batch(batch: Any, num_classes: int, layout: str, full: int | None,
 
 
 def _produce(loader: Iterable, out: queue.Queue, stop: threading.Event, num_classes: int,
-             layout: str, full: int | None, epoch: int | None, sharding: Any) -> None:
+             layout: str, full: int | None, epoch: int | None, sharding: Any,
+             role: str | None) -> None:
   """Thread body: read, convert, check, ``device_put``; ends with ``_DONE`` or an exception."""
 
   def put(item: Any) -> bool:
@@ -159,17 +200,18 @@ def _produce(loader: Iterable, out: queue.Queue, stop: threading.Event, num_clas
   sample_shape = None
   batch_index = 0
   try:
-    iterator = gather.batches(loader)
+    iterator = None
     while not stop.is_set():
+      where = Where(role, batch_index, epoch)
       try:
+        if iterator is None:
+          iterator = gather.batches(loader)  # iter(loader): the loader's own code runs
         batch = next(iterator)
       except StopIteration:
         break
       except BaseException as e:
-        e.add_note(f"orchard_jax: raised while reading {_where(batch_index, epoch)}")
-        raise
-      host, sample_shape = _host_batch(batch, num_classes, layout, full, sample_shape,
-                                       _where(batch_index, epoch))
+        raise loader_error(e, where) from e
+      host, sample_shape = _host_batch(batch, num_classes, layout, full, sample_shape, where)
       full = host["mask"].shape[0]
       if sharding is not None:
         check_batch_size(full, len(sharding.device_set))
@@ -182,11 +224,13 @@ def _produce(loader: Iterable, out: queue.Queue, stop: threading.Event, num_clas
 
 
 def _consume(loader: Iterable, num_classes: int, layout: str, prefetch: int,
-             full: int | None, epoch: int | None, sharding: Any) -> Iterator[dict[str, jax.Array]]:
+             full: int | None, epoch: int | None, sharding: Any,
+             role: str | None) -> Iterator[dict[str, jax.Array]]:
   out: queue.Queue = queue.Queue(maxsize=prefetch)
   stop = threading.Event()
   thread = threading.Thread(target=_produce, name=THREAD_NAME, daemon=True,
-                            args=(loader, out, stop, num_classes, layout, full, epoch, sharding))
+                            args=(loader, out, stop, num_classes, layout, full, epoch, sharding,
+                                  role))
   thread.start()
   try:
     while True:
@@ -208,7 +252,8 @@ def _consume(loader: Iterable, num_classes: int, layout: str, prefetch: int,
 
 def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", prefetch: int = 2,
                    epoch: int | None = None, sharding: Any = None,
-                   indexed: bool = False) -> Iterator[dict[str, jax.Array]]:
+                   indexed: bool = False, role: str | None = None
+                   ) -> Iterator[dict[str, jax.Array]]:
   """Iterates ``loader`` as padded, checked device batches, prefetched on a thread.
 
   Args:
@@ -240,6 +285,9 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
       ``train_step`` and ``eval_step`` gather them inside their program
       (``orchard_jax.core.batches.materialize`` gives the dict). Other
       loaders yield dicts either way.
+    role: ``"training"`` or ``"validation"``: what the loader is, named in
+      error messages (``"validation labels must be in [0, 10), got 12 in
+      batch 3 (epoch 2)"``); None names neither.
 
   Yields:
     ``{"image": float32 [B, ...], "label": int32 [B], "mask": bool [B]}``
@@ -252,18 +300,24 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
   Raises:
     ValueError: at call time for bad arguments, or a DataLoader with
       ``num_workers > 0`` that would fork (the platform default start method
-      is "fork" and it has no ``multiprocessing_context``). While iterating:
-      labels outside ``[0, num_classes)``, labels not of shape [B] or [B, 1],
-      a per-sample input shape different from the first batch's, a batch
-      larger than ``B``, an empty batch, a ``B`` that the sharding's devices
-      do not divide.
-    TypeError: non-numeric inputs or non-integer labels.
-    Exception: whatever the loader raises, with its type kept and a note
-      (``exc.add_note``) naming the batch index (0-based) and epoch.
+      is "fork" and it has no ``multiprocessing_context``); while iterating,
+      a ``B`` that the sharding's devices do not divide.
+    orchard_jax.errors.DataError: while iterating, bad data, named with the
+      batch index (0-based) and epoch: labels outside ``[0, num_classes)``
+      (checked on the host, before the transfer), non-integer labels, labels
+      not of shape [B] or [B, 1], non-numeric inputs, a per-sample input
+      shape different from the first batch's, a batch larger than ``B``, an
+      empty batch, a batch that is not a pair.
+    orchard_jax.errors.LoaderError: (a ``DataError``) the loader itself
+      raised while it was iterated: ``"validation loader raised KeyError:
+      'label' while reading batch 3 (epoch 2)"``, chained to the original
+      exception (``__cause__``). ``KeyboardInterrupt`` and other exceptions
+      that are not ``Exception`` pass unchanged.
 
   Errors raised on the thread are re-raised in the consumer. Closing the
   generator (``.close()``, or leaving ``with contextlib.closing(...)``) stops
-  and joins the thread. NaN/Inf inputs are not checked (a per-batch cost).
+  and joins the thread. NaN/Inf inputs are not checked here (a per-batch
+  host cost): ``train_step`` counts the rows that hold them on the device.
   The loader must not modify an array after yielding it (it may still be
   waiting in the prefetch queue).
   """
@@ -273,6 +327,8 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
     raise ValueError(f"layout must be one of {LAYOUTS}, got layout={layout!r}")
   if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
     raise ValueError(f"prefetch must be an int >= 1, got prefetch={prefetch!r}")
+  if role not in ROLES:
+    raise ValueError(f"role must be one of {ROLES}, got role={role!r}")
   _check_workers(loader)
   full = _full_batch_size(loader)
   if sharding is not None and full is not None:
@@ -280,10 +336,11 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
   if sharding is None and resident.fits(loader):
     # The images are on the device already and each batch is one asynchronous
     # gather: a prefetch thread would only compete with the step for the GIL.
-    return resident.batches(loader, num_classes=num_classes, layout=layout, epoch=epoch,
+    return resident.batches(loader, num_classes=num_classes, layout=layout,
                             convert_images=_convert_images, convert_labels=_convert_labels,
-                            where=_where, indexed=indexed)
-  return _consume(loader, num_classes, layout, prefetch, full, epoch, sharding)
+                            where=lambda batch: Where(role, batch, epoch),
+                            loader_error=loader_error, indexed=indexed)
+  return _consume(loader, num_classes, layout, prefetch, full, epoch, sharding, role)
 
 
 def make_loader(dataset: Any, batch_size: int, *, shuffle: bool, num_workers: int = 0,

@@ -31,6 +31,7 @@ import numpy as np
 
 from orchard_jax.core.batches import IndexedBatch, materialize
 from orchard_jax.data import gather
+from orchard_jax.errors import DataError
 
 __all__ = ["CHUNK", "MAX_BYTES", "batches", "fits"]
 
@@ -49,8 +50,8 @@ def fits(loader: Any) -> bool:
   return images.dim() >= 2 and images.numel() * 4 <= MAX_BYTES
 
 
-def _device_images(images: Any, layout: str,
-                   convert: Callable[[np.ndarray, str, str], np.ndarray]) -> jax.Array:
+def _device_images(images: Any, layout: str, convert: Callable[[np.ndarray, str, Any], np.ndarray],
+                   where: Any) -> jax.Array:
   key = (id(images), layout)
   with _lock:
     hit = _resident.get(key)
@@ -59,7 +60,7 @@ def _device_images(images: Any, layout: str,
   host = images.detach()
   if host.dtype == sys.modules["torch"].bfloat16:
     host = host.float()
-  value = convert(host.numpy(), layout, "the dataset")
+  value = convert(host.numpy(), layout, where)  # checked once, when made resident
   value = jax.device_put(np.concatenate([value, np.zeros((1,) + value.shape[1:], value.dtype)]))
   with _lock:
     if key not in _resident:
@@ -82,8 +83,8 @@ def _row_ids(device: Any) -> tuple[jax.Array, ...]:
   return rows
 
 
-def _read(sampler: Iterator, first: int, epoch: int | None, where: Callable) -> list:
-  """Up to :data:`CHUNK` index lists; an error gets the index of the batch it was reading."""
+def _read(sampler: Iterator, first: int, where: Callable, loader_error: Callable) -> list:
+  """Up to :data:`CHUNK` index lists; an error names the batch it was reading."""
   rows = []
   while len(rows) < CHUNK:
     try:
@@ -91,41 +92,47 @@ def _read(sampler: Iterator, first: int, epoch: int | None, where: Callable) -> 
     except StopIteration:
       break
     except BaseException as e:
-      e.add_note(f"orchard_jax: raised while reading {where(first + len(rows), epoch)}")
-      raise
+      raise loader_error(e, where(first + len(rows))) from e
   return rows
 
 
-def batches(loader: Any, *, num_classes: int, layout: str, epoch: int | None,
-            convert_images: Callable, convert_labels: Callable,
-            where: Callable[[int, int | None], str],
-            indexed: bool = False) -> Iterator[dict[str, jax.Array] | IndexedBatch]:
+def batches(loader: Any, *, num_classes: int, layout: str,
+            convert_images: Callable, convert_labels: Callable, where: Callable[[int | None], Any],
+            loader_error: Callable, indexed: bool = False
+            ) -> Iterator[dict[str, jax.Array] | IndexedBatch]:
   """The device batches of ``loader`` (see the module docstring); ``fits(loader)`` must hold.
 
   Index lists are read from the loader's sampler :data:`CHUNK` batches at a
-  time, checked together (with the per-batch path's messages, naming the
-  first bad batch) and copied to the device in one transfer. Each batch is
-  then an :class:`IndexedBatch` (``indexed=True``) or the dict that one
-  asynchronous gather makes of it.
+  time, checked together on the host (with the per-batch path's messages,
+  naming the first bad batch) and copied to the device in one transfer. Each
+  batch is then an :class:`IndexedBatch` (``indexed=True``) or the dict that
+  one asynchronous gather makes of it. ``where(batch_index)`` (None: the
+  whole dataset) places a bad value for the converters' messages;
+  ``loader_error(exc, where)`` is what an exception raised by the sampler
+  becomes.
   """
   torch = sys.modules["torch"]
   (images, labels), chain = gather.tensor_source(loader.dataset)
-  device_images = _device_images(images, layout, convert_images)
+  device_images = _device_images(images, layout, convert_images, where(None))
   labels = labels.detach()
   host_labels = (labels.float() if labels.dtype == torch.bfloat16 else labels).numpy()
   class_ids = host_labels[:, 0] if host_labels.ndim == 2 and host_labels.shape[1] == 1 \
       else host_labels
   chain = [np.asarray(m) for m in chain]
   row_ids = _row_ids(next(iter(device_images.devices())))
-  sampler = gather.epoch_sampler(loader)
+  try:
+    sampler = gather.epoch_sampler(loader)
+  except BaseException as e:
+    raise loader_error(e, where(0)) from e
   full, first = loader.batch_size, 0
-  while rows := _read(sampler, first, epoch, where):
+  while rows := _read(sampler, first, where, loader_error):
     full = full or len(rows[0]) or 1
     index, counts = np.full((CHUNK, full), len(class_ids), np.int64), np.zeros(CHUNK, np.int32)
     for r, row in enumerate(rows):
       if not 0 < len(row) <= full:
-        raise ValueError(f"{where(first + r, epoch)} has {len(row)} samples; a batch needs "
-                         f"between 1 and the full batch size B={full}")
+        at = where(first + r)
+        raise DataError(f"{at.data('batch')} has {len(row)} samples {at.at}; a batch needs "
+                        f"between 1 and the full batch size B={full}")
       index[r, :len(row)], counts[r] = row, len(row)
     valid = np.arange(full) < counts[:, None]
     flat = index[valid]
@@ -133,14 +140,13 @@ def batches(loader: Any, *, num_classes: int, layout: str, epoch: int | None,
       flat = mapping[flat]
     index[valid] = flat
     # Dtype and shape errors are the dataset's: reported at the chunk's first batch.
-    convert_labels(host_labels[index[0, :counts[0]]], int(counts[0]), num_classes,
-                   where(first, epoch))
+    convert_labels(host_labels[index[0, :counts[0]]], int(counts[0]), num_classes, where(first))
     ids = np.where(valid, class_ids[np.where(valid, index, 0)], 0)
     bad = (ids < 0) | (ids >= num_classes)
     if bad.any():
       r = int(np.argmax(bad.any(axis=1)))
       convert_labels(host_labels[index[r, :counts[r]]], int(counts[r]), num_classes,
-                     where(first + r, epoch))  # raises, naming the batch
+                     where(first + r))  # raises, naming the batch
     index_d, ids_d, counts_d = jax.device_put((index.astype(np.int32), ids.astype(np.int32),
                                                counts))
     for row in row_ids[:len(rows)]:

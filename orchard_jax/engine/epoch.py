@@ -6,6 +6,26 @@ metrics on the device, and fetch them once, at the end of the epoch: there is
 exactly one host sync per epoch, and the padded last batch neither recompiles
 nor counts. A state replicated on a multi-device mesh
 (:mod:`orchard_jax.core.sharding`) gets its batches split over that mesh.
+
+Bad data raise :class:`~orchard_jax.errors.DataError`, never a
+``ValueError`` or ``RuntimeError`` (the types a failed validation may be, see
+:mod:`orchard_jax.engine.loop`), so no fallback metric ever hides them:
+
+* what the adapter checks on the host before a batch crosses to the device
+  (labels, dtypes, shapes, a loader that raises; see
+  :func:`orchard_jax.data.device_batches`), named ``training`` or
+  ``validation``;
+* a per-sample input shape other than the state's (checked on the first
+  batch's static shape, before compiling);
+* an empty loader: ``"the training loader yielded no batch at epoch 1"``
+  (the reference trains on nothing with loss 0.0, or gives NaN metrics; see
+  ``docs/differences.md``);
+* training rows with a NaN or Inf input, counted inside ``train_step`` and
+  read at the epoch's one host sync, before the divergence check.
+
+Non-finite validation logits are a failed validation instead (a
+``ValueError``, as the reference's scikit-learn metrics raise on NaN): the
+loop's fallback and three-strike rule apply.
 """
 
 from __future__ import annotations
@@ -13,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import warnings
 from typing import Iterable
 
 import jax
@@ -21,11 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from orchard_jax.core import executables
+from orchard_jax.core.batches import IndexedBatch
 from orchard_jax.core.sharding import batch_sharding
-from orchard_jax.core.metrics import METRIC_KEYS, SUM_KEYS, classification_metrics
+from orchard_jax.core.metrics import SUM_KEYS, classification_metrics
 from orchard_jax.core.state import TrainState
 from orchard_jax.core.steps import eval_step, train_step
-from orchard_jax.data.adapter import device_batches
+from orchard_jax.data.adapter import Where, device_batches
+from orchard_jax.errors import DataError, EmptyLoaderError, NonFiniteInputError
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +83,25 @@ def _sums(packed: list[np.ndarray]) -> dict[str, float]:
   return {key: float(total) for key, total in zip(SUM_KEYS, totals)}
 
 
-def _batches(state: TrainState, loader: Iterable, epoch: int | None, layout: str):
+def _batches(state: TrainState, loader: Iterable, epoch: int | None, layout: str, role: str):
   # Device-resident images come as IndexedBatch rows, gathered inside the step.
   return contextlib.closing(device_batches(loader, num_classes=state.spec.num_classes,
                                            layout=layout, epoch=epoch,
-                                           sharding=batch_sharding(state), indexed=True))
+                                           sharding=batch_sharding(state), indexed=True,
+                                           role=role))
+
+
+def _at(epoch: int | None) -> str:
+  return "" if epoch is None else f" at epoch {epoch}"
+
+
+def _check_input_shape(state: TrainState, batch, role: str, epoch: int | None) -> None:
+  """Raises ``DataError`` if the batch's per-sample shape is not the state's (static: no sync)."""
+  images = batch.images if isinstance(batch, IndexedBatch) else batch["image"]
+  shape, expected = tuple(images.shape[1:]), tuple(state.spec.input_shape)
+  if shape != expected:
+    raise DataError(f"{role} inputs have per-sample shape {shape} (channels last) "
+                    f"{Where(role, 0, epoch).at}, but the model's input shape is {expected}")
 
 
 def _compiled(step_fn, name: str, state: TrainState, batch):
@@ -86,14 +121,15 @@ def compile_steps(state: TrainState, train_loader: Iterable, val_loader: Iterabl
   training step: do not use it afterwards. For compiling ahead on a thread
   (:mod:`orchard_jax.study.ahead`).
   """
-  for loader, step_fn, name in ((train_loader, train_step, "train_step"),
-                                (val_loader, eval_step, "eval_step")):
+  for loader, step_fn, name, role in ((train_loader, train_step, "train_step", "training"),
+                                      (val_loader, eval_step, "eval_step", "validation")):
     if loader is None:
       continue
-    with _batches(state, loader, None, layout) as batches:
+    with _batches(state, loader, None, layout, role) as batches:
       batch = next(batches, None)
     if batch is None:
       continue
+    _check_input_shape(state, batch, role, None)
     out = _compiled(step_fn, name, state, batch)(state, batch)
     if name == "train_step":
       state, sums = out  # as train_epoch collects them
@@ -118,24 +154,34 @@ def train_epoch(state: TrainState, loader: Iterable, *, epoch: int | None = None
 
   Returns:
     ``(state, loss)``: the new state and the epoch's sample-weighted mean
-    training loss (0.0, with a warning, for an empty loader).
+    training loss.
 
   Raises:
+    orchard_jax.errors.DataError: bad data (see the module docstring), among
+      them ``EmptyLoaderError`` (``"the training loader yielded no batch at
+      epoch 1"``; the reference returns 0.0 with a warning) and
+      ``NonFiniteInputError`` (``"training inputs: 3 rows with NaN or Inf at
+      epoch 1; fix the data (this is not divergence)"``), which comes before
+      the divergence check.
     RuntimeError: ``"Training diverged: loss=… at epoch …"`` if the loss is
-      NaN or Inf (checked at the epoch's one host sync, not per step).
+      NaN or Inf with finite inputs (checked at the epoch's one host sync,
+      not per step).
   """
   per_batch, step = [], None
-  with _batches(state, loader, epoch, layout) as batches:
+  with _batches(state, loader, epoch, layout, "training") as batches:
     for batch in batches:
       if step is None:
+        _check_input_shape(state, batch, "training", epoch)
         step = _compiled(train_step, "train_step", state, batch)
       state, metrics = step(state, batch)
       per_batch.append(metrics)
   if not per_batch:
-    warnings.warn(f"the training loader yielded no batch at epoch {epoch}; epoch loss is 0.0",
-                  RuntimeWarning, stacklevel=2)
-    return state, 0.0
+    raise EmptyLoaderError(f"the training loader yielded no batch{_at(epoch)}")
   sums = _sums(jax.device_get(_packed(per_batch)))  # the epoch's one host sync
+  bad = int(sums["nonfinite_inputs"])
+  if bad:
+    raise NonFiniteInputError(f"training inputs: {bad} row{'s' if bad != 1 else ''} with NaN or "
+                              f"Inf{_at(epoch)}; fix the data (this is not divergence)")
   loss = sums["loss_sum"] / max(sums["count"], 1.0)
   if not math.isfinite(loss):
     raise RuntimeError(f"Training diverged: loss={loss} at epoch {epoch}")
@@ -150,13 +196,22 @@ def evaluate(state: TrainState, loader: Iterable, *, epoch: int | None = None,
     ``{"loss", "accuracy", "auc", "f1"}``: mean per-sample cross-entropy,
     accuracy, ROC-AUC from softmax probabilities (binary: class 1;
     multiclass: one-vs-rest macro; NaN when undefined) and macro F1 with
-    zero_division 0. Padded rows never count. An empty loader gives NaN for
-    all four.
+    zero_division 0. Padded rows never count.
+
+  Raises:
+    ValueError: ``"5 of 48 validation rows have non-finite logits"``: a
+      failed validation, as the reference's metrics raise on NaN (the epoch
+      loop then uses the fallback metrics); the message adds how many of
+      the rows have NaN or Inf inputs, when some have.
+    orchard_jax.errors.DataError: bad data (see the module docstring),
+      among them ``EmptyLoaderError`` (``"the validation loader yielded no
+      batch at epoch 2"``; the reference gives NaN for all four metrics).
   """
   per_batch, logits, labels, masks, step = [], [], [], [], None
-  with _batches(state, loader, epoch, layout) as batches:
+  with _batches(state, loader, epoch, layout, "validation") as batches:
     for batch in batches:
       if step is None:
+        _check_input_shape(state, batch, "validation", epoch)
         step = _compiled(eval_step, "eval_step", state, batch)
       out = step(state, batch)
       per_batch.append({key: out[key] for key in SUM_KEYS})
@@ -164,12 +219,17 @@ def evaluate(state: TrainState, loader: Iterable, *, epoch: int | None = None,
       labels.append(out["label"])
       masks.append(out["mask"])
   if not per_batch:
-    return {key: float("nan") for key in METRIC_KEYS}
+    raise EmptyLoaderError(f"the validation loader yielded no batch{_at(epoch)}")
   packed, logits, labels, masks = jax.device_get((_packed(per_batch), logits, labels,
                                                   masks))  # the pass's one host sync
   sums = _sums(packed)
-  logits = np.concatenate(logits).astype(np.float64)
+  logits, mask = np.concatenate(logits).astype(np.float64), np.concatenate(masks)
+  nonfinite = int((mask & ~np.isfinite(logits).all(axis=1)).sum())
+  if nonfinite:
+    inputs = int(sums["nonfinite_inputs"])
+    raise ValueError(f"{nonfinite} of {int(sums['count'])} validation rows have non-finite logits"
+                     + (f" ({inputs} have NaN or Inf inputs)" if inputs else ""))
   probs = np.exp(logits - logits.max(axis=1, keepdims=True))
   probs /= probs.sum(axis=1, keepdims=True)
   return classification_metrics(probs, np.concatenate(labels), sums["loss_sum"], sums["count"],
-                                mask=np.concatenate(masks))
+                                mask=mask)

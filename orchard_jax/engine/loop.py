@@ -8,7 +8,9 @@ Each epoch, in this order (the reference's trial loop, UPSTREAM.md):
 3. validate; a ``RuntimeError`` or ``ValueError`` -- raised by the validation
    function *or by fetching its results to the host*, where XLA runtime errors
    surface -- is logged and the epoch uses a fresh copy of the fallback
-   metrics; the third consecutive failure aborts the run;
+   metrics; the third consecutive failure aborts the run. Bad data
+   (:class:`~orchard_jax.errors.DataError`, neither of those types) is not a
+   failed validation: it ends the run at once, with the data's message;
 4. extract the monitored metric (a missing key raises ``KeyError``);
 5. track the best value, direction-aware, ignoring NaN;
 6. run the epoch-end callbacks in order (Optuna report and prune, LR
@@ -157,6 +159,7 @@ def validate_with_fallback(loop: EpochLoop, state: TrainState, epoch: int,
 
   Raises:
     RuntimeError: on the third consecutive failure.
+    orchard_jax.errors.DataError: bad validation data, at once (no fallback).
   """
   try:
     raw = jax.device_get(dict(loop.validate_fn(state, epoch)))  # the host fetch
@@ -205,8 +208,9 @@ def run_loop(state: TrainState, loop: EpochLoop,
 
   Raises:
     RuntimeError: training diverged, or validation failed three consecutive
-      times. ``KeyError``: the monitored metric is missing. Whatever a
-      callback raises (e.g. ``optuna.TrialPruned``).
+      times. ``KeyError``: the monitored metric is missing.
+      ``orchard_jax.errors.DataError``: bad training or validation data.
+      Whatever a callback raises (e.g. ``optuna.TrialPruned``).
   """
   best, best_epoch, failures, history = worst_value(loop.direction), None, 0, []
   stop = False

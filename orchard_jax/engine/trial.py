@@ -33,12 +33,13 @@ from orchard_jax.core.losses import compute_class_weights
 from orchard_jax.core.schedules import LRController
 from orchard_jax.core.sharding import data_mesh, replicate_state
 from orchard_jax.core.state import TrainState, state_from_config
-from orchard_jax.data.adapter import device_batches
+from orchard_jax.data.adapter import Where, device_batches, loader_error
 from orchard_jax.engine.callbacks import (BestState, EarlyStopping, LRSchedulerStep,
                                           OptunaReportPrune, load_best)
 from orchard_jax.engine.epoch import evaluate, train_epoch
 from orchard_jax.engine.loop import (Callback, EpochLog, EpochLoop, LoopResult, run_loop,
                                      worst_value)
+from orchard_jax.errors import DataError, EmptyLoaderError
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +80,31 @@ def _reseed(loader: Any, seed: int) -> None:
 
 
 def _first_input_shape(cfg: TrialConfig) -> tuple[int, ...]:
-  batches = device_batches(cfg.train_loader, num_classes=cfg.num_classes, layout=cfg.layout)
+  batches = device_batches(cfg.train_loader, num_classes=cfg.num_classes, layout=cfg.layout,
+                           role="training")
   with contextlib.closing(batches):
     for batch in batches:
       return tuple(batch["image"].shape[1:])
-  raise ValueError("TrialConfig.train_loader yielded no batch; cannot infer the input shape "
-                   "(pass TrialConfig.input_shape)")
+  raise EmptyLoaderError("the training loader yielded no batch, so the input shape cannot be "
+                         "inferred from it")
+
+
+def _loader_labels(loader: Any) -> np.ndarray:
+  """The training labels, from one pass over ``loader`` (for ``weighted_loss``)."""
+  labels, iterator = [], None
+  while True:
+    try:
+      iterator = iter(loader) if iterator is None else iterator
+      batch = next(iterator)
+    except StopIteration:
+      break
+    except BaseException as e:
+      raise loader_error(e, Where("training", len(labels), None)) from e
+    labels.append(np.asarray(batch[1]).reshape(-1))
+  if not labels:
+    raise EmptyLoaderError("the training loader yielded no batch, so weighted_loss has no labels "
+                           "to weigh")
+  return np.concatenate(labels)
 
 
 def _class_weights(cfg: TrialConfig, training: TrainingConfig) -> np.ndarray | None:
@@ -92,8 +112,11 @@ def _class_weights(cfg: TrialConfig, training: TrainingConfig) -> np.ndarray | N
     return None
   labels = cfg.train_labels
   if labels is None:  # one pass over the loader's labels
-    labels = np.concatenate([np.asarray(batch[1]).reshape(-1) for batch in cfg.train_loader])
-  return compute_class_weights(labels, cfg.num_classes)
+    labels = _loader_labels(cfg.train_loader)
+  try:
+    return compute_class_weights(labels, cfg.num_classes)
+  except ValueError as e:  # labels outside [0, num_classes)
+    raise DataError(f"training labels (for weighted_loss): {e}") from e
 
 
 def initial_state(cfg: TrialConfig, training: TrainingConfig | None = None) -> TrainState:
@@ -205,14 +228,21 @@ def run_trial(trial: optuna.Trial, cfg: TrialConfig) -> float:
 
   Returns:
     The best value (direction-aware, NaN ignored). If the trial fails with
-    anything but ``optuna.TrialPruned``, the failure is logged, stored as
-    ``trial.user_attrs["error"]`` (``"<Type>: <message>"``) and the worst
-    value is returned: ``-inf`` when maximizing, ``+inf`` when minimizing.
+    anything but ``optuna.TrialPruned`` or bad data, the failure is logged,
+    stored as ``trial.user_attrs["error"]`` (``"<Type>: <message>"``) and the
+    worst value is returned: ``-inf`` when maximizing, ``+inf`` when
+    minimizing.
 
   Raises:
     optuna.TrialPruned: when the pruner stops the trial.
-    Exception: any failure, when ``cfg.reraise_errors`` (Optuna then marks
-      the trial FAIL).
+    orchard_jax.errors.DataError: bad training or validation data, whatever
+      ``cfg.reraise_errors`` says: logged and stored as
+      ``trial.user_attrs["error"]`` first, then re-raised, so Optuna stores
+      the trial as FAIL and never as COMPLETE with the worst value (a value
+      must come from the work it claims to measure; see
+      ``docs/differences.md``).
+    Exception: any other failure, when ``cfg.reraise_errors`` (Optuna then
+      marks the trial FAIL).
     ValueError: before training, if the study's direction disagrees with
       ``cfg.training.monitor_direction``.
   """
@@ -220,6 +250,10 @@ def run_trial(trial: optuna.Trial, cfg: TrialConfig) -> float:
   try:
     return TrialTrainingExecutor(cfg).execute(trial)
   except optuna.TrialPruned:
+    raise
+  except DataError as e:  # deterministic: the data fail, not the trial's hyperparameters
+    logger.error("Trial %d failed on bad data: %s: %s", trial.number, type(e).__name__, e)
+    trial.set_user_attr("error", f"{type(e).__name__}: {e}")
     raise
   except Exception as e:  # one bad trial must not crash the study
     logger.error("Trial %d failed: %s: %s", trial.number, type(e).__name__, e)

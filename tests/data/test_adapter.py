@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from orchard_jax.data import adapter, device_batches, make_loader
+from orchard_jax.errors import DataError, LoaderError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -98,42 +99,52 @@ def test_labels_with_a_trailing_singleton_axis_are_squeezed():
   assert batch["label"].dtype == np.int32
 
 
-def test_one_hot_labels_raise_value_error():
+def test_one_hot_labels_raise_data_error():
   one_hot = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), 3)
-  with pytest.raises(ValueError, match=r"shape \[B\] or \[B, 1\].*one-hot"):
+  with pytest.raises(DataError, match=r"shape \[B\] or \[B, 1\].*one-hot"):
     _collect([(torch.zeros(4, 2), one_hot)])
 
 
 def test_label_out_of_range_names_the_values_batch_epoch_and_range():
   good = (np.zeros((2, 3), np.float32), np.array([0, 1]))
   bad = (np.zeros((2, 3), np.float32), np.array([5, 1]))
-  with pytest.raises(ValueError, match=r"batch 1 of epoch 7 must be in \[0, 3\).*got \[5\]"):
+  with pytest.raises(DataError,
+                     match=r"^labels must be in \[0, 3\), got 5 in batch 1 \(epoch 7\)$"):
     _collect([good, bad], epoch=7)
 
 
-def test_negative_label_raises_value_error():
-  with pytest.raises(ValueError, match=r"must be in \[0, 3\).*got \[-1\]"):
+def test_bad_labels_are_a_data_error_that_names_the_loader_s_role():
+  bad = (np.zeros((2, 3), np.float32), np.array([12, 1]))
+  with pytest.raises(DataError, match=r"^validation labels must be in \[0, 10\), got 12 in batch 0 "
+                                      r"\(epoch 2\)$") as info:
+    _collect([bad], num_classes=10, epoch=2, role="validation")
+  assert not isinstance(info.value, (ValueError, RuntimeError))  # no fallback may catch it
+
+
+def test_negative_label_raises_data_error():
+  with pytest.raises(DataError, match=r"must be in \[0, 3\), got -1 in batch 0$"):
     _collect([(np.zeros((2, 3), np.float32), np.array([0, -1]))])
 
 
-def test_float_labels_raise_type_error():
-  with pytest.raises(TypeError, match="labels of batch 0 must be integer class ids, got dtype float32"):
-    _collect([(np.zeros((2, 3), np.float32), np.array([0.0, 1.0], np.float32))])
+def test_float_labels_raise_data_error():
+  with pytest.raises(DataError, match="^training labels must be integer class ids, got dtype "
+                                      "float32 in batch 0$"):
+    _collect([(np.zeros((2, 3), np.float32), np.array([0.0, 1.0], np.float32))], role="training")
 
 
-def test_string_labels_raise_type_error():
-  with pytest.raises(TypeError, match="must be integer class ids"):
+def test_string_labels_raise_data_error():
+  with pytest.raises(DataError, match="must be integer class ids"):
     _collect([(np.zeros((2, 3), np.float32), ["cat", "dog"])])
 
 
-def test_object_inputs_raise_type_error():
+def test_object_inputs_raise_data_error():
   inputs = np.array([{"a": 1}, {"b": 2}], dtype=object)
-  with pytest.raises(TypeError, match="inputs of batch 0 must be numeric, got dtype object"):
+  with pytest.raises(DataError, match="^inputs must be numeric, got dtype object in batch 0$"):
     _collect([(inputs, np.array([0, 1]))])
 
 
 def test_label_count_different_from_input_count_raises():
-  with pytest.raises(ValueError, match="batch 0 has 3 inputs but 2 labels"):
+  with pytest.raises(DataError, match="batch has 3 inputs but 2 labels in batch 0"):
     _collect([(np.zeros((3, 2), np.float32), np.array([0, 1]))])
 
 
@@ -174,15 +185,16 @@ def test_full_batch_size_comes_from_the_first_batch_of_a_plain_iterable():
 
 def test_batch_longer_than_the_full_batch_size_raises():
   batches = [(np.ones((2, 2)), np.zeros(2, np.int64)), (np.ones((3, 2)), np.zeros(3, np.int64))]
-  with pytest.raises(ValueError, match="batch 1 has 3 samples, more than the full batch size B=2"):
+  with pytest.raises(DataError, match="batch has 3 samples in batch 1, more than the full batch "
+                                     "size B=2"):
     _collect(batches)
 
 
 def test_changed_per_sample_shape_raises():
   batches = [(np.ones((2, 3, 4, 4)), np.zeros(2, np.int64)),
              (np.ones((2, 3, 8, 8)), np.zeros(2, np.int64))]
-  with pytest.raises(ValueError, match=r"batch 1 have per-sample shape \(3, 8, 8\), but the first "
-                                       r"batch's was \(3, 4, 4\)"):
+  with pytest.raises(DataError, match=r"inputs have per-sample shape \(3, 8, 8\) in batch 1, but "
+                                      r"the first batch's was \(3, 4, 4\)"):
     _collect(batches)
 
 
@@ -195,8 +207,9 @@ def test_numpy_and_list_batches_match_the_torch_loader():
       np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_a_batch_that_is_not_a_pair_raises_type_error():
-  with pytest.raises(TypeError, match=r"batch 0 must be an \(inputs, labels\) pair, got tuple of length 3"):
+def test_a_batch_that_is_not_a_pair_raises_data_error():
+  with pytest.raises(DataError, match=r"batches must be \(inputs, labels\) pairs, got tuple of "
+                                      r"length 3 in batch 0"):
     _collect([(np.ones((2, 2)), np.zeros(2, np.int64), "extra")])
 
 
@@ -212,13 +225,34 @@ def _failing_loader(fail_at):
     yield np.full((2, 2), i, np.float32), np.zeros(2, np.int64)
 
 
-def test_loader_error_keeps_its_type_and_gets_batch_and_epoch_note():
+def test_loader_error_is_a_data_error_naming_its_type_batch_and_epoch_chained_to_it():
   received = []
-  with pytest.raises(_LoaderError, match="disk on fire") as info:
-    for batch in device_batches(_failing_loader(3), num_classes=3, epoch=2):
+  with pytest.raises(LoaderError, match=r"^validation loader raised _LoaderError: disk on fire "
+                                        r"while reading batch 3 \(epoch 2\)$") as info:
+    for batch in device_batches(_failing_loader(3), num_classes=3, epoch=2, role="validation"):
       received.append(float(batch["image"][0, 0]))
   assert received == [0.0, 1.0, 2.0]
-  assert "orchard_jax: raised while reading batch 3 of epoch 2" in info.value.__notes__
+  assert isinstance(info.value, DataError)
+  assert type(info.value.__cause__) is _LoaderError and str(info.value.__cause__) == "disk on fire"
+
+
+class _NoIter:
+  def __iter__(self):
+    raise RuntimeError("no data today")
+
+
+def test_a_loader_whose_iter_raises_is_a_loader_error():
+  with pytest.raises(LoaderError, match=r"^the loader raised RuntimeError: no data today while "
+                                        r"reading batch 0$"):
+    _collect(_NoIter())
+
+
+def test_keyboard_interrupt_in_a_loader_passes_unchanged():
+  def interrupted():
+    yield np.zeros((2, 2), np.float32), np.zeros(2, np.int64)
+    raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt):
+    _collect(interrupted())
 
 
 class _BrokenDataset(Dataset):
@@ -232,10 +266,11 @@ class _BrokenDataset(Dataset):
     return torch.zeros(2), 0
 
 
-def test_dataset_error_inside_a_dataloader_propagates_with_a_note():
-  with pytest.raises(KeyError, match="no sample 5") as info:
+def test_dataset_error_inside_a_dataloader_is_a_loader_error_with_the_original_message():
+  with pytest.raises(LoaderError, match=r"^the loader raised KeyError: 'no sample 5' while reading "
+                                        r"batch 1$") as info:
     _collect(DataLoader(_BrokenDataset(), batch_size=4))
-  assert info.value.__notes__ == ["orchard_jax: raised while reading batch 1"]
+  assert isinstance(info.value.__cause__, KeyError)
 
 
 # ----------------------------------------------------------------- prefetch thread
@@ -263,7 +298,7 @@ def test_prefetch_thread_stops_when_the_consumer_raises():
 
 
 def test_prefetch_thread_ends_after_an_error_reaches_the_consumer():
-  with pytest.raises(_LoaderError):
+  with pytest.raises(LoaderError):
     _collect(_failing_loader(1))
   assert not _wait_for_no_prefetch_thread()
 
@@ -285,6 +320,9 @@ def test_bad_arguments_raise_value_error_at_call_time():
     device_batches([], num_classes=3, prefetch=0)
   with pytest.raises(ValueError, match="num_classes must be an int >= 1, got num_classes=0"):
     device_batches([], num_classes=0)
+  with pytest.raises(ValueError, match=r"role must be one of \(None, 'training', 'validation'\), "
+                                       r"got role='test'"):
+    device_batches([], num_classes=3, role="test")
 
 
 def test_empty_loader_yields_nothing():

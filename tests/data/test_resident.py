@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from orchard_jax.core.batches import IndexedBatch, materialize
 from orchard_jax.data import device_batches, resident
+from orchard_jax.errors import DataError, LoaderError
 
 
 def _host(batches):
@@ -88,8 +89,34 @@ def test_datasets_over_the_size_limit_take_the_per_batch_path(monkeypatch):
 def test_a_bad_label_names_its_batch_and_epoch():
   y = torch.tensor([0, 1, 0, 1, 7, 0])
   loader = DataLoader(TensorDataset(torch.ones(6, 3), y), batch_size=2)
-  with pytest.raises(ValueError, match=r"labels of batch 2 of epoch 3 must be in \[0, 2\).*\[7\]"):
-    list(device_batches(loader, num_classes=2, epoch=3))
+  with pytest.raises(DataError, match=r"^validation labels must be in \[0, 2\), got 7 in batch 2 "
+                                      r"\(epoch 3\)$"):
+    list(device_batches(loader, num_classes=2, epoch=3, role="validation"))
+
+
+class _FailingSampler(torch.utils.data.Sampler):
+  def __init__(self, n, fail_at):
+    self.n, self.fail_at = n, fail_at
+
+  def __len__(self):
+    return self.n
+
+  def __iter__(self):
+    for i in range(self.n):
+      if i == self.fail_at:
+        raise IndexError(f"sample {i} is gone")
+      yield i
+
+
+def test_a_sampler_that_raises_is_a_loader_error_naming_the_batch():
+  loader = DataLoader(TensorDataset(torch.ones(6, 3), torch.zeros(6, dtype=torch.int64)),
+                      batch_size=2, sampler=_FailingSampler(6, fail_at=4))
+  assert resident.fits(loader)
+  message = (r"^training loader raised IndexError: sample 4 is gone while reading batch 2 "
+             r"\(epoch 1\)$")
+  with pytest.raises(LoaderError, match=message) as info:
+    list(device_batches(loader, num_classes=2, epoch=1, role="training"))
+  assert isinstance(info.value.__cause__, IndexError)
 
 
 def test_chunks_of_batches_give_the_same_batches_and_name_a_bad_batch_in_a_later_chunk(monkeypatch):
@@ -108,7 +135,7 @@ def test_chunks_of_batches_give_the_same_batches_and_name_a_bad_batch_in_a_later
   y_bad = y.clone()
   y_bad[25] = 9  # sample 25: batch 6 (0-based) in order, in the third chunk of 3
   loader = DataLoader(TensorDataset(x, y_bad), batch_size=4)
-  with pytest.raises(ValueError, match=r"labels of batch 6 must be in \[0, 4\).*\[9\]"):
+  with pytest.raises(DataError, match=r"^labels must be in \[0, 4\), got 9 in batch 6$"):
     list(device_batches(loader, num_classes=4))
 
 

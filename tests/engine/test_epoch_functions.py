@@ -1,6 +1,4 @@
-"""train_epoch / evaluate over real DataLoaders: exact metrics, padding, one compile."""
-
-import warnings
+"""train_epoch / evaluate over real DataLoaders: exact metrics, padding, one compile, bad data."""
 
 import jax
 import numpy as np
@@ -11,7 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from orchard_jax import MLP, MiniCNN, create_train_state, eval_step, evaluate, train_epoch
 from orchard_jax.core import executables
+from orchard_jax.core.metrics import SUM_KEYS
 from orchard_jax.engine import epoch as epoch_module
+from orchard_jax.errors import DataError, EmptyLoaderError, LoaderError, NonFiniteInputError
 
 C = 4
 
@@ -92,39 +92,124 @@ def test_epoch_loss_is_sample_weighted_over_a_padded_last_batch():
   np.testing.assert_allclose(loss, before, rtol=1e-4)
 
 
-def test_empty_loaders_give_zero_loss_with_warning_and_nan_metrics():
+def test_empty_loaders_raise_instead_of_a_zero_loss_or_nan_metrics():
   state = _state()
-  with pytest.warns(RuntimeWarning, match="yielded no batch"):
-    _, loss = train_epoch(state, [], epoch=1)
-  assert loss == 0.0
-  metrics = evaluate(state, [])
-  assert set(metrics) == {"loss", "accuracy", "auc", "f1"}
-  assert all(np.isnan(v) for v in metrics.values())
+  with pytest.raises(EmptyLoaderError, match="^the training loader yielded no batch at epoch 1$"):
+    train_epoch(state, [], epoch=1)
+  with pytest.raises(EmptyLoaderError, match="^the validation loader yielded no batch at epoch 2$"):
+    evaluate(state, [], epoch=2)
+  with pytest.raises(EmptyLoaderError, match="^the validation loader yielded no batch$"):
+    empty = TensorDataset(torch.zeros(0, 1, 6, 6), torch.zeros(0, dtype=torch.int64))
+    evaluate(state, DataLoader(empty, batch_size=8))
 
 
 def test_diverging_loss_raises_with_the_reference_message():
   x, y = _dataset(32)
-  x[5, 0, 0, 0] = np.inf
+  x[5] = 3e38  # finite, but the logits overflow
   state = _state(MLP(num_classes=C, hidden=(8,)))
-  with pytest.raises(RuntimeError, match=r"Training diverged: loss=nan at epoch 2"):
+  with pytest.raises(RuntimeError, match=r"^Training diverged: loss=(nan|inf) at epoch 2$"):
     train_epoch(state, _loader(x, y, 8), epoch=2)
+
+
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "per_batch"])
+def test_nonfinite_training_inputs_are_bad_data_not_divergence(resident):
+  x, y = _dataset(32)
+  x[3, 0, 1, 1] = np.nan
+  x[17, 0, 0, 0] = np.inf
+  x[30] = -np.inf
+  loader = _loader(x, y, 8)  # a TensorDataset: its images are made device-resident
+  state = _state(MLP(num_classes=C, hidden=(8,)))
+  message = (r"^training inputs: 3 rows with NaN or Inf at epoch 1; fix the data "
+             r"\(this is not divergence\)$")
+  with pytest.raises(NonFiniteInputError, match=message) as info:
+    train_epoch(state, loader if resident else list(loader), epoch=1)
+  assert isinstance(info.value, DataError) and not isinstance(info.value, RuntimeError)
+
+
+def test_one_nonfinite_training_row_is_named_in_the_singular():
+  x, y = _dataset(10)
+  x[9, 0, 2, 2] = np.nan  # in the padded last batch
+  with pytest.raises(NonFiniteInputError, match="^training inputs: 1 row with NaN or Inf at epoch 4;"
+                     " fix the data"):
+    train_epoch(_state(MLP(num_classes=C, hidden=(8,))), _loader(x, y, 4), epoch=4)
+
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class _Compiles:
+  """How many programs XLA compiled while active (JAX's own monitoring events)."""
+
+  def __init__(self):
+    self.count = 0
+
+  def __call__(self, event, duration, **kwargs):
+    self.count += event == COMPILE_EVENT
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self)
+
+
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "per_batch"])
+def test_counting_nonfinite_inputs_is_part_of_the_step_and_compiles_nothing_more(resident):
+  x, y = _dataset(40)  # 40 = 2 * 16 + 8: a padded last batch
+  bad = x.copy()
+  bad[[2, 33]] = np.nan
+  make = lambda images: _loader(images, y, 16) if resident else list(_loader(images, y, 16))
+  state = _state(MLP(num_classes=C, hidden=(13,)))  # a structure no other test compiles
+  executables.clear()
+  with _Compiles() as first:
+    state, loss = train_epoch(state, make(x), epoch=1)
+    evaluate(state, make(x), epoch=1)
+  with _Compiles() as second:
+    with pytest.raises(NonFiniteInputError, match="^training inputs: 2 rows with NaN or Inf at"):
+      state, loss = train_epoch(state, make(bad), epoch=2)
+  assert first.count >= 2 and second.count == 0  # the count rode in epoch 1's programs
+  assert executables.stats("train_step")["compiled"] == 1
 
 
 def test_bad_label_is_caught_on_the_host_with_its_value():
   x, y = _dataset(16)
   y[9] = 7
-  with pytest.raises(ValueError, match="7"):
+  with pytest.raises(DataError, match=r"^training labels must be in \[0, 4\), got 7 in batch 1 "
+                                      r"\(epoch 1\)$"):
     train_epoch(_state(), _loader(x, y, 8), epoch=1)
 
 
-def test_loader_error_propagates_with_epoch_and_batch_index():
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "per_batch"])
+def test_inputs_of_another_shape_than_the_model_s_are_a_data_error(resident):
+  x, y = _dataset(16)
+  loader = _loader(x[:, :, :5, :5].copy(), y, 8)
+  loader = loader if resident else list(loader)
+  pattern = (r"^{} inputs have per-sample shape \(5, 5, 1\) \(channels last\) in batch 0 "
+             r"\(epoch 2\), but the model's input shape is \(6, 6, 1\)$")
+  with pytest.raises(DataError, match=pattern.format("training")):
+    train_epoch(_state(), loader, epoch=2)
+  with pytest.raises(DataError, match=pattern.format("validation")):
+    evaluate(_state(), loader, epoch=2)
+
+
+def test_nonfinite_validation_logits_are_a_failed_validation_with_their_count():
+  x, y = _dataset(48)
+  x[[0, 10, 20, 30, 47], 0, 3, 3] = np.nan
+  with pytest.raises(ValueError, match=r"^5 of 48 validation rows have non-finite logits "
+                                       r"\(5 have NaN or Inf inputs\)$"):
+    evaluate(_state(MLP(num_classes=C, hidden=(8,))), _loader(x, y, 16), epoch=2)
+
+
+def test_loader_error_is_a_data_error_with_epoch_batch_and_the_original():
   def broken():
     x, y = _dataset(8)
     yield torch.from_numpy(x), torch.from_numpy(y)
     raise OSError("disk went away")
-  with pytest.raises(OSError, match="disk went away") as info:
+  with pytest.raises(LoaderError, match=r"^training loader raised OSError: disk went away while "
+                                        r"reading batch 1 \(epoch 3\)$") as info:
     train_epoch(_state(), broken(), epoch=3)
-  assert any("batch 1" in note and "epoch 3" in note for note in info.value.__notes__)
+  assert isinstance(info.value.__cause__, OSError)
 
 
 def test_a_resident_loader_trains_and_evaluates_like_its_batches_as_a_list():
@@ -142,20 +227,19 @@ def test_a_resident_loader_trains_and_evaluates_like_its_batches_as_a_list():
 @pytest.mark.parametrize("n", [1, 2, 3, 16, 17, 37])
 def test_epoch_sums_are_packed_in_power_of_two_groups_and_summed_in_float64(n):
   rng = np.random.default_rng(n)
-  values = rng.uniform(0, 1e4, (n, 3)).astype(np.float32)
-  per_batch = [dict(zip(("loss_sum", "correct", "count"), map(jax.numpy.asarray, row)))
-               for row in values]
+  values = rng.uniform(0, 1e4, (n, len(SUM_KEYS))).astype(np.float32)
+  per_batch = [dict(zip(SUM_KEYS, map(jax.numpy.asarray, row))) for row in values]
   packed = epoch_module._packed(per_batch)
   sizes = [len(p) for p in packed]
   assert sum(sizes) == n and all(s & (s - 1) == 0 and s <= epoch_module._GROUP for s in sizes)
   got = epoch_module._sums(jax.device_get(packed))
   expected = values.astype(np.float64).sum(axis=0)
-  np.testing.assert_allclose([got["loss_sum"], got["correct"], got["count"]], expected, rtol=1e-15)
+  np.testing.assert_allclose([got[key] for key in SUM_KEYS], expected, rtol=1e-15)
 
 
 def test_packing_compiles_at_most_one_program_per_group_size():
   epoch_module._stack.clear_cache()
   one = jax.device_put(np.float32(1))
   for n in range(1, 40):
-    epoch_module._packed([{"loss_sum": one, "correct": one, "count": one}] * n)
+    epoch_module._packed([dict.fromkeys(SUM_KEYS, one)] * n)
   assert epoch_module._stack._cache_size() == 5  # groups of 1, 2, 4, 8 and 16
