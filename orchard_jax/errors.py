@@ -21,7 +21,11 @@
 
 from __future__ import annotations
 
-__all__ = ["DataError", "EmptyLoaderError", "LoaderError", "NonFiniteInputError", "StorageFault"]
+import os
+import re
+import sqlite3
+
+__all__ = ["DRIVER_MODULES", "cause_chain", "os_error_code", "root_cause", "DataError", "EmptyLoaderError", "LoaderError", "NonFiniteInputError", "StorageFault"]
 
 
 class DataError(Exception):
@@ -42,3 +46,64 @@ class NonFiniteInputError(DataError):
 
 class StorageFault(Exception):
   """The study's storage failed (transient: the trial is retried, the budget unchanged)."""
+
+
+# ------------------------------------------------------------- root causes --
+
+# Database drivers whose own errors carry the server's words.
+DRIVER_MODULES = ("psycopg2", "psycopg", "pymysql", "MySQLdb", "mysql")
+# tensorstore (orbax) reports an OS error inside its message.
+OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
+
+
+def cause_chain(e: BaseException) -> list[BaseException]:
+  """``e`` and its causes, outermost first: SQLAlchemy's ``.orig`` (the driver's
+  error), else ``__cause__``, else ``__context__`` unless ``raise ... from None``."""
+  chain: list[BaseException] = []
+  current: BaseException | None = e
+  while current is not None and all(current is not seen for seen in chain):
+    chain.append(current)
+    orig = getattr(current, "orig", None)
+    if isinstance(orig, BaseException) and orig is not current.__cause__:
+      current = orig
+    elif current.__cause__ is not None:
+      current = current.__cause__
+    else:
+      current = None if current.__suppress_context__ else current.__context__
+  return chain
+
+
+def os_error_code(e: BaseException) -> int | None:
+  if isinstance(e, OSError):
+    return e.errno
+  match = OS_ERROR_CODE.search(str(e))
+  return int(match.group(1)) if match else None
+
+
+def _describe(e: BaseException) -> str:
+  code = None if isinstance(e, OSError) else os_error_code(e)
+  if code is not None:
+    return f"[Errno {code}] {os.strerror(code)}"
+  text = str(e)
+  if isinstance(e, (OSError, sqlite3.Error)) or any(
+      cls.__module__.split(".")[0] in DRIVER_MODULES for cls in type(e).__mro__):
+    return text or type(e).__name__
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def root_cause(e: BaseException, limit: int = 300) -> str:
+  """The deepest cause of ``e``, in one line of at most ``limit`` characters.
+
+  Walks :func:`cause_chain` to its end, past Optuna's
+  ``StorageInternalError`` ("An exception is raised during the commit ...")
+  and SQLAlchemy's wrapper, to the driver's or the OS's own words: a storage
+  or OS error gives its message alone ("database or disk is full",
+  "database is locked", "[Errno 28] No space left on device", psycopg2's
+  "server closed the connection unexpectedly ..."; tensorstore's
+  ``[os_error_code='28']`` reads as the OS error), anything else
+  ``"<Type>: <message>"``.
+  """
+  text = " ".join(_describe(cause_chain(e)[-1]).split())
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+

@@ -25,8 +25,8 @@ import jax
 import optuna
 
 from orchard_jax.core.schedules import LRController
-from orchard_jax.errors import StorageFault
 from orchard_jax.core.state import TrainState
+from orchard_jax.errors import StorageFault, root_cause
 from orchard_jax.fileio import atomic_directory
 from orchard_jax.engine.loop import Callback, EpochLog, LoopResult
 
@@ -42,8 +42,8 @@ def storage_call(method: Any, *args: Any) -> Any:
   try:
     return method(*args)
   except Exception as e:  # pylint: disable=broad-except
-    raise StorageFault(f"{getattr(method, '__name__', 'the study storage')} failed: "
-                       f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from e
+    raise StorageFault(f"{getattr(method, '__name__', 'a call of the study storage')} failed: "
+                       f"{root_cause(e)}") from e
 
 
 class OptunaReportPrune(Callback):
@@ -106,15 +106,6 @@ def _copy(tree: Any) -> Any:
   return jax.device_put(tree, may_alias=False)
 
 
-def _root_cause(e: BaseException) -> str:
-  """:func:`orchard_jax.study.storage.root_cause` (the OS's words under orbax's wrappers)."""
-  try:
-    from orchard_jax.study.storage import root_cause  # pylint: disable=import-outside-toplevel
-  except Exception:  # pylint: disable=broad-except  # never let a warning cost the run
-    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
-  return root_cause(e)
-
-
 class BestState(Callback):
   """Keeps the parameters and model state of the best epoch.
 
@@ -161,7 +152,7 @@ class BestState(Callback):
       save_best(self.directory, self.params, self.model_state,
                 {"epoch": self.epoch, "value": self.value, "metric": self.metric_name})
     except Exception as e:  # pylint: disable=broad-except  # the run's value must survive
-      self.write_error = _root_cause(e)
+      self.write_error = root_cause(e)
       who, keeps = (("Fit", "the run keeps its result") if self.trial_number is None else
                     (f"Trial {self.trial_number}", "the trial keeps its value"))
       logger.warning("%s: the best state could not be written to %s: %s; %s", who,

@@ -35,11 +35,11 @@ from orchard_jax.core.sharding import data_mesh, replicate_state
 from orchard_jax.core.state import TrainState, state_from_config
 from orchard_jax.data.adapter import Where, device_batches, loader_error
 from orchard_jax.engine.callbacks import (BestState, EarlyStopping, LRSchedulerStep,
-                                          OptunaReportPrune, load_best)
+                                          OptunaReportPrune, load_best, storage_call)
 from orchard_jax.engine.epoch import evaluate, train_epoch
 from orchard_jax.engine.loop import (Callback, EpochLog, EpochLoop, LoopResult, run_loop,
                                      worst_value)
-from orchard_jax.errors import DataError, EmptyLoaderError
+from orchard_jax.errors import DataError, EmptyLoaderError, StorageFault
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class TrialTrainingExecutor:
                                metric_name=training.monitor_metric)
     result = _run(cfg, training, f"T{number}", best=best, report=report)
     if best.write_error is not None:  # the trial keeps its value; its checkpoint is missing
-      trial.set_user_attr("checkpoint_error", best.write_error)
+      storage_call(trial.set_user_attr, "checkpoint_error", best.write_error)
     logger.info("Trial %d completed", number)
     logger.info("  Best %-13s: %.6f", training.monitor_metric.upper(), result.best)
     logger.info("  %-18s: %.4f", "Final Loss", result.final_train_loss)
@@ -235,6 +235,10 @@ def run_trial(trial: optuna.Trial, cfg: TrialConfig) -> float:
 
   Raises:
     optuna.TrialPruned: when the pruner stops the trial.
+    orchard_jax.errors.StorageFault: a call to the study's storage (``trial.report``,
+      ``should_prune``, ``set_user_attr``) failed: the fault is the storage's,
+      not the trial's, so no value is returned for it (the study runner
+      retries such a trial).
     orchard_jax.errors.DataError: bad training or validation data, whatever
       ``cfg.reraise_errors`` says: logged and stored as
       ``trial.user_attrs["error"]`` first, then re-raised, so Optuna stores
@@ -249,15 +253,15 @@ def run_trial(trial: optuna.Trial, cfg: TrialConfig) -> float:
   _check_direction(trial, cfg)
   try:
     return TrialTrainingExecutor(cfg).execute(trial)
-  except optuna.TrialPruned:
+  except (optuna.TrialPruned, StorageFault):  # a storage fault is not the trial's own: retried
     raise
   except DataError as e:  # deterministic: the data fail, not the trial's hyperparameters
     logger.error("Trial %d failed on bad data: %s: %s", trial.number, type(e).__name__, e)
-    trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+    storage_call(trial.set_user_attr, "error", f"{type(e).__name__}: {e}")
     raise
   except Exception as e:  # one bad trial must not crash the study
     logger.error("Trial %d failed: %s: %s", trial.number, type(e).__name__, e)
-    trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+    storage_call(trial.set_user_attr, "error", f"{type(e).__name__}: {e}")
     if cfg.reraise_errors:
       raise
     return worst_value(cfg.training.monitor_direction)

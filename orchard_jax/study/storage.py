@@ -67,6 +67,10 @@ from typing import Any
 import optuna
 from optuna.storages.journal import JournalFileBackend
 
+from orchard_jax.errors import DRIVER_MODULES as _DRIVER_MODULES
+from orchard_jax.errors import cause_chain as _chain
+from orchard_jax.errors import os_error_code as _os_error_code
+from orchard_jax.errors import root_cause
 from orchard_jax.study.checks import RecipeError
 
 logger = logging.getLogger(__name__)
@@ -430,38 +434,12 @@ def _open_journal(path: pathlib.Path, where: str) -> Any:
 
 _SQLITE_TRANSIENT = ("locked", "busy", "full", "disk i/o error", "unable to open")
 _TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
-_DRIVER_MODULES = ("psycopg2", "psycopg", "pymysql", "MySQLdb", "mysql")
 # tensorstore (orbax's writer) reports an OS error as ValueError("... [os_error_code='28']")
-_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
-
-
-def _chain(e: BaseException) -> list[BaseException]:
-  """``e`` and its causes, outermost first: SQLAlchemy's ``.orig`` (the driver's
-  error), else ``__cause__``, else ``__context__`` unless ``raise ... from None``."""
-  chain: list[BaseException] = []
-  current: BaseException | None = e
-  while current is not None and all(current is not seen for seen in chain):
-    chain.append(current)
-    orig = getattr(current, "orig", None)
-    if isinstance(orig, BaseException) and orig is not current.__cause__:
-      current = orig
-    elif current.__cause__ is not None:
-      current = current.__cause__
-    else:
-      current = None if current.__suppress_context__ else current.__context__
-  return chain
 
 
 def _is_driver_error(e: BaseException, names: tuple[str, ...]) -> bool:
   return any(cls.__module__.split(".")[0] in _DRIVER_MODULES and cls.__name__ in names
              for cls in type(e).__mro__)
-
-
-def _os_error_code(e: BaseException) -> int | None:
-  if isinstance(e, OSError):
-    return e.errno
-  match = _OS_ERROR_CODE.search(str(e))
-  return int(match.group(1)) if match else None
 
 
 def _transient_one(e: BaseException) -> bool:
@@ -498,33 +476,6 @@ def is_transient(e: BaseException) -> bool:
   ``ValueError`` of a model, a bad SQL statement) is not.
   """
   return any(_transient_one(link) for link in _chain(e))
-
-
-def _describe(e: BaseException) -> str:
-  code = None if isinstance(e, OSError) else _os_error_code(e)
-  if code is not None:
-    return f"[Errno {code}] {os.strerror(code)}"
-  text = str(e)
-  if isinstance(e, (OSError, sqlite3.Error)) or any(
-      cls.__module__.split(".")[0] in _DRIVER_MODULES for cls in type(e).__mro__):
-    return text or type(e).__name__
-  return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def root_cause(e: BaseException, limit: int = 300) -> str:
-  """The deepest cause of ``e``, in one line of at most ``limit`` characters.
-
-  Walks the chain of :func:`is_transient` to its end, past Optuna's
-  ``StorageInternalError`` ("An exception is raised during the commit ...")
-  and SQLAlchemy's wrapper, to the driver's or the OS's own words: a storage
-  or OS error gives its message alone ("database or disk is full",
-  "database is locked", "[Errno 28] No space left on device", psycopg2's
-  "server closed the connection unexpectedly ..."; tensorstore's
-  ``[os_error_code='28']`` reads as the OS error), anything else
-  ``"<Type>: <message>"``.
-  """
-  text = " ".join(_describe(_chain(e)[-1]).split())
-  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ------------------------------------------------------------ study lock --

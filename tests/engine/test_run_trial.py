@@ -242,3 +242,31 @@ def test_a_sqlite_study_runs_trials_and_saves_the_best_state(make_cfg, tmp_path)
   state = load_best_state(best_cfg, best.number)
   summary = read_summary(best_state_dir(cfg.output_dir, best.number))
   assert evaluate(state, cfg.val_loader)["loss"] == summary["value"] == best.value
+
+
+def test_a_storage_fault_is_raised_as_such_never_the_worst_value(make_cfg, tmp_path):
+  """A real SQLite lock held by another process, a short busy timeout: ``trial.report`` fails.
+  run_trial raises StorageFault (the runner retries the trial) even without reraise_errors,
+  instead of returning -inf as if the trial had failed on its own."""
+  import subprocess
+  import sys
+
+  from orchard_jax.errors import StorageFault
+  from orchard_jax.study.storage import open_storage
+
+  db = tmp_path / "study.db"
+  storage = open_storage(f"sqlite:///{db}", sqlite_timeout=0.2)
+  study = optuna.create_study(direction="maximize", storage=storage)
+  trial = study.ask()
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sqlite3, sys, time\n"
+       "c = sqlite3.connect(sys.argv[1], isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\n"
+       "print('held', flush=True)\ntime.sleep(60)\n", str(db)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(StorageFault, match="database is locked"):
+      run_trial(trial, make_cfg(reraise_errors=False))
+  finally:
+    holder.kill()
+    holder.wait()
+  assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # nothing claims a value

@@ -150,7 +150,7 @@ def test_a_failure_ahead_is_left_to_the_first_trial(tmp_path, monkeypatch):
 
 
 def test_a_study_that_fails_to_open_waits_for_the_compile_before_raising(tmp_path, monkeypatch):
-  def unreachable(recipe, url):
+  def unreachable(recipe, url, *args, **kwargs):
     raise RuntimeError("storage is down")
 
   monkeypatch.setattr(runner, "open_study", unreachable)
