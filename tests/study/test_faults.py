@@ -24,7 +24,8 @@ import yaml
 from optuna.trial import TrialState
 
 from orchard_jax.study.liveness import RUN_LOCK
-from orchard_jax.study.outputs import CHECKPOINT_ERROR, CONFIG, RETRY_OF, STORAGE_FAULT
+from orchard_jax.study.outputs import (CHECKPOINT_ERROR, CONFIG, RETRY_OF, STORAGE_FAULT,
+                                      retry_source)
 from orchard_jax.study.storage import open_storage
 from orchard_jax.study.workers import finished_count
 
@@ -91,11 +92,11 @@ def check_exact(trials: list, n_trials: int) -> list:
   assert finished_count(trials) == n_trials, [(t.number, t.state.name) for t in trials]
   assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
   by_number = {t.number: t for t in trials}
-  retries = [t for t in trials if RETRY_OF in t.user_attrs]
+  retries = [t for t in trials if retry_source(t) is not None]  # retry_of or failed_trial
   for retry in retries:
-    assert retry.params == by_number[retry.user_attrs[RETRY_OF]].params
-  assert len({t.user_attrs[RETRY_OF] for t in retries}) == len(retries)  # each retried once
-  originals = [t for t in trials if RETRY_OF not in t.user_attrs]
+    assert retry.params == by_number[retry_source(retry)].params
+  assert len({retry_source(t) for t in retries}) == len(retries)  # each retried once
+  originals = [t for t in trials if retry_source(t) is None]
   assert len({tuple(sorted(t.params.items())) for t in originals}) == len(originals)
   return retries
 
@@ -335,3 +336,29 @@ def test_trials_csv_shows_heartbeat_retries_too(tmp_path):
   assert [r["retry_of"] for r in rows] == ["", "0", ""]
   assert rows[2]["error"] == "storage: database or disk is full"
 
+
+
+def test_run_and_workers_on_one_postgresql_study_share_the_budget_exactly(postgres, workdir,
+                                                                          warm_env, command):
+  """Real PostgreSQL: ``run`` (the recipe's URL) and two ``worker`` processes at once; one
+  worker is SIGKILLed mid-trial, and its trial is retried by heartbeat."""
+  url = postgres.create_database()
+  path = fault_recipe(workdir, "pg_mix", n_trials=6, epochs=12, storage=url)
+  heartbeat = ["--heartbeat", "1", "--grace", "3"]
+  owner, seen = start(command, ["run", path], warm_env, workdir), []
+  killed, killed_seen = start(command, ["worker", path, "--name", "doomed", "--no-outputs",
+                                        *heartbeat], warm_env, workdir), []
+  helper = start(command, ["worker", path, "--name", "helper", "--no-outputs", *heartbeat],
+                 warm_env, workdir)
+  wait_for(killed, "] T", killed_seen)  # its first trial trains
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  done, helped = finish(owner, seen), finish(helper, [])
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert helped.returncode == 0, helped.stderr[-3000:]
+  trials = load(url, "pg_mix")
+  retries = check_exact(trials, 6)
+  lost = {t.number for t in trials if t.user_attrs.get("worker") == "doomed"
+          and t.state == TrialState.FAIL}
+  assert lost and lost <= {retry_source(r) for r in retries}
+  assert "stopped beating" in done.stderr + helped.stderr
