@@ -55,7 +55,7 @@ from orchard_jax.study.liveness import RunFolderLock
 from orchard_jax.study.outputs import (CONFIG, ERROR, HISTORY, INTERRUPTED, import_ahead,
                                       resolved_config, write_study_outputs)
 from orchard_jax.study.space import build_space
-from orchard_jax.study.storage import Heartbeat, masked, open_storage, storage_url
+from orchard_jax.study.storage import Heartbeat, StudyLock, masked, open_storage, storage_url
 from orchard_jax.study.workers import (drive, exit_status, finished_count, join_study, new_worker,
                                        requeue_unfinished, retried_numbers)
 
@@ -239,6 +239,22 @@ def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None) 
       return exit_status(study, recipe, best, worker, handler, out, resume_hint=url is not None)
 
 
+class ThreadedLock(StudyLock):
+  """A study lock taken after a lock shared by this process's threads (``optuna.n_jobs``); an
+  in-memory study has only the latter."""
+
+  def __init__(self, local: Any, inner: StudyLock):
+    self.local, self.inner = local, inner
+
+  def _acquire(self) -> None:
+    self.local.acquire()
+    self.inner.acquire()
+
+  def _release(self) -> None:
+    self.inner.release()
+    self.local.release()
+
+
 def _drive_jobs(joined: Any, worker: Any, objective: Any, callbacks: Any,
                 interrupt: GracefulInterrupt, n_jobs: int) -> None:
   """Runs the study's loop in ``n_jobs`` threads (``optuna.n_jobs``), each taking trials
@@ -247,7 +263,11 @@ def _drive_jobs(joined: Any, worker: Any, objective: Any, callbacks: Any,
     drive(joined, worker, objective, callbacks, interrupt, "run")
     return
   import concurrent.futures
+  import threading
   others = [new_worker(joined, worker.recipe) for _ in range(n_jobs - 1)]
+  local = threading.Lock()  # the threads of this process exclude one another first
+  for w in (worker, *others):
+    w.lock = ThreadedLock(local, w.lock)
   with concurrent.futures.ThreadPoolExecutor(n_jobs - 1) as pool:
     futures = [pool.submit(drive, joined, w, objective, callbacks, interrupt, f"run.{i + 1}")
                for i, w in enumerate(others)]

@@ -8,13 +8,17 @@
 ``memory``                          an in-memory study: nothing is kept
 ``journal:///abs/path/study.log``   Optuna's journal file (``JournalStorage`` over
                                     ``JournalFileBackend``): several processes of one machine;
-                                    no heartbeat
+                                    liveness locks instead of a heartbeat
 ``postgresql://user:pw@host/db``,   a database through Optuna's ``RDBStorage``, with a heartbeat
-``mysql+pymysql://...``,            for workers; the driver must be installed (``pip install
-``sqlite:///path/study.db``         'orchard_jax[postgres]'`` gives psycopg2)
+``mysql+pymysql://...``             for workers; the driver must be installed (``pip install
+                                    'orchard_jax[postgres]'`` gives psycopg2)
+``sqlite:///path/study.db``         a SQLite file: liveness locks instead of a heartbeat
 ==================================  ============================================================
 
-A *heartbeat* (:class:`Heartbeat`) makes a database storage record, every
+On a file storage (SQLite, journal) each process that runs trials holds a
+liveness lock (:mod:`orchard_jax.study.liveness`), which tells a dead
+process at once. A *heartbeat* (:class:`Heartbeat`) makes a database
+server record, every
 ``interval`` seconds, that each running trial is alive. A trial whose worker
 stopped beating for ``grace`` seconds is marked FAIL by the next worker that
 looks, and Optuna's retry callback enqueues its parameters again (at most

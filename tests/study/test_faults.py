@@ -133,7 +133,11 @@ def test_a_second_run_on_a_busy_folder_refuses_naming_the_first(workdir, warm_en
   path = fault_recipe(workdir, "busy", epochs=30)
   first, seen = start(command, ["run", path], warm_env, workdir), []
   wait_for(first, "T0 E1/30", seen)
-  second = run(command, ["run", path], warm_env, workdir)
+  first.send_signal(signal.SIGSTOP)  # alive and mid-trial for as long as the second one takes
+  try:
+    second = run(command, ["run", path], warm_env, workdir)
+  finally:
+    first.send_signal(signal.SIGCONT)
   result = finish(first, seen)
   assert result.returncode == 0, result.stderr[-3000:]
   assert second.returncode == 2, second.stderr
@@ -148,11 +152,17 @@ def test_run_and_worker_on_one_study_share_the_budget_exactly(workdir, warm_env,
   url = f"sqlite:///{workdir / 'shared' / 'study.db'}"
   (workdir / "shared").mkdir()
   optuna.create_study(study_name="shared", storage=url, direction="maximize")
-  owner, seen = start(command, ["run", path], warm_env, workdir), []
-  joiner = start(command, ["worker", path, "--storage", url, "--output", workdir / "joiner",
-                           "--no-outputs"], warm_env, workdir)
+  joiner, joiner_seen = start(command, ["worker", path, "--storage", url, "--output",
+                                        workdir / "joiner", "--no-outputs"], warm_env, workdir), []
+  wait_for(joiner, "T0 E1/8", joiner_seen)
+  joiner.send_signal(signal.SIGSTOP)  # mid-trial until the run has started one of its own
+  try:
+    owner, seen = start(command, ["run", path], warm_env, workdir), []
+    wait_for(owner, "T1 E1/8", seen)
+  finally:
+    joiner.send_signal(signal.SIGCONT)
   done = finish(owner, seen)
-  joined = finish(joiner, [])
+  joined = finish(joiner, joiner_seen)
   assert done.returncode == 0, done.stderr[-3000:]
   assert joined.returncode == 0, joined.stderr[-3000:]
   trials = load(url, "shared")
@@ -362,3 +372,18 @@ def test_run_and_workers_on_one_postgresql_study_share_the_budget_exactly(postgr
           and t.state == TrialState.FAIL}
   assert lost and lost <= {retry_source(r) for r in retries}
   assert "stopped beating" in done.stderr + helped.stderr
+
+
+def test_n_jobs_threads_share_the_budget_exactly(workdir, warm_env, command):
+  path = fault_recipe(workdir, "threads", n_trials=5, epochs=3, n_jobs=2)
+  result = run(command, ["run", path], warm_env, workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  trials = load(f"sqlite:///{workdir / 'threads' / 'study.db'}", "threads")
+  check_exact(trials, 5)
+  assert len(trials) == 5 and len({t.user_attrs["worker_id"] for t in trials}) == 2
+  memory = fault_recipe(workdir, "threads_memory", n_trials=5, epochs=3, n_jobs=2,
+                        storage="memory")
+  result = run(command, ["run", memory], warm_env, workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = list(csv.DictReader(open(workdir / "threads_memory" / "trials.csv")))
+  assert [r["state"] for r in rows] == ["COMPLETE"] * 5
