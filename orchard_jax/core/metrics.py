@@ -3,12 +3,11 @@
 Two halves, used by the epoch functions:
 
 * On device, inside the jitted steps: :func:`masked_sums` turns one padded
-  batch into float32 sums ``{"loss_sum", "correct", "count",
-  "nonfinite_inputs"}`` that exclude padding rows. The epoch functions fetch
-  every batch's sums once and add them on the host in float64;
-  :func:`empty_sums` and :func:`add_sums` accumulate them on the device
-  instead, for loops of your own (CLU-style ``empty`` / ``merge``, as plain
-  functions on a dict pytree).
+  batch into float32 sums ``{"loss_sum", "correct", "count"}`` that exclude
+  padding rows. The epoch functions fetch every batch's sums once and add
+  them on the host in float64; :func:`empty_sums` and :func:`add_sums`
+  accumulate them on the device instead, for loops of your own (CLU-style
+  ``empty`` / ``merge``, as plain functions on a dict pytree).
 * On the host, once per epoch, from arrays fetched in one transfer:
   :func:`classification_metrics` returns ``loss``, ``accuracy``, ``auc`` and
   ``f1`` exactly as the reference's default classification validator
@@ -31,23 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 
 METRIC_KEYS = ("loss", "accuracy", "auc", "f1")
-SUM_KEYS = ("loss_sum", "correct", "count", "nonfinite_inputs")
+SUM_KEYS = ("loss_sum", "correct", "count")
 
 
 # --------------------------------------------------------------------------- #
 # On device: masked per-batch sums.
 # --------------------------------------------------------------------------- #
-def nonfinite_rows(inputs_B: jax.Array, mask_B: jax.Array) -> jax.Array:
-  """Float32 count of the unpadded rows of ``inputs_B`` ``[B, ...]`` that hold a NaN or Inf.
-
-  Jit-safe; one pass over the inputs, inside the step's own program.
-  """
-  finite_B = jnp.isfinite(inputs_B.reshape(inputs_B.shape[0], -1)).all(axis=1)
-  return (~finite_B & mask_B.astype(jnp.bool_)).sum(dtype=jnp.float32)
-
-
 def masked_sums(loss_per_sample_B: jax.Array, logits_BxC: jax.Array, labels_B: jax.Array,
-                mask_B: jax.Array, inputs_B: jax.Array | None = None) -> dict[str, jax.Array]:
+                mask_B: jax.Array) -> dict[str, jax.Array]:
   """Float32 sums over the unpadded rows of one batch; jit-safe.
 
   Args:
@@ -56,23 +46,18 @@ def masked_sums(loss_per_sample_B: jax.Array, logits_BxC: jax.Array, labels_B: j
       their argmax, as ``torch.max(outputs, 1)`` in the reference.
     labels_B: integer class ids, shape ``[B]``.
     mask_B: boolean, shape ``[B]``; False on padding rows.
-    inputs_B: the batch's inputs ``[B, ...]``, whose rows holding a NaN or Inf
-      are counted (:func:`nonfinite_rows`); None counts none.
 
   Returns:
     ``{"loss_sum": sum of the loss, "correct": number of right predictions,
-    "count": number of rows, "nonfinite_inputs": rows with a NaN or Inf
-    input}``, each a float32 scalar over the rows where ``mask_B`` is True.
-    Padding rows are excluded with ``jnp.where``, so a NaN or Inf in a padding
-    row does not leak into the sums.
+    "count": number of rows}``, each a float32 scalar over the rows where
+    ``mask_B`` is True. Padding rows are excluded with ``jnp.where``, so a
+    NaN or Inf in a padding row does not leak into the sums.
   """
   mask_B = mask_B.astype(jnp.bool_)
   loss_sum = jnp.where(mask_B, loss_per_sample_B.astype(jnp.float32), 0.0).sum()
   hit_B = (jnp.argmax(logits_BxC, axis=-1) == labels_B) & mask_B
-  nonfinite = (jnp.zeros((), jnp.float32) if inputs_B is None
-               else nonfinite_rows(inputs_B, mask_B))
   return {"loss_sum": loss_sum, "correct": hit_B.sum(dtype=jnp.float32),
-          "count": mask_B.sum(dtype=jnp.float32), "nonfinite_inputs": nonfinite}
+          "count": mask_B.sum(dtype=jnp.float32)}
 
 
 def empty_sums() -> dict[str, jax.Array]:

@@ -5,9 +5,7 @@
 Each is compiled once per (model, optimizer structure, criterion, precision,
 batch shape), because everything else a trial varies is an array in the
 state. ``train_step`` donates its state. Nothing here forces a host sync:
-metrics are on-device sums that the epoch loop fetches once per epoch. Among
-them is the count of rows with a NaN or Inf input, so that the epoch loop can
-report bad data as such rather than as a diverged loss.
+metrics are on-device sums that the epoch loop fetches once per epoch.
 
 A batch is ``{"image": [B, ...], "label": int [B], "mask": bool [B]}``,
 or an :class:`~orchard_jax.core.batches.IndexedBatch` (a row of a chunk of
@@ -104,10 +102,7 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, 
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             model_state=model_state, loss_scale=loss_scale)
   # The batch's mean loss counts once per unpadded sample: epoch means are sample-weighted.
-  # Rows with a NaN or Inf input are counted here, in the same program, so the epoch
-  # loop can tell bad data from divergence at its one host sync.
-  return new_state, masked_sums(jnp.broadcast_to(loss, labels_B.shape), logits, labels_B, mask_B,
-                                inputs_B=batch["image"])
+  return new_state, masked_sums(jnp.broadcast_to(loss, labels_B.shape), logits, labels_B, mask_B)
 
 
 def _eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
@@ -121,18 +116,15 @@ def _eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
   logits_BxC = policy.cast_to_output(logits).astype(jnp.float32)
   loss_B = losses.per_sample_cross_entropy(logits_BxC, labels_B)
   return {"logits": logits_BxC, "loss": jnp.where(mask_B, loss_B, 0.0), "label": labels_B,
-          "mask": mask_B, **masked_sums(loss_B, logits_BxC, labels_B, mask_B,
-                                        inputs_B=batch["image"])}
+          "mask": mask_B, **masked_sums(loss_B, logits_BxC, labels_B, mask_B)}
 
 
 train_step = jax.jit(_train_step, donate_argnums=0)
 train_step.__doc__ = """One optimizer step on one (possibly padded) batch; the state is donated.
 
 Returns the new state and on-device metrics ``{"loss_sum", "correct",
-"count", "nonfinite_inputs"}`` (float32 scalars; ``loss_sum`` is the batch's
-mean loss times its unpadded sample count, so epoch means are sample-weighted;
-``nonfinite_inputs`` counts the unpadded rows whose input holds a NaN or Inf,
-before MixUp).
+"count"}`` (float32 scalars; ``loss_sum`` is the batch's mean loss times its
+unpadded sample count, so epoch means are sample-weighted).
 """
 
 eval_step = jax.jit(_eval_step)
@@ -140,7 +132,7 @@ eval_step.__doc__ = """Evaluation-mode forward pass on one (possibly padded) bat
 
 Returns ``{"logits": float32 [B, C], "loss": per-sample cross-entropy [B]
 (0 on padding), "label": int32 [B], "mask": bool [B], "loss_sum", "correct",
-"count", "nonfinite_inputs"}`` (sums over unpadded rows; the batch's labels and mask are returned
+"count"}`` (sums over unpadded rows; the batch's labels and mask are returned
 so that a caller never needs the batch itself, which an ``IndexedBatch``
 only describes).
 """

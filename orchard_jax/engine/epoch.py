@@ -142,6 +142,31 @@ def compile_steps(state: TrainState, train_loader: Iterable, val_loader: Iterabl
     jax.block_until_ready(_packed([sums] * count))
 
 
+def nonfinite_input_rows(state: TrainState, loader: Iterable, epoch: int | None, layout: str,
+                         role: str) -> int:
+  """Unpadded rows of ``loader``'s inputs that hold a NaN or Inf (0 for a loader that cannot
+  be iterated again).
+
+  A second pass over the loader, on the host, run only once an epoch's result is already
+  non-finite: telling bad data from divergence costs the steps nothing.
+  """
+  count, finite_rows = 0, {}  # device-resident images: checked once, on the host
+  with _batches(state, loader, epoch, layout, role) as batches:
+    for batch in batches:
+      if isinstance(batch, IndexedBatch):
+        if id(batch.images) not in finite_rows:
+          images = np.asarray(jax.device_get(batch.images))
+          finite_rows[id(batch.images)] = np.isfinite(images.reshape(len(images), -1)).all(1)
+        index, size, row = jax.device_get((batch.index, batch.count, batch.row))
+        finite = finite_rows[id(batch.images)][index[row]]
+        mask = np.arange(len(finite)) < size[row]
+      else:
+        image, mask = jax.device_get((batch["image"], batch["mask"]))
+        finite = np.isfinite(np.asarray(image).reshape(len(image), -1)).all(axis=1)
+      count += int((~finite & np.asarray(mask, bool)).sum())
+  return count
+
+
 def train_epoch(state: TrainState, loader: Iterable, *, epoch: int | None = None,
                 layout: str = "NCHW") -> tuple[TrainState, float]:
   """Runs ``train_step`` over every batch of ``loader``.
@@ -178,12 +203,12 @@ def train_epoch(state: TrainState, loader: Iterable, *, epoch: int | None = None
   if not per_batch:
     raise EmptyLoaderError(f"the training loader yielded no batch{_at(epoch)}")
   sums = _sums(jax.device_get(_packed(per_batch)))  # the epoch's one host sync
-  bad = int(sums["nonfinite_inputs"])
-  if bad:
-    raise NonFiniteInputError(f"training inputs: {bad} row{'s' if bad != 1 else ''} with NaN or "
-                              f"Inf{_at(epoch)}; fix the data (this is not divergence)")
   loss = sums["loss_sum"] / max(sums["count"], 1.0)
   if not math.isfinite(loss):
+    bad = nonfinite_input_rows(state, loader, epoch, layout, "training")
+    if bad:
+      raise NonFiniteInputError(f"training inputs: {bad} row{'s' if bad != 1 else ''} with NaN "
+                                f"or Inf{_at(epoch)}; fix the data (this is not divergence)")
     raise RuntimeError(f"Training diverged: loss={loss} at epoch {epoch}")
   return state, loss
 
@@ -226,7 +251,7 @@ def evaluate(state: TrainState, loader: Iterable, *, epoch: int | None = None,
   logits, mask = np.concatenate(logits).astype(np.float64), np.concatenate(masks)
   nonfinite = int((mask & ~np.isfinite(logits).all(axis=1)).sum())
   if nonfinite:
-    inputs = int(sums["nonfinite_inputs"])
+    inputs = nonfinite_input_rows(state, loader, epoch, layout, "validation")
     raise ValueError(f"{nonfinite} of {int(sums['count'])} validation rows have non-finite logits"
                      + (f" ({inputs} have NaN or Inf inputs)" if inputs else ""))
   probs = np.exp(logits - logits.max(axis=1, keepdims=True))

@@ -84,19 +84,3 @@ def test_one_train_step_program_serves_every_row_of_every_chunk():
       state, _ = train_step(state, _indexed(*chunk, row))
   assert train_step._cache_size() == before + 1
 
-
-def test_train_step_counts_nonfinite_input_rows_of_an_indexed_batch_as_of_its_dict():
-  images, index, label, count = _chunk(3)
-  images[index[2, 0]] = np.nan   # a real row of the padded last batch
-  images[index[0, 1], 0, 0] = np.inf
-  images[N] = np.nan             # the zero row, which only padding rows index: not counted
-  make = lambda: create_train_state(MLP(num_classes=C, hidden=(8,)), input_shape=(4, 4, 1),
-                                    num_classes=C)
-  bad = [index[2, 0], index[0, 1]]
-  a, b, counted = make(), make(), []
-  for row in range(K):
-    a, ma = train_step(a, _indexed(images, index, label, count, row))
-    b, mb = train_step(b, _dict(images, index, label, count, row))
-    assert float(ma["nonfinite_inputs"]) == float(mb["nonfinite_inputs"])
-    counted.append(float(ma["nonfinite_inputs"]))
-  assert counted == [np.isin(index[row, :count[row]], bad).sum() for row in range(K)] == [2, 0, 1]

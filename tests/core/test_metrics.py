@@ -223,21 +223,3 @@ def test_metrics_module_imports_neither_torch_nor_optuna_nor_sklearn():
   for name in ("torch", "optuna", "sklearn"):
     assert f"import {name}" not in source and f"from {name}" not in source
 
-
-def test_nonfinite_rows_count_unpadded_rows_with_nan_or_inf():
-  x = np.zeros((6, 2, 2), np.float32)
-  x[0, 1, 1] = np.nan
-  x[1, 0, 0] = np.inf
-  x[1, 1, 0] = -np.inf  # one row, two bad values: counted once
-  x[4, 0, 1] = np.nan   # a padding row: not counted
-  mask = np.array([True, True, True, True, False, False])
-  assert float(jax.jit(metrics.nonfinite_rows)(x, mask)) == 2.0
-
-
-def test_masked_sums_count_nonfinite_inputs_only_when_given():
-  loss, logits, labels, mask = _batch(2)
-  inputs = np.ones((len(mask), 3), np.float32)
-  inputs[0, 2] = np.nan
-  assert float(metrics.masked_sums(loss, logits, labels, mask)["nonfinite_inputs"]) == 0.0
-  out = jax.jit(metrics.masked_sums)(loss, logits, labels, mask, inputs)
-  assert set(out) == set(metrics.SUM_KEYS) and float(out["nonfinite_inputs"]) == 1.0

@@ -7,7 +7,8 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
-from orchard_jax import MLP, MiniCNN, create_train_state, eval_step, evaluate, train_epoch
+from orchard_jax import (MLP, MiniCNN, create_train_state, eval_step, evaluate, train_epoch,
+                         train_step)
 from orchard_jax.core import executables
 from orchard_jax.core.metrics import SUM_KEYS
 from orchard_jax.engine import epoch as epoch_module
@@ -155,7 +156,7 @@ class _Compiles:
 
 
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "per_batch"])
-def test_counting_nonfinite_inputs_is_part_of_the_step_and_compiles_nothing_more(resident):
+def test_telling_bad_inputs_from_divergence_costs_the_steps_nothing(resident):
   x, y = _dataset(40)  # 40 = 2 * 16 + 8: a padded last batch
   bad = x.copy()
   bad[[2, 33]] = np.nan
@@ -168,8 +169,12 @@ def test_counting_nonfinite_inputs_is_part_of_the_step_and_compiles_nothing_more
   with _Compiles() as second:
     with pytest.raises(NonFiniteInputError, match="^training inputs: 2 rows with NaN or Inf at"):
       state, loss = train_epoch(state, make(bad), epoch=2)
-  assert first.count >= 2 and second.count == 0  # the count rode in epoch 1's programs
+  assert first.count >= 2 and second.count == 0  # the inputs are checked on the host
   assert executables.stats("train_step")["compiled"] == 1
+  shape = (16, *state.spec.input_shape)
+  batch = {"image": jax.numpy.zeros(shape), "label": jax.numpy.zeros(16, "int32"),
+           "mask": jax.numpy.ones(16, bool)}
+  assert "is_finite" not in str(jax.make_jaxpr(train_step)(state, batch))  # nothing per step
 
 
 def test_bad_label_is_caught_on_the_host_with_its_value():
