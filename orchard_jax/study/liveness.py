@@ -44,12 +44,12 @@ import optuna
 from optuna.trial import TrialState
 
 from orchard_jax.study.checks import RecipeError
-from orchard_jax.study.outputs import LOST, RETRY_OF
+from orchard_jax.study.outputs import LOST
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LIVENESS_SUFFIX", "Liveness", "RunFolderLock", "WORKER_ID", "die_with_parent",
-           "is_dead", "new_worker_id", "reap_dead", "retry_trial"]
+           "is_dead", "new_worker_id", "reap_dead"]
 
 WORKER_ID = "worker_id"     # trial user attribute: the unique id of the process that ran it
 LIVENESS_SUFFIX = ".workers"
@@ -116,16 +116,14 @@ def is_dead(folder: pathlib.Path, worker_id: str) -> bool:
   return True
 
 
-def retry_trial(study: optuna.Study, trial: Any) -> None:
-  """Enqueues ``trial``'s parameters again, naming it in ``retry_of``."""
-  study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
-
-
 def reap_dead(study: optuna.Study, folder: pathlib.Path | None,
               trials: Sequence[Any] | None = None) -> list[int]:
-  """Fails the RUNNING trials of dead processes and enqueues their parameters again.
+  """Fails the RUNNING trials of dead processes, with the user attribute ``lost``.
 
-  Call it under the study lock. A RUNNING trial without a ``worker_id`` (one
+  Call it under the study lock, then
+  :func:`~orchard_jax.study.workers.requeue_unfinished`, which enqueues their
+  parameters again (so a storage that fails between the two loses no
+  retry). A RUNNING trial without a ``worker_id`` (one
   started by a user's own objective) is left alone: nothing tells whether
   its process lives. Returns the numbers of the trials failed.
   """
@@ -141,7 +139,6 @@ def reap_dead(study: optuna.Study, folder: pathlib.Path | None,
     # pylint: disable=protected-access
     study._storage.set_trial_user_attr(t._trial_id, LOST, f"its process ({who}) died")
     study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-    retry_trial(study, t)
     reaped.append(t.number)
     logger.warning("Trial %d was left RUNNING by %s, which is no longer running: marked FAIL; "
                    "its parameters are retried", t.number, who)

@@ -57,10 +57,9 @@ from optuna.trial import FrozenTrial, TrialState
 from orchard_jax.errors import StorageFault
 from orchard_jax.study.callbacks import (FailureStreak, GracefulInterrupt, KeepBestCheckpoint,
                                          Progress, StudyEarlyStopping, threshold_for)
-from orchard_jax.study.liveness import (WORKER_ID, Liveness, new_worker_id, reap_dead,
-                                        retry_trial)
-from orchard_jax.study.outputs import (ERROR, INTERRUPTED, RETRY_OF, STORAGE_FAULT, best_trial,
-                                       write_study_outputs)
+from orchard_jax.study.liveness import WORKER_ID, Liveness, new_worker_id, reap_dead
+from orchard_jax.study.outputs import (ERROR, INTERRUPTED, LOST, RETRY_OF, STORAGE_FAULT,
+                                       best_trial, write_study_outputs)
 from orchard_jax.study.storage import (Heartbeat, JOURNAL, StudyLock, journal_path, open_storage,
                                        study_lock)
 
@@ -93,9 +92,10 @@ def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
 
 
 def _unfinished(trial: FrozenTrial) -> bool:
-  """A failure that says nothing of its parameters: interrupted, or a storage fault."""
-  return trial.state == TrialState.FAIL and bool(
-      trial.user_attrs.get(INTERRUPTED) or trial.user_attrs.get(STORAGE_FAULT))
+  """A failure that says nothing of its parameters: interrupted, lost with its process, or
+  stopped by a storage fault."""
+  return trial.state == TrialState.FAIL and any(
+      trial.user_attrs.get(key) for key in (INTERRUPTED, LOST, STORAGE_FAULT))
 
 
 def finished_count(trials: Sequence[FrozenTrial]) -> int:
@@ -114,16 +114,17 @@ def budget_used(trials: Sequence[FrozenTrial]) -> int:
 
 
 def requeue_unfinished(study: optuna.Study) -> list[int]:
-  """Enqueues the parameters of interrupted or storage-faulted trials not yet retried."""
+  """Enqueues the parameters of interrupted, lost or storage-faulted trials not yet retried."""
   trials = study.get_trials(deepcopy=False)
   retried = retried_numbers(trials)
   numbers = [t.number for t in trials if _unfinished(t) and t.number not in retried]
   for t in trials:
     if t.number in numbers:
-      retry_trial(study, t)
-      logger.info("Trial %d %s: its parameters are retried", t.number,
-                  "was interrupted" if t.user_attrs.get(INTERRUPTED)
-                  else f"was stopped by a storage fault ({t.user_attrs[STORAGE_FAULT]})")
+      study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number}, skip_if_exists=False)
+      if not t.user_attrs.get(LOST):  # reap_dead said so already
+        logger.info("Trial %d %s: its parameters are retried", t.number,
+                    "was interrupted" if t.user_attrs.get(INTERRUPTED)
+                    else f"was stopped by a storage fault ({t.user_attrs[STORAGE_FAULT]})")
   return numbers
 
 
@@ -366,7 +367,7 @@ class TrialRunner:
   @staticmethod
   def _note_storage_fault(trial: optuna.Trial, e: Exception) -> None:
     from orchard_jax.study.storage import is_transient, root_cause
-    if not (isinstance(e, StorageFault) or is_transient(e)):
+    if not is_transient(e):  # a StorageFault is
       return
     cause = root_cause(e)
     logger.warning("Trial %d was stopped by a storage fault (%s): it is retried; the budget is "

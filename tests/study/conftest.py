@@ -30,6 +30,7 @@ import tempfile
 import uuid
 
 import numpy as np
+import optuna
 import pytest
 
 USER, PASSWORD = "orchard", "orchard-test-pw"
@@ -113,6 +114,15 @@ def postgres():
     subprocess.run([*runas, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
                     "stop"], capture_output=True, timeout=60)
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_optuna():
+  """Optuna's own per-trial log lines off (errors still show) during each study test."""
+  verbosity = optuna.logging.get_verbosity()
+  optuna.logging.set_verbosity(optuna.logging.ERROR)
+  yield
+  optuna.logging.set_verbosity(verbosity)
 
 
 # ------------------------------------------------ the command, on tiny data --

@@ -19,7 +19,7 @@ from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.liveness import (WORKER_ID, Liveness, RunFolderLock, is_dead,
                                         new_worker_id, reap_dead)
 from orchard_jax.study.outputs import LOST, RETRY_OF, trial_error
-from orchard_jax.study.workers import budget_used
+from orchard_jax.study.workers import budget_used, requeue_unfinished
 
 HOLDER = """
 import sys, time
@@ -45,14 +45,6 @@ def running(study, worker_id, x=0.25):
                                user_attrs={WORKER_ID: worker_id, "worker": "w"}))
 
 
-@pytest.fixture(autouse=True)
-def _quiet_optuna():
-  verbosity = optuna.logging.get_verbosity()
-  optuna.logging.set_verbosity(optuna.logging.ERROR)
-  yield
-  optuna.logging.set_verbosity(verbosity)
-
-
 def test_a_killed_process_trial_is_failed_and_retried_once_and_a_live_one_is_left(tmp_path,
                                                                                   caplog):
   folder = tmp_path / "study.db.workers"
@@ -69,6 +61,7 @@ def test_a_killed_process_trial_is_failed_and_retried_once_and_a_live_one_is_lef
     dead.wait()
     assert is_dead(folder, dead_id) and not is_dead(folder, live_id)
     assert reap_dead(study, folder) == [0]
+    assert requeue_unfinished(study) == [0] and requeue_unfinished(study) == []
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
     assert trials[2].system_attrs["fixed_params"] == {"x": 0.25}

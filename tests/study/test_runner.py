@@ -21,14 +21,6 @@ from orchard_jax.study.runner import (build_pruner, finished_count, open_study,
                                       requeue_unfinished, storage_url)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_optuna():
-  verbosity = optuna.logging.get_verbosity()
-  optuna.logging.set_verbosity(optuna.logging.ERROR)
-  yield
-  optuna.logging.set_verbosity(verbosity)
-
-
 def values_objective(values):
   def objective(trial):
     return values[trial.number]

@@ -31,14 +31,6 @@ from orchard_jax.study.workers import WORKER, _Worker, budget_used
 TIMEOUT = 180
 
 
-@pytest.fixture(autouse=True)
-def _quiet_optuna():
-  verbosity = optuna.logging.get_verbosity()
-  optuna.logging.set_verbosity(optuna.logging.ERROR)
-  yield
-  optuna.logging.set_verbosity(verbosity)
-
-
 def add(study, state, number_attrs=None, **user_attrs):
   study.add_trial(create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,
                                params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)},
