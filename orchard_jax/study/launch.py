@@ -47,7 +47,6 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import optuna
 from optuna.trial import TrialState
 
 from orchard_jax.study.callbacks import StopSignals

@@ -40,12 +40,10 @@ from __future__ import annotations
 import logging
 import pathlib
 import sys
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
 import yaml
-from optuna.trial import FrozenTrial, TrialState
 
 from orchard_jax.study.ahead import CompileAhead
 from orchard_jax.study.build import History, architecture_for, model_for, trial_config

@@ -5,7 +5,6 @@ Real processes hold the locks, and real signals (SIGKILL) end them.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from optuna.trial import TrialState, create_trial
 from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.liveness import (WORKER_ID, Liveness, RunFolderLock, is_dead,
                                         new_worker_id, reap_dead)
-from orchard_jax.study.outputs import LOST, RETRY_OF, trial_error
+from orchard_jax.study.outputs import RETRY_OF, trial_error
 from orchard_jax.study.workers import budget_used, requeue_unfinished
 
 HOLDER = """
