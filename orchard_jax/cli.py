@@ -171,7 +171,17 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
   recipe = load_recipe(args.recipe, args.sets)
   source = load_source(recipe.dataset, batch_size=recipe.training.batch_size,
                        seed=recipe.training.seed)
-  model_for(architecture_for(recipe, {}), source)  # bad architecture options fail here
+  function = recipe.architecture.function  # named as the recipe gives it
+  model_for(architecture_for(recipe, {}), source,  # bad architecture options fail here
+            where=None if function is None else f"architecture.function {function!r}")
+  if recipe.study is not None and recipe.study.enable_model_search:
+    from orchard_jax.study.sources import resolve_function
+    from orchard_jax.study.space import model_function
+    for name in recipe.study.model_pool or ():  # every model of the pool, functions included
+      where = f"optuna.model_pool {name!r}"
+      if model_function(name) is not None:
+        resolve_function(model_function(name), where)
+      model_for(architecture_for(recipe, {"model_name": name}), source, where=where)
   if getattr(args, "freeze_imports", False):
     # The modules and the data live until the process ends: kept out of the
     # cycle collector's full passes, which would otherwise walk them again
@@ -286,7 +296,13 @@ def main(argv: Sequence[str] | None = None, *, freeze_imports: bool = False) -> 
   try:
     return args.func(args)
   except ConfigError as e:  # RecipeError included: a bad recipe, data source or setting
-    print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+    user_error = getattr(e, "user_error", None)  # raised in the user's data or model function
+    debug = getattr(args, "debug", False)
+    if user_error is not None and debug:
+      import traceback
+      traceback.print_exception(user_error, file=sys.stderr)
+    hint = " (run with --debug for its traceback)" if user_error is not None and not debug else ""
+    print(f"{PROG}: error: {_one_line(e)}{hint}", file=sys.stderr)
     return EXIT_RECIPE
   except StorageFault as e:  # what could not be stored is retried by the next run
     print(f"{PROG}: error: {_one_line(e)}; what it could not store is retried by the next run "

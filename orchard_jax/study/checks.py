@@ -12,8 +12,12 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import os
 import re
+import sysconfig
+import traceback
 from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
 from typing import Any
 
 from orchard_jax.config import SEED_MAX, ConfigError, brief, clip
@@ -22,7 +26,14 @@ Check = Callable[[str, Any], Any]
 
 
 class RecipeError(ConfigError):
-  """An invalid recipe, data source or command-line setting (one-line message)."""
+  """An invalid recipe, data source or command-line setting (one-line message).
+
+  ``user_error`` is the exception a user's function (data loaders, a model
+  builder) raised, when that is the cause, with its traceback starting at the
+  user's function; ``orchard-jax ... --debug`` prints it.
+  """
+
+  user_error: BaseException | None = None
 
 
 def show(value: Any) -> str:
@@ -101,8 +112,13 @@ def mapping(where: str, value: Any) -> dict[str, Any]:
 _ENTRY = re.compile(r"[^:\s]+:[A-Za-z_][A-Za-z0-9_]*")
 
 
+def is_entry_point(value: Any) -> bool:
+  """Whether ``value`` reads as ``'module:function'`` or ``'path/file.py:function'``."""
+  return isinstance(value, str) and _ENTRY.fullmatch(value) is not None
+
+
 def entry_point(where: str, value: Any) -> str:
-  if not isinstance(value, str) or not _ENTRY.fullmatch(value):
+  if not is_entry_point(value):
     raise RecipeError(f"{where} must be 'module:function' or 'path/file.py:function', "
                       f"got {brief(value)}")
   return value
@@ -200,3 +216,67 @@ def plain(value: Any) -> Any:
   if isinstance(value, (list, tuple)):
     return [plain(v) for v in value]
   return value
+
+
+# --------------------------------------------------------- the user's code --
+
+
+_PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "")
+
+
+def _library_dirs() -> tuple[str, ...]:
+  """Folders of code that is not the user's: the standard library, site-packages, orchard_jax."""
+  paths = sysconfig.get_paths()
+  dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+  return (*(os.path.join(os.path.realpath(d), "") for d in dirs), _PACKAGE)
+
+
+def _users(filename: str, library: tuple[str, ...]) -> bool:
+  return not filename.startswith("<") and not os.path.realpath(filename).startswith(library)
+
+
+def _shown_file(path: str) -> str:
+  """A source file in a message: relative to the working directory when inside it."""
+  try:
+    relative = os.path.relpath(path)
+  except ValueError:  # another drive (Windows)
+    return path
+  return path if relative.startswith(os.pardir) else relative
+
+
+def raised_at(e: BaseException, tb: TracebackType | None) -> str:
+  """``" at file.py:12 in fn"``: where in the user's code ``e`` was raised, or ``""``.
+
+  ``tb`` is the traceback from the user's function on. The place is the
+  innermost frame outside the standard library, installed packages and
+  orchard_jax (the user's line that called into, say, torch), else the first
+  frame (the user's function, when it is itself an installed package). A
+  ``SyntaxError`` names its own file and line.
+  """
+  if isinstance(e, SyntaxError) and e.filename and e.lineno:
+    return f" at {clip(_shown_file(e.filename), 200)}:{e.lineno}"
+  frames = list(traceback.walk_tb(tb))
+  library = _library_dirs()
+  chosen = next((f for f in reversed(frames) if _users(f[0].f_code.co_filename, library)), None)
+  if chosen is None and frames and _users(frames[0][0].f_code.co_filename, (_PACKAGE,)):
+    chosen = frames[0]
+  if chosen is None:
+    return ""
+  frame, line = chosen
+  return f" at {clip(_shown_file(frame.f_code.co_filename), 200)}:{line} in {frame.f_code.co_name}"
+
+
+def user_code_error(message: str, e: BaseException, tb: TracebackType | None) -> RecipeError:
+  """A :class:`RecipeError` for ``e``, raised in the user's code: ``message``, then where.
+
+  ``tb`` is the traceback from the user's function on (the caller's
+  ``e.__traceback__.tb_next``). Its frames from the first of the user's code on
+  (import machinery dropped) become ``e``'s traceback, and ``e`` the error's
+  ``user_error``; raise it ``from e``.
+  """
+  error = RecipeError(message + raised_at(e, tb))
+  library, start = _library_dirs(), tb
+  while start is not None and not _users(start.tb_frame.f_code.co_filename, library):
+    start = start.tb_next
+  error.user_error = e.with_traceback(start or tb)
+  return error

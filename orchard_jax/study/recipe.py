@@ -6,7 +6,7 @@ A recipe has up to five sections, as the reference's recipes do:
 section        what it holds                                           parsed into
 =============  ======================================================  ====================
 dataset        where the data comes from (see :mod:`.sources`)         :class:`DatasetSpec`
-architecture   the model: registry name, dropout, extra options        :class:`ArchitectureSpec`
+architecture   the model: registry name or function, dropout, options  :class:`ArchitectureSpec`
 training       :class:`~orchard_jax.config.TrainingConfig` fields      ``TrainingConfig``
 optuna         :class:`~orchard_jax.config.OptunaConfig` fields and    :class:`StudySpec`
                the study's own keys (search space, plots, ...)
@@ -39,7 +39,7 @@ import yaml
 from orchard_jax.config import OptunaConfig, TrainingConfig
 from orchard_jax.study import checks as c
 from orchard_jax.study.checks import RecipeError
-from orchard_jax.study.space import Overrides, parse_overrides
+from orchard_jax.study.space import FUNCTION_PREFIX, Overrides, model_function, parse_overrides
 
 __all__ = ["ArchitectureSpec", "DatasetSpec", "Recipe", "RecipeError", "StudySpec",
            "TelemetrySpec", "apply_sets", "bundled_recipe_text", "load_recipe", "parse_recipe"]
@@ -68,12 +68,31 @@ class DatasetSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ArchitectureSpec:
-  """The ``architecture:`` section: a model of :func:`orchard_jax.models.build_model`."""
-  name: str = "mini_cnn"
+  """The ``architecture:`` section: a model of :func:`orchard_jax.models.build_model`, or of a
+  function of the user's (see :mod:`orchard_jax.study.build`).
+
+  The recipe's ``function: 'pkg.module:build'`` is ``name='fn:pkg.module:build'``
+  here, the name a trial's ``model_name`` has for it (:attr:`function` reads it back).
+  """
+  name: str = "mini_cnn"            # a registry name, or 'fn:' + a function's 'module:function'
   dropout: float | None = None      # None: the architecture's default
-  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # build_model keywords
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # build keywords
   pretrained: bool = False
   weight_variant: str | None = None
+
+  @property
+  def function(self) -> str | None:
+    """The ``'module:function'`` (or ``'path/file.py:function'``) that builds the model, or None
+    for a registry model."""
+    return model_function(self.name)
+
+  def to_dict(self) -> dict[str, Any]:
+    """The section as a recipe writes it: ``name`` or ``function``, then the rest."""
+    out = c.plain(dataclasses.asdict(self))
+    if self.function is not None:
+      del out["name"]
+      out = {"function": self.function, **out}
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +131,7 @@ class Recipe:
     """The recipe as plain YAML-ready data (``parse_recipe(to_dict())`` is equal)."""
     out: dict[str, Any] = {
         "dataset": dataclasses.asdict(self.dataset),
-        "architecture": c.plain(dataclasses.asdict(self.architecture)),
+        "architecture": self.architecture.to_dict(),
         "training": self.training.to_dict(),
     }
     if self.study is not None:
@@ -139,7 +158,8 @@ _DATASET = {
 }
 _ONLY_FOR = {"path": "npz", "function": "function", "layout": "function",
              "val_fraction": "digits", "test_fraction": "digits", "split_seed": "digits"}
-_ARCHITECTURE = {"name": c.text, "dropout": c.optional(c.real(0, 1, hi_open=True)),
+_ARCHITECTURE = {"name": c.optional(c.text), "function": c.optional(c.entry_point),
+                 "dropout": c.optional(c.real(0, 1, hi_open=True)),
                  "options": c.mapping, "pretrained": c.boolean,
                  "weight_variant": c.optional(c.text)}
 _TELEMETRY = {"output_dir": c.optional(c.text),
@@ -180,15 +200,33 @@ def _dataset(data: Any) -> DatasetSpec:
 
 
 def _architecture(data: Any) -> ArchitectureSpec:
-  spec = ArchitectureSpec(**c.section("architecture", data, _ARCHITECTURE))
+  values = c.section("architecture", data, _ARCHITECTURE)
+  function = values.pop("function", None)
+  if values.get("name", "") is None:  # null: not given (e.g. --set architecture.name=null)
+    del values["name"]
+  if function is not None and "name" in values:
+    raise RecipeError(f"architecture.name ({c.brief(values['name'])}) and architecture.function "
+                      f"({c.brief(function)}) are mutually exclusive: give a registry name or a "
+                      f"function of your own, not both (name: null drops the name)")
+  if function is not None:
+    values["name"] = FUNCTION_PREFIX + function
+    options = values.get("options") or {}
+    if "dropout" in options and values.get("dropout") is not None:
+      raise RecipeError("architecture.dropout and architecture.options.dropout are both set; "
+                        "give the function's dropout once, as architecture.dropout")
+  spec = ArchitectureSpec(**values)
   if spec.pretrained or spec.weight_variant is not None:
     raise RecipeError("architecture.pretrained / weight_variant: pretrained weights are not "
                       "supported by recipes; set pretrained: false and weight_variant: null")
-  from orchard_jax.study.space import registry_names  # imports the models (jax)
-  names = registry_names()
-  if spec.name not in names:
-    raise RecipeError(f"architecture.name must be one of {', '.join(map(repr, names))}, "
-                      f"got {c.brief(spec.name)}{c.closest(spec.name, names)}")
+  if function is None:
+    from orchard_jax.study.space import registry_names  # imports the models (jax)
+    names = registry_names()
+    if spec.name not in names:
+      hint = c.closest(spec.name, names) or (
+          "; a model of your own is architecture.function: 'module:function'"
+          if spec.name.startswith(FUNCTION_PREFIX) or ":" in spec.name else "")
+      raise RecipeError(f"architecture.name must be one of {', '.join(map(repr, names))}, "
+                        f"got {c.brief(spec.name)}{hint}")
   return dataclasses.replace(spec, options=c.hashable(spec.options))
 
 
@@ -261,10 +299,19 @@ def _study(data: Any, training: TrainingConfig) -> StudySpec:
       raise RecipeError(f"optuna.model_pool must name at least 2 architectures, got "
                         f"{c.brief(list(spec.model_pool))}")
     from orchard_jax.study.space import registry_names
-    for name in spec.model_pool:
-      if name not in registry_names():
-        raise RecipeError(f"optuna.model_pool: unknown architecture {c.brief(name)}"
-                          f"{c.closest(name, registry_names())}; known: {', '.join(registry_names())}")
+    for i, name in enumerate(spec.model_pool):
+      entry = model_function(name)
+      if entry is not None:
+        if not c.is_entry_point(entry):
+          raise RecipeError(f"optuna.model_pool[{i}] must be a registry name or "
+                            f"'{FUNCTION_PREFIX}module:function' ('{FUNCTION_PREFIX}path/file.py:"
+                            f"function'), got {c.brief(name)}")
+      elif name not in registry_names():
+        hint = (f" (did you mean '{FUNCTION_PREFIX}{name}'?)" if c.is_entry_point(name)
+                else c.closest(name, registry_names()))
+        raise RecipeError(f"optuna.model_pool: unknown architecture {c.brief(name)}{hint}; known: "
+                          f"{', '.join(registry_names())}, or '{FUNCTION_PREFIX}module:function' "
+                          f"for a function of your own")
   return spec
 
 

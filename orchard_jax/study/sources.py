@@ -19,6 +19,15 @@
 Every problem found while loading (missing file, missing arrays, shapes that
 disagree, a function that cannot be imported or raises) is a
 :class:`~orchard_jax.study.checks.RecipeError`, raised before any training.
+A missing module, file or function gets the closest existing name suggested.
+An error raised in the user's code (importing the module, calling the
+function, reading a first batch) ends with where it was raised, e.g.
+``dataset.function 'bug_data:loaders' raised KeyError: 'label' at
+bug_data.py:12 in loaders``; the exception itself, with its traceback from
+the user's function on, is the error's ``user_error`` (and ``__cause__``),
+which ``orchard-jax ... --debug`` prints. :func:`resolve_function` also
+finds the model functions of ``architecture.function``
+(:mod:`orchard_jax.study.build`).
 """
 
 from __future__ import annotations
@@ -29,14 +38,16 @@ import importlib.util
 import math
 import os
 import pathlib
+import pkgutil
 import sys
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from orchard_jax.study.checks import RecipeError, brief, clip
+from orchard_jax.study.checks import RecipeError, brief, clip, closest, user_code_error
 
 __all__ = ["ArrayLoader", "ArraySource", "FunctionSource", "Loaders", "load_source"]
 
@@ -273,18 +284,91 @@ def _npz(spec: Any) -> ArraySource:
 # ---------------------------------------------------------------- function --
 
 
-def resolve_function(entry: str) -> Callable[..., Any]:
-  """Imports ``'module:function'`` or ``'path/file.py:function'``."""
-  target, _, attr = entry.rpartition(":")
-  where = f"dataset.function {_shown(entry)}"
+_FILE_MODULES: dict[str, Any] = {}  # real path -> module: a file is executed once per process
+
+
+def _is_file_target(target: str) -> bool:
+  return target.endswith(".py") or os.sep in target or "/" in target
+
+
+def _file_hint(target: str) -> str:
+  """``" (did you mean 'dir/x.py'?)"`` for the closest ``.py`` file in the target's folder."""
+  folder = os.path.dirname(target)
   try:
-    if target.endswith(".py") or os.sep in target or "/" in target:
+    files = [name for name in os.listdir(folder or ".") if name.endswith(".py")]
+  except OSError:
+    return ""
+  return closest(target, [os.path.join(folder, name) for name in files])
+
+
+def _missing_target(target: str, e: BaseException) -> bool:
+  """Whether ``e`` says that ``target`` itself (or a package above it) does not exist, rather
+  than that something the module imports is missing."""
+  missing = getattr(e, "name", None)
+  return isinstance(e, ModuleNotFoundError) and bool(missing) and (
+      target == missing or target.startswith(missing + "."))
+
+
+def _module_hint(missing: str) -> str:
+  """``" (did you mean 'pkg.x'?)"`` for the closest importable module to ``missing``."""
+  parent, _, _ = missing.rpartition(".")
+  try:
+    paths = importlib.import_module(parent).__path__ if parent else None
+    names = [m.name for m in pkgutil.iter_modules(paths)]
+  except Exception:  # pylint: disable=broad-except  # only a hint
+    return ""
+  return closest(missing, [f"{parent}.{n}" if parent else n for n in names])
+
+
+def _function_hint(module: Any, attr: str) -> str:
+  names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+  return closest(attr, names)
+
+
+def _exec_file(target: str) -> Any:
+  """The module of a ``.py`` file, executed once per process (so its classes stay the same
+  objects: equal models of every trial share compiled steps) and kept in ``sys.modules``
+  under its file name, or a unique one when another module has that name."""
+  path = os.path.realpath(target)
+  if path in _FILE_MODULES:
+    return _FILE_MODULES[path]
+  name = os.path.splitext(os.path.basename(path))[0]
+  same = sys.modules.get(name)
+  if same is not None and os.path.realpath(getattr(same, "__file__", None) or "") == path:
+    _FILE_MODULES[path] = same
+    return same
+  if same is not None or not name.isidentifier():
+    name = f"_orchard_jax_user_{zlib.crc32(path.encode()):08x}_{name}"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  try:
+    spec.loader.exec_module(module)
+  except BaseException:
+    del sys.modules[name]
+    raise
+  _FILE_MODULES[path] = module
+  return module
+
+
+def resolve_function(entry: str, where: str | None = None) -> Callable[..., Any]:
+  """Imports ``'module:function'`` or ``'path/file.py:function'``.
+
+  ``where`` begins messages (default ``"dataset.function '<entry>'"``). A module is imported with the
+  working directory on ``sys.path``; a file is executed once per process.
+
+  Raises:
+    RecipeError: the file, module or function does not exist (the closest
+      name suggested) or the module raised while importing (with the file
+      and line, see :func:`~orchard_jax.study.checks.raised_at`).
+  """
+  target, _, attr = entry.rpartition(":")
+  where = where or f"dataset.function {_shown(entry)}"
+  try:
+    if _is_file_target(target):
       if not os.path.isfile(target):
-        raise RecipeError(f"{where}: file not found: {clip(target, 200)}")
-      spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0],
-                                                    target)
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
+        raise RecipeError(f"{where}: file not found: {clip(target, 200)}{_file_hint(target)}")
+      module = _exec_file(target)
     else:
       if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -292,10 +376,15 @@ def resolve_function(entry: str) -> Callable[..., Any]:
   except RecipeError:
     raise
   except Exception as e:  # the user's module: any import-time error
-    raise RecipeError(f"{where}: cannot import {_shown(target)}: {one_line(e)}") from None
+    if _missing_target(target, e):
+      raise RecipeError(f"{where}: cannot import {_shown(target)}: {one_line(e)}"
+                        f"{_module_hint(e.name)}") from None
+    raise user_code_error(f"{where}: cannot import {_shown(target)}: {one_line(e)}", e,
+                          e.__traceback__.tb_next) from e
   fn = getattr(module, attr, None)
   if not callable(fn):
-    raise RecipeError(f"{where}: module {_shown(target)} has no function {brief(attr)}")
+    raise RecipeError(f"{where}: module {_shown(target)} has no function {brief(attr)}"
+                      f"{_function_hint(module, attr)}")
   return fn
 
 
@@ -324,7 +413,7 @@ class FunctionSource:
     try:
       out = self.fn(batch_size=batch_size, seed=seed)
     except Exception as e:  # the user's code
-      raise RecipeError(f"{where} raised {one_line(e)}") from None
+      raise user_code_error(f"{where} raised {one_line(e)}", e, e.__traceback__.tb_next) from e
     classes = None
     if isinstance(out, Mapping):
       unknown = set(out) - {"train", "val", "test", "num_classes"}
@@ -367,8 +456,8 @@ class FunctionSource:
       raise RecipeError(f"dataset.function {_shown(self.entry)}: the train loader yielded no "
                         f"batch") from None
     except Exception as e:  # the user's loader
-      raise RecipeError(f"dataset.function {_shown(self.entry)}: reading a first batch failed: "
-                        f"{one_line(e)}") from None
+      raise user_code_error(f"dataset.function {_shown(self.entry)}: reading a first batch "
+                            f"failed: {one_line(e)}", e, e.__traceback__.tb_next) from e
     if len(shape) == 3 and self.layout == "NCHW":
       shape = (shape[1], shape[2], shape[0])
     elif len(shape) == 2:

@@ -49,8 +49,9 @@ from orchard_jax.config import ConfigError, TrainingConfig
 from orchard_jax.study import checks as c
 from orchard_jax.study.checks import RecipeError
 
-__all__ = ["FloatRange", "IntRange", "Overrides", "SearchSpace", "apply_params", "build_space",
-           "default_pool", "fits_input", "input_side", "parse_overrides", "registry_names"]
+__all__ = ["FUNCTION_PREFIX", "FloatRange", "IntRange", "Overrides", "SearchSpace", "apply_params",
+           "build_space", "default_pool", "fits_input", "input_side", "model_function",
+           "parse_overrides", "registry_names"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +234,16 @@ def parse_overrides(data: Mapping[str, Any], training: TrainingConfig) -> Overri
 # ----------------------------------------------------------------- models --
 
 
+# A model name that is a function of the user's: 'fn:module:function' or 'fn:path/file.py:function'
+# (architecture.function and optuna.model_pool entries; see orchard_jax.study.build).
+FUNCTION_PREFIX = "fn:"
+
+
+def model_function(name: str) -> str | None:
+  """The ``'module:function'`` of a model name ``'fn:module:function'``; None for a registry name."""
+  return name[len(FUNCTION_PREFIX):] if name.startswith(FUNCTION_PREFIX) else None
+
+
 def registry_names() -> tuple[str, ...]:
   """The architectures :func:`orchard_jax.models.build_model` knows."""
   from orchard_jax import models
@@ -248,8 +259,11 @@ def input_side(input_shape: tuple[int, ...]) -> int | None:
 
 
 def fits_input(name: str, input_shape: tuple[int, ...]) -> bool:
-  """Whether architecture ``name`` takes per-sample inputs of ``input_shape`` (channels last)."""
-  if name == "mlp":
+  """Whether architecture ``name`` takes per-sample inputs of ``input_shape`` (channels last).
+
+  A function of the user's is taken to fit: it receives the shape and builds for it.
+  """
+  if name == "mlp" or model_function(name) is not None:
     return True
   side = input_side(input_shape)
   return side is not None and side >= _MIN_INPUT_SIDE.get(name, 32)
@@ -302,7 +316,9 @@ def build_space(study: Any, input_shape: tuple[int, ...], architecture: str) -> 
 
   Batch sizes come from ``batch_size_high_res`` when the input side is at
   least 224 px. With model search, the pool is ``optuna.model_pool`` or every
-  registry model that fits the input; each must fit it.
+  registry model that fits the input; each must fit it. ``dropout`` is not
+  sampled when no candidate takes it (functions of the user's without a
+  ``dropout`` parameter).
   """
   side = input_side(input_shape) or 0
   dists = {}
@@ -324,6 +340,10 @@ def build_space(study: Any, input_shape: tuple[int, ...], architecture: str) -> 
   elif not fits_input(architecture, input_shape):
     raise RecipeError(f"architecture.name {architecture!r} cannot take inputs of shape "
                       f"{input_shape} (channels last); use 'mlp' for feature vectors")
+  if "dropout" in dists:
+    from orchard_jax.study.build import takes_dropout
+    if not any(takes_dropout(name) for name in pool or (architecture,)):
+      del dists["dropout"]
   return SearchSpace(MappingProxyType(dists), pool)
 
 

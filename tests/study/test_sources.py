@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import traceback
 
 import numpy as np
 import pytest
 
 from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.recipe import DatasetSpec
-from orchard_jax.study.sources import ArrayLoader, digits_arrays, load_source, stratified_split
+from orchard_jax.study.sources import (ArrayLoader, digits_arrays, load_source, resolve_function,
+                                       stratified_split)
 
 
 def medmnist_arrays(n=(12, 6, 6), classes=3, rgb=False) -> dict:
@@ -129,10 +132,81 @@ def test_function_source_reads_num_classes_and_the_nchw_input_shape(tmp_path):
   assert source.loaders(4, 0) is source.loaders(4, 0) and source.loaders(4, 0).test is None
 
 
-def test_function_that_raises_is_reported_in_one_line(tmp_path):
+def test_function_that_raises_is_reported_in_one_line_with_its_file_and_line(tmp_path):
   path = write_module(tmp_path, "def loaders(batch_size, seed):\n  raise ValueError('no\\ndata')\n")
-  with pytest.raises(RecipeError, match=r"raised ValueError: no data$"):
+  with pytest.raises(RecipeError) as info:
     load(DatasetSpec(source="function", function=f"{path}:loaders", num_classes=2))
+  assert str(info.value) == (f"dataset.function '{path}:loaders' raised ValueError: no data at "
+                             f"{path}:3 in loaders")  # outside the working directory: in full
+  # The user's exception, its traceback from the user's function on (what --debug prints).
+  user = info.value.user_error
+  assert isinstance(user, ValueError) and info.value.__cause__ is user
+  assert [frame.f_code.co_name for frame, _ in traceback.walk_tb(user.__traceback__)] == [
+      "loaders"]
+
+
+def test_the_place_is_the_users_own_line_in_a_working_directory_module(tmp_path, monkeypatch):
+  (tmp_path / "bug_data.py").write_text(
+      "import json\n\n\ndef read(text):\n  return json.loads(text)\n\n\n"
+      "def loaders(batch_size, seed):\n  rows = [{'image': 1}]\n"
+      "  labels = [row['label'] for row in rows]\n  return labels, labels\n\n\n"
+      "def settings(batch_size, seed):\n  return read('{')\n")
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(RecipeError, match=r"^dataset.function 'bug_data:loaders' raised KeyError: "
+                     r"'label' at bug_data.py:10 in (loaders|<listcomp>)$"):  # listcomp: Python < 3.12
+    load(DatasetSpec(source="function", function="bug_data:loaders", num_classes=2))
+  # Raised inside the standard library: the user's innermost line that led there.
+  with pytest.raises(RecipeError, match=r"raised JSONDecodeError: .* at bug_data.py:5 in read$"):
+    load(DatasetSpec(source="function", function="bug_data:settings", num_classes=2))
+
+
+def test_a_loader_that_fails_on_its_first_batch_names_the_line(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  path = write_module(tmp_path, (
+      "class Loader:\n  def __iter__(self):\n    yield self.batch\n"
+      "def loaders(batch_size, seed):\n  return Loader(), Loader()\n"))
+  with pytest.raises(RecipeError) as info:
+    load(DatasetSpec(source="function", function=f"{path}:loaders", num_classes=2))
+  assert str(info.value) == (f"dataset.function '{path}:loaders': reading a first batch failed: "
+                             f"AttributeError: 'Loader' object has no attribute 'batch' at "
+                             f"my_data.py:4 in __iter__")
+
+
+@pytest.mark.parametrize("body, says", [
+    ("x = 1\ny = 1 / 0\n", "ZeroDivisionError: division by zero at {path}:3 in <module>"),
+    ("def f(:\n  pass\n", "at {path}:2"),
+    ("import no_such_dependency_xyz\n",
+     "ModuleNotFoundError: No module named 'no_such_dependency_xyz' at {path}:2 in <module>"),
+])
+def test_a_module_that_fails_to_import_names_its_line(tmp_path, monkeypatch, body, says):
+  monkeypatch.chdir(tmp_path)
+  path = write_module(tmp_path, body)
+  with pytest.raises(RecipeError, match="cannot import") as info:
+    load(DatasetSpec(source="function", function=f"{path}:loaders", num_classes=2))
+  assert str(info.value).endswith(says.format(path="my_data.py"))
+  assert "\n" not in str(info.value)
+
+
+def test_missing_names_get_the_closest_suggested(tmp_path, monkeypatch):
+  path = write_module(tmp_path, "def loaders(batch_size, seed):\n  return [], []\n")
+  with pytest.raises(RecipeError, match=r"has no function 'loader' \(did you mean 'loaders'\?\)$"):
+    load(DatasetSpec(source="function", function=f"{path}:loader", num_classes=2))
+  with pytest.raises(RecipeError, match=r"file not found: .*my_dat.py \(did you mean "
+                     r"'.*my_data.py'\?\)$"):
+    load(DatasetSpec(source="function", function=f"{tmp_path / 'my_dat.py'}:loaders",
+                     num_classes=2))
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(RecipeError, match=r"cannot import 'my_dta': ModuleNotFoundError: No module "
+                     r"named 'my_dta' \(did you mean 'my_data'\?\)$"):
+    load(DatasetSpec(source="function", function="my_dta:loaders", num_classes=2))
+
+
+def test_a_file_is_executed_once_per_process(tmp_path):
+  path = write_module(tmp_path, "runs = []\nruns.append(1)\n"
+                                "def loaders(batch_size, seed):\n  return [], []\n")
+  first = resolve_function(f"{path}:loaders")
+  assert resolve_function(f"{path}:loaders") is first and first.__globals__["runs"] == [1]
 
 
 def test_function_without_num_classes_is_refused(tmp_path):
