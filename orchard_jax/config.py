@@ -27,8 +27,11 @@ Deliberate differences from the reference (orchard-ml v0.2.5):
 * ``min_lr`` must be ``<= learning_rate``.
 * ``seed`` must be in ``[0, 2**32)``: the seeds numpy's and Optuna's samplers
   take.
-* ``monitor_metric`` takes any metric name, since task adapters can report
-  their own metrics. The reference allows only ``'auc'`` and ``'accuracy'``.
+* ``TrainingConfig.monitor_metric`` takes any metric name, since task
+  adapters can report their own metrics. The reference allows only ``'auc'``
+  and ``'accuracy'``. A :class:`TrialConfig` with the default validation (no
+  ``validate_fn``) checks it as the command line does: one of
+  :data:`DEFAULT_METRICS`, ``'loss'`` minimized and the others maximized.
 * ``OptunaConfig.storage`` is a single field: ``'sqlite'``, ``'memory'`` or a
   database URL. The reference uses storage_type, storage_path and
   postgresql_url. ``n_jobs`` must be ``>= 1`` (the reference also allows
@@ -48,7 +51,8 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
-__all__ = ["ConfigError", "TrainingConfig", "OptunaConfig", "TrialConfig", "resolve_precision"]
+__all__ = ["ConfigError", "DEFAULT_METRICS", "TrainingConfig", "OptunaConfig", "TrialConfig",
+           "resolve_precision"]
 
 _C = TypeVar("_C", bound="_Config")
 _REFUSE = object()  # Sentinel: None is not an allowed value.
@@ -63,6 +67,9 @@ class ConfigError(ValueError):
 SHOWN_MAX = 80
 SHOWN_HEAD = 60
 SEED_MAX = 2**32 - 1  # numpy's and Optuna's samplers take seeds in [0, 2**32)
+# The metrics the default validation (orchard_jax.engine.evaluate) returns; the
+# command line's recipes allow the same (study.recipe.RECIPE_METRICS).
+DEFAULT_METRICS = ("auc", "accuracy", "f1", "loss")
 
 
 def clip(text: str, limit: int = SHOWN_MAX, length: int | None = None) -> str:
@@ -310,7 +317,8 @@ class TrainingConfig(_Config):
     mixup_epochs: MixUp is applied while ``epoch <= mixup_epochs``; ``>= 0``.
     scheduler_type: ``'cosine'``, ``'plateau'``, ``'step'`` or ``'none'``.
     monitor_metric: Validation metric that is tracked, reported and given to
-      the plateau scheduler (any non-empty name).
+      the plateau scheduler (any non-empty name here; a :class:`TrialConfig`
+      without a ``validate_fn`` allows only :data:`DEFAULT_METRICS`).
     monitor_direction: ``'maximize'`` or ``'minimize'``.
     scheduler_patience: Plateau patience in epochs, ``>= 0``.
     scheduler_factor: Plateau/step LR multiplier, in ``[0, 1]``.
@@ -477,6 +485,12 @@ class OptunaConfig(_Config):
 
 # TrialConfig checks: objects rather than recipe values.
 
+
+def _closest_metric(name: str) -> str:
+  """The did-you-mean of a metric name: a metric it abbreviates ('acc'), else the closest."""
+  prefixed = [m for m in DEFAULT_METRICS if len(name) >= 2 and m.startswith(name.lower())]
+  return f" (did you mean {prefixed[0]!r}?)" if prefixed else _closest(name, DEFAULT_METRICS)
+
 _REQUIRED = object()  # Sentinel default of the fields a TrialConfig must be given.
 
 
@@ -623,6 +637,11 @@ class TrialConfig(_Config):
     validate_fn: Task adapter replacing :func:`orchard_jax.engine.evaluate`:
       ``fn(state, loader, *, epoch, layout) -> Mapping[str, float]``. Values
       may be device arrays; they are fetched inside the fallback's guard.
+      Without it, ``training.monitor_metric`` must be one of the default
+      validation's metrics (:data:`DEFAULT_METRICS`: ``'auc'``,
+      ``'accuracy'``, ``'f1'``, ``'loss'``), with ``monitor_direction``
+      ``'minimize'`` for ``'loss'`` and ``'maximize'`` for the others, as
+      the command line requires.
     fallback_metrics: Metrics an epoch uses when validation fails; None means
       ``{'loss': 999.0}``. The monitored metric is added with ``0.0`` when
       missing. Stored read-only.
@@ -632,8 +651,10 @@ class TrialConfig(_Config):
       them (one device when only one is present), an int ``n`` for the first
       ``n``, or a tuple of device ids. The batch is split over the devices
       (its size must be divisible by their count) and the state replicated.
-    reraise_errors: :func:`~orchard_jax.engine.run_trial` re-raises a failure
-      (so Optuna marks the trial FAIL) instead of returning the worst value.
+    reraise_errors: :func:`~orchard_jax.engine.run_trial` re-raises a run-time
+      failure (divergence, three failed validations; Optuna then marks the
+      trial FAIL) instead of returning the worst value. Configuration, setup
+      and data errors, which would fail every trial, are raised either way.
   """
 
   model: Any = _field(_REQUIRED, _present)
@@ -652,3 +673,19 @@ class TrialConfig(_Config):
   output_dir: str | None = _field(None, _directory)
   reraise_errors: bool = _field(False, _bool)
   devices: int | tuple[int, ...] | None = _field(None, _devices)
+
+  def _check_combinations(self) -> None:
+    if self.validate_fn is not None:  # a task adapter names its own metrics
+      return
+    metric, direction = self.training.monitor_metric, self.training.monitor_direction
+    if metric not in DEFAULT_METRICS:
+      raise ConfigError(
+          f"TrialConfig.training.monitor_metric must be one of "
+          f"{', '.join(map(repr, DEFAULT_METRICS))} (the metrics the default validation "
+          f"computes; pass validate_fn= for others), got {brief(metric)}"
+          f"{_closest_metric(metric)}")
+    if (metric == "loss") != (direction == "minimize"):
+      raise ConfigError(
+          f"TrialConfig.training.monitor_direction must be 'minimize' for 'loss' and "
+          f"'maximize' for {', '.join(map(repr, DEFAULT_METRICS[:3]))}, got monitor_metric="
+          f"{brief(metric)}, monitor_direction={brief(direction)}")

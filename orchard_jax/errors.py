@@ -17,6 +17,13 @@
 * :class:`StorageFault` -- the study's storage failed for a reason outside
   the trial (a lock held too long, a full disk, a lost connection). The
   trial's work is not at fault: it is retried, and never uses the budget.
+* :class:`SetupError` -- the trial cannot be set up as given, so every trial
+  would fail the same way: the model does not fit the contract (a Linen
+  module without a ``train`` argument, logits that are not
+  ``[B, num_classes]``, a ``TypeError`` while its state is built) or the
+  monitored metric is not among the validation's metrics
+  (:class:`MissingMetricError`, also a ``KeyError``). ``run_trial`` raises it
+  whatever ``reraise_errors`` says, as it does a :class:`DataError`.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import os
 import re
 import sqlite3
 
-__all__ = ["DRIVER_MODULES", "cause_chain", "os_error_code", "root_cause", "DataError", "EmptyLoaderError", "LoaderError", "NonFiniteInputError", "StorageFault"]
+__all__ = ["DRIVER_MODULES", "cause_chain", "os_error_code", "root_cause", "DataError", "EmptyLoaderError", "LoaderError", "NonFiniteInputError", "StorageFault", "SetupError", "MissingMetricError"]
 
 
 class DataError(Exception):
@@ -46,6 +53,17 @@ class NonFiniteInputError(DataError):
 
 class StorageFault(Exception):
   """The study's storage failed (transient: the trial is retried, the budget unchanged)."""
+
+
+class SetupError(Exception):
+  """The model or the monitored metric cannot work as given: it would fail every trial."""
+
+
+class MissingMetricError(SetupError, KeyError):
+  """The monitored metric is not among the validation metrics (a ``KeyError``, as the reference's)."""
+
+  def __str__(self) -> str:  # KeyError's own quotes its message
+    return str(self.args[0]) if self.args else ""
 
 
 # ------------------------------------------------------------- root causes --

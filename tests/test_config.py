@@ -506,3 +506,11 @@ def test_an_int_too_long_to_print_is_described():
   with pytest.raises(ConfigError, match=r"^TrainingConfig\.seed must be in \[0, 4294967295\], "
                                         r"got <an int of 16610 bits>$"):
     TrainingConfig(seed=10**5000)
+
+
+def test_training_config_takes_any_metric_name_and_direction():
+  # Task adapters name their own metrics; the check against the default
+  # validation's metrics is TrialConfig's (tests/engine/test_trial_config.py).
+  cfg = TrainingConfig(monitor_metric="roc_auc", monitor_direction="minimize")
+  assert (cfg.monitor_metric, cfg.monitor_direction) == ("roc_auc", "minimize")
+  assert TrainingConfig(monitor_metric="loss").monitor_direction == "maximize"

@@ -11,12 +11,16 @@ Each epoch, in this order (the reference's trial loop, UPSTREAM.md):
    metrics; the third consecutive failure aborts the run. Bad data
    (:class:`~orchard_jax.errors.DataError`, neither of those types) is not a
    failed validation: it ends the run at once, with the data's message;
-4. extract the monitored metric (a missing key raises ``KeyError``);
+4. extract the monitored metric (a missing key raises
+   :class:`~orchard_jax.errors.MissingMetricError`, a ``KeyError``);
 5. track the best value, direction-aware, ignoring NaN;
 6. run the epoch-end callbacks in order (Optuna report and prune, LR
    scheduler step, early stopping, best-state keeping); any of them may stop
    the run;
 7. log at every ``log_interval``-th epoch, the last one, and a stopping one.
+
+The progress bar (``progress``) is drawn only when ``sys.stderr`` is a
+terminal: in a redirected log its ``\\r`` updates would be noise.
 
 Everything that differs between ``run_trial`` and ``fit`` is a callback.
 """
@@ -34,6 +38,7 @@ import jax
 from tqdm.auto import tqdm
 
 from orchard_jax.core.state import TrainState
+from orchard_jax.errors import MissingMetricError
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +100,8 @@ class EpochLoop:
       (the monitored metric added, read-only).
     log_interval: Log every ``log_interval`` epochs, ``>= 1``.
     label: Prefix of the progress lines, e.g. ``'T3'`` for trial 3.
-    progress: Show a tqdm bar that advances once per epoch.
+    progress: Show a tqdm bar that advances once per epoch, on a terminal only
+      (tqdm's ``disable=None``: off when ``sys.stderr`` is not a tty).
   """
   epochs: int
   train_fn: TrainFn
@@ -175,10 +181,11 @@ def validate_with_fallback(loop: EpochLoop, state: TrainState, epoch: int,
 
 
 def monitored_value(metrics: Mapping[str, float], name: str) -> float:
-  """``metrics[name]``; raises ``KeyError`` listing the available keys."""
+  """``metrics[name]``; raises :class:`~orchard_jax.errors.MissingMetricError`
+  (a ``KeyError``) listing the available keys."""
   if name not in metrics:
-    raise KeyError(f"monitor_metric {name!r} is not among the validation metrics; "
-                   f"available: {sorted(metrics)}")
+    raise MissingMetricError(f"monitor_metric {name!r} is not among the validation metrics; "
+                             f"available: {sorted(metrics)}")
   return metrics[name]
 
 
@@ -208,14 +215,15 @@ def run_loop(state: TrainState, loop: EpochLoop,
 
   Raises:
     RuntimeError: training diverged, or validation failed three consecutive
-      times. ``KeyError``: the monitored metric is missing.
+      times. ``orchard_jax.errors.MissingMetricError`` (a ``KeyError``): the
+      monitored metric is missing.
       ``orchard_jax.errors.DataError``: bad training or validation data.
       Whatever a callback raises (e.g. ``optuna.TrialPruned``).
   """
   best, best_epoch, failures, history = worst_value(loop.direction), None, 0, []
   stop = False
   with tqdm(total=loop.epochs, desc=loop.label, unit="epoch", leave=False, mininterval=0,
-            disable=not loop.progress) as bar:
+            disable=None if loop.progress else True) as bar:  # None: a terminal only
     for epoch in range(1, loop.epochs + 1):
       lr, mixup = loop.lr_for_epoch(epoch), epoch <= loop.mixup_epochs
       state = state.with_learning_rate(lr).with_mixup(mixup)

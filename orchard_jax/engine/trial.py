@@ -15,20 +15,32 @@ fit           ``training.epochs``  LR step, early stopping, best state
 Every per-trial hyperparameter travels as a value into the state's arrays, so
 the trials of a study with one architecture, optimizer kind, criterion,
 precision and batch shape share one compiled ``train_step`` and ``eval_step``.
+
+Failing fast: what would fail every trial the same way -- a configuration
+error, a model that does not fit the contract or the data (checked once per
+structure, with ``jax.eval_shape``, when the state is built), a monitored
+metric the validation does not produce, bad data -- propagates out of
+:func:`run_trial` whatever ``reraise_errors`` says, so Optuna marks the trial
+FAIL and the user sees the error at trial 0. Run-time failures (divergence,
+three failed validations) return the worst value, as the reference does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import pathlib
 import sys
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optuna
+from flax import linen as nn
 
-from orchard_jax.config import TrainingConfig, TrialConfig
+from orchard_jax.config import ConfigError, TrainingConfig, TrialConfig, resolve_precision
 from orchard_jax.core.losses import compute_class_weights
 from orchard_jax.core.schedules import LRController
 from orchard_jax.core.sharding import data_mesh, replicate_state
@@ -39,7 +51,7 @@ from orchard_jax.engine.callbacks import (BestState, EarlyStopping, LRSchedulerS
 from orchard_jax.engine.epoch import evaluate, train_epoch
 from orchard_jax.engine.loop import (Callback, EpochLog, EpochLoop, LoopResult, run_loop,
                                      worst_value)
-from orchard_jax.errors import DataError, EmptyLoaderError, StorageFault
+from orchard_jax.errors import DataError, EmptyLoaderError, SetupError, StorageFault
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +144,113 @@ def initial_state(cfg: TrialConfig, training: TrainingConfig | None = None) -> T
   return replicate_state(state, mesh) if mesh.size > 1 else state
 
 
+# ------------------------------------------------------------ fail fast ---
+
+_PROBE_BATCH = 2   # the batch size of the logits check (2, so that B shows apart from 1)
+_CHECKED_SPECS: dict[Any, None] = {}  # structures whose logits were checked (insertion order)
+_CHECKED_MAX = 64
+
+
+def check_linen_contract(model: Any) -> None:
+  """Raises :class:`SetupError` for a Linen module that cannot take ``train``.
+
+  The contract is ``__call__(x, train: bool)``; a module whose flag has
+  another name or meaning is adapted with
+  ``orchard_jax.models.as_model(module, train_kwarg=..., invert=...)``.
+  """
+  if not isinstance(model, nn.Module):
+    return
+  try:
+    signature = inspect.signature(model.__call__)
+  except (TypeError, ValueError):  # no signature to read: as_model decides
+    return
+  params = signature.parameters.values()
+  if any(p.name == "train" or p.kind is p.VAR_KEYWORD for p in params):
+    return
+  raise SetupError(
+      f"{type(model).__name__}.__call__{signature} has no `train` argument: a Linen module must "
+      f"be callable as __call__(x, train: bool) (train=True while training, False to evaluate); "
+      f"for a flag of another name or meaning pass orchard_jax.models.as_model(module, "
+      f"train_kwarg='deterministic', invert=True)")
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+  dims = ["B" if i == 0 and d == _PROBE_BATCH else str(d) for i, d in enumerate(shape)]
+  return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
+
+
+def logits_problem(state: TrainState) -> str | None:
+  """Why the model's logits are not ``[B, num_classes]``, or None when they are.
+
+  Traces the model once (``jax.eval_shape``: no compile, no computation) on a
+  batch of :data:`_PROBE_BATCH` inputs of the state's per-sample shape.
+  """
+  spec = state.spec
+  sample = jax.ShapeDtypeStruct((_PROBE_BATCH, *spec.input_shape), jnp.float32)
+  out = jax.eval_shape(
+      lambda params, model_state, x: spec.model.apply(params, model_state, x, train=False,
+                                                      rng=jax.random.key(0)),
+      state.params, state.model_state, sample)
+  logits = out[0] if isinstance(out, (tuple, list)) and out else out
+  expected = f"(B, {spec.num_classes}) for num_classes={spec.num_classes}"
+  shape = getattr(logits, "shape", None)
+  if shape is None:
+    return f"the model returns a {type(logits).__name__}, expected logits of shape {expected}"
+  shape = tuple(shape)
+  if shape == (_PROBE_BATCH, spec.num_classes):
+    return None
+  problem = f"the model's logits have shape {_shape_text(shape)}, expected {expected}"
+  if shape == (_PROBE_BATCH, 1) and spec.num_classes == 2:
+    problem += (": a binary model needs 2 logits, one per class (the loss is softmax "
+                "cross-entropy), not a single sigmoid logit")
+  elif not shape or shape[0] != _PROBE_BATCH:
+    problem += f" (for a batch of {_PROBE_BATCH} inputs of shape {spec.input_shape})"
+  return problem
+
+
+def check_logits(state: TrainState) -> None:
+  """Raises :class:`SetupError` unless the logits are ``[B, num_classes]``;
+  checked once per structure (``state.spec``) in a process."""
+  if state.spec in _CHECKED_SPECS:
+    return
+  problem = logits_problem(state)
+  if problem is not None:
+    raise SetupError(problem)
+  if len(_CHECKED_SPECS) >= _CHECKED_MAX:
+    _CHECKED_SPECS.pop(next(iter(_CHECKED_SPECS)))
+  _CHECKED_SPECS[state.spec] = None
+
+
+def checked_state(cfg: TrialConfig, training: TrainingConfig) -> TrainState:
+  """:func:`initial_state`, with the model checked against the contract and the data.
+
+  Raises:
+    SetupError: a Linen module without ``train``, logits that are not
+      ``[B, num_classes]``, or a ``TypeError`` while the state is built
+      (chained to it).
+  """
+  check_linen_contract(cfg.model)
+  try:
+    state = initial_state(cfg, training)
+    check_logits(state)
+  except TypeError as e:
+    raise SetupError(f"building the trial's state failed: {type(e).__name__}: {e}") from e
+  return state
+
+
+def settings_line(training: TrainingConfig) -> str:
+  """The run's active regularisation and precision, in words, e.g.
+  ``precision float32, MixUp alpha 0.2 for 20 epochs, label smoothing 0.0, class weights off``."""
+  precision = resolve_precision(training, jax.default_backend())
+  if training.mixup_alpha > 0 and training.mixup_epochs > 0:
+    mixup = f"MixUp alpha {round(training.mixup_alpha, 6)} for {training.mixup_epochs} epochs"
+  else:
+    mixup = "MixUp off"
+  return (f"precision {precision}, {mixup}, label smoothing "
+          f"{round(training.label_smoothing, 6)}, "
+          f"class weights {'on' if training.weighted_loss else 'off'}")
+
+
 def _epoch_loop(cfg: TrialConfig, training: TrainingConfig, controller: LRController,
                 label: str) -> EpochLoop:
   train_fn = cfg.train_epoch_fn or train_epoch
@@ -165,7 +284,7 @@ def _run(cfg: TrialConfig, training: TrainingConfig, label: str, *, best: BestSt
     logger.warning("use_tta=True: test-time augmentation is not implemented in orchard_jax; "
                    "validation runs without it")
   controller = _controller(training)
-  state = initial_state(cfg, training)
+  state = checked_state(cfg, training)
   callbacks = [c for c in (report, LRSchedulerStep(controller), early, best) if c is not None]
   return run_loop(state, _epoch_loop(cfg, training, controller, label), callbacks)
 
@@ -204,6 +323,7 @@ class TrialTrainingExecutor:
     """Trains ``optuna.epochs`` epochs, reporting to ``trial``; returns the best value."""
     cfg, number = self.cfg, trial.number
     training = trial_training_config(cfg)
+    logger.info("Trial %d: %s", number, settings_line(training))
     best = BestState(None if cfg.output_dir is None else best_state_dir(cfg.output_dir, number),
                      metric_name=training.monitor_metric, trial_number=number)
     report = OptunaReportPrune(trial, enable_pruning=cfg.optuna.enable_pruning,
@@ -226,12 +346,16 @@ def run_trial(trial: optuna.Trial, cfg: TrialConfig) -> float:
   reports each non-NaN value to ``trial`` and prunes from epoch
   ``pruning_warmup_epochs`` on (see :mod:`orchard_jax.engine.loop`).
 
+  At its start it logs, at info level, the trial's precision and active
+  regularisation: ``Trial 3: precision float32, MixUp alpha 0.2 for 15
+  epochs, label smoothing 0.0, class weights off``.
+
   Returns:
-    The best value (direction-aware, NaN ignored). If the trial fails with
-    anything but ``optuna.TrialPruned`` or bad data, the failure is logged,
-    stored as ``trial.user_attrs["error"]`` (``"<Type>: <message>"``) and the
-    worst value is returned: ``-inf`` when maximizing, ``+inf`` when
-    minimizing.
+    The best value (direction-aware, NaN ignored). If the trial fails at run
+    time (the loss diverged, validation failed three consecutive times, or
+    anything not listed under Raises), the failure is logged, stored as
+    ``trial.user_attrs["error"]`` (``"<Type>: <message>"``) and the worst
+    value is returned: ``-inf`` when maximizing, ``+inf`` when minimizing.
 
   Raises:
     optuna.TrialPruned: when the pruner stops the trial.
@@ -245,6 +369,13 @@ def run_trial(trial: optuna.Trial, cfg: TrialConfig) -> float:
       the trial as FAIL and never as COMPLETE with the worst value (a value
       must come from the work it claims to measure; see
       ``docs/differences.md``).
+    orchard_jax.errors.SetupError: whatever ``cfg.reraise_errors`` says, what
+      would fail every trial the same way: a Linen module without a ``train``
+      argument, logits that are not ``[B, num_classes]``, a ``TypeError``
+      while the state is built, a monitored metric the validation does not
+      return (``MissingMetricError``, a ``KeyError``). Logged and stored as
+      ``trial.user_attrs["error"]`` first, like ``DataError``.
+    orchard_jax.config.ConfigError: likewise, a configuration error.
     Exception: any other failure, when ``cfg.reraise_errors`` (Optuna then
       marks the trial FAIL).
     ValueError: before training, if the study's direction disagrees with
@@ -257,6 +388,10 @@ def run_trial(trial: optuna.Trial, cfg: TrialConfig) -> float:
     raise
   except DataError as e:  # deterministic: the data fail, not the trial's hyperparameters
     logger.error("Trial %d failed on bad data: %s: %s", trial.number, type(e).__name__, e)
+    storage_call(trial.set_user_attr, "error", f"{type(e).__name__}: {e}")
+    raise
+  except (SetupError, ConfigError) as e:  # would fail every trial: shown at trial 0
+    logger.error("Trial %d failed on its setup: %s: %s", trial.number, type(e).__name__, e)
     storage_call(trial.set_user_attr, "error", f"{type(e).__name__}: {e}")
     raise
   except Exception as e:  # one bad trial must not crash the study

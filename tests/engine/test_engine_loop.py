@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 
 import pytest
 
@@ -192,7 +193,8 @@ def test_callbacks_see_the_epoch_log(state):
   assert (log.train_loss, log.learning_rate) == (0.5, pytest.approx(0.1))
 
 
-def test_progress_bar_advances_per_epoch(state, capsys):
+def test_progress_bar_advances_per_epoch(state, capsys, monkeypatch):
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # a terminal: drawn
   run_loop(state, make_loop([0.1, 0.2], progress=True, label="T0"))
   err = capsys.readouterr().err
   assert "T0" in err and "2/2" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
 import math
 
@@ -13,8 +15,9 @@ import torch
 from orchard_jax.core import executables
 
 from orchard_jax.data import make_loader
-from orchard_jax.engine import (TrialTrainingExecutor, evaluate, load_best_state, read_summary,
-                                best_state_dir, run_trial, trial_training_config)
+from orchard_jax.engine import (EpochLoop, TrialTrainingExecutor, evaluate, load_best_state,
+                                read_summary, best_state_dir, run_loop, run_trial,
+                                trial_training_config)
 from orchard_jax.models import MLP
 
 NAN = float("nan")
@@ -87,7 +90,7 @@ def test_two_validation_failures_use_the_fallback_and_the_trial_completes(make_c
 
 def test_a_failure_when_minimizing_returns_plus_inf(make_cfg, study_factory):
   cfg = make_cfg(training={"monitor_metric": "loss", "monitor_direction": "minimize"},
-                 validate_fn=lambda *a, **k: {"accuracy": 1.0})
+                 validate_fn=failing_validation({1, 2, 3}))
   assert run_trial(study_factory(direction="minimize").ask(), cfg) == math.inf
 
 
@@ -101,8 +104,12 @@ def test_reraise_errors_lets_optuna_mark_the_trial_failed(make_cfg, study_factor
   assert "Validation failed 3 consecutive times" in trial.user_attrs["error"]
 
 
-def test_missing_monitored_metric_is_a_key_error_listing_the_keys(make_cfg, study_factory):
-  cfg = make_cfg(validate_fn=lambda *a, **k: {"loss": 1.0, "f1": 0.5}, reraise_errors=True)
+@pytest.mark.parametrize("reraise_errors", [False, True])
+def test_missing_monitored_metric_is_a_key_error_listing_the_keys(make_cfg, study_factory,
+                                                                 reraise_errors):
+  # Raised whatever reraise_errors says: it would fail every trial (test_fail_fast.py).
+  cfg = make_cfg(validate_fn=lambda *a, **k: {"loss": 1.0, "f1": 0.5},
+                 reraise_errors=reraise_errors)
   with pytest.raises(KeyError, match=r"available: \['f1', 'loss'\]"):
     run_trial(study_factory().ask(), cfg)
 
@@ -270,3 +277,88 @@ def test_a_storage_fault_is_raised_as_such_never_the_worst_value(make_cfg, tmp_p
     holder.kill()
     holder.wait()
   assert study.trials[0].state == optuna.trial.TrialState.RUNNING  # nothing claims a value
+
+
+# ------------------------------------------------------- visible defaults ---
+
+
+@pytest.mark.parametrize("training, line", [
+    ({}, "Trial 0: precision float32, MixUp off, label smoothing 0.0, class weights off"),
+    ({"mixup_alpha": 0.2, "mixup_epochs": 20, "label_smoothing": 0.1, "weighted_loss": True,
+      "precision": "bfloat16"},
+     "Trial 0: precision bfloat16, MixUp alpha 0.2 for 3 epochs, label smoothing 0.1, "
+     "class weights on"),
+    ({"mixup_alpha": 0.4, "mixup_epochs": 0},
+     "Trial 0: precision float32, MixUp off, label smoothing 0.0, class weights off"),
+])
+def test_run_trial_logs_its_precision_and_regularisation_first(make_cfg, study_factory, caplog,
+                                                               training, line):
+  caplog.set_level(logging.INFO, logger="orchard_jax")
+  run_trial(study_factory().ask(), make_cfg(training=training))  # 3 epochs: MixUp capped
+  messages = [r.getMessage() for r in caplog.records if r.name.startswith("orchard_jax")]
+  assert messages[0] == line
+  assert [r.levelno for r in caplog.records if r.getMessage() == line] == [logging.INFO]
+
+
+def test_the_reference_defaults_are_visible(make_cfg, study_factory, caplog):
+  from orchard_jax.config import TrainingConfig
+  caplog.set_level(logging.INFO, logger="orchard_jax")
+  cfg = make_cfg(training={"mixup_alpha": TrainingConfig().mixup_alpha,
+                           "mixup_epochs": TrainingConfig().mixup_epochs},
+                 optuna={"epochs": 3})
+  run_trial(study_factory().ask(), cfg)
+  assert "MixUp alpha 0.2 for 3 epochs" in caplog.text
+
+
+# ------------------------------------------------------------ progress bar ---
+
+
+class _Terminal:
+  """A text stream that says it is a terminal."""
+
+  def __init__(self):
+    self.parts = []
+
+  def write(self, text):
+    self.parts.append(text)
+
+  def flush(self):
+    pass
+
+  def isatty(self):
+    return True
+
+
+def _loop_with_progress():
+  return EpochLoop(epochs=3, train_fn=lambda state, epoch: (state, 0.5),
+                   validate_fn=lambda state, epoch: {"auc": 0.5}, lr_for_epoch=lambda e: 0.1,
+                   monitor_metric="auc", label="T7", progress=True)
+
+
+class _State:
+  def with_learning_rate(self, lr):
+    return self
+
+  def with_mixup(self, on):
+    return self
+
+
+def test_the_progress_bar_is_not_drawn_into_a_redirected_stderr(monkeypatch):
+  stream = io.StringIO()
+  monkeypatch.setattr("sys.stderr", stream)
+  run_loop(_State(), _loop_with_progress())
+  assert stream.getvalue() == ""
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal(monkeypatch):
+  terminal = _Terminal()
+  monkeypatch.setattr("sys.stderr", terminal)
+  run_loop(_State(), _loop_with_progress())
+  assert "T7" in "".join(terminal.parts) and "\r" in "".join(terminal.parts)
+
+
+def test_use_tqdm_false_draws_no_bar_even_on_a_terminal(monkeypatch):
+  terminal = _Terminal()
+  monkeypatch.setattr("sys.stderr", terminal)
+  run_loop(_State(), dataclasses.replace(_loop_with_progress(), progress=False))
+  assert terminal.parts == []

@@ -76,3 +76,57 @@ def test_executor_returns_the_trials_best_value(make_cfg, study_factory):
   study = study_factory()
   value = TrialTrainingExecutor(make_cfg()).execute(study.ask())
   assert value == max(study.trials[0].intermediate_values.values())
+
+
+# ------------------------------------------- monitored metric and direction --
+
+
+@pytest.mark.parametrize("training, message", [
+    ({"monitor_metric": "roc_auc"},
+     "TrialConfig.training.monitor_metric must be one of 'auc', 'accuracy', 'f1', 'loss' (the "
+     "metrics the default validation computes; pass validate_fn= for others), got 'roc_auc' "
+     "(did you mean 'auc'?)"),
+    ({"monitor_metric": "acc"},
+     "TrialConfig.training.monitor_metric must be one of 'auc', 'accuracy', 'f1', 'loss' (the "
+     "metrics the default validation computes; pass validate_fn= for others), got 'acc' "
+     "(did you mean 'accuracy'?)"),
+    ({"monitor_metric": "val_loss", "monitor_direction": "minimize"},
+     "got 'val_loss' (did you mean 'loss'?)"),
+    ({"monitor_metric": "perplexity"}, "got 'perplexity'"),
+    ({"monitor_metric": "loss"},
+     "TrialConfig.training.monitor_direction must be 'minimize' for 'loss' and 'maximize' for "
+     "'auc', 'accuracy', 'f1', got monitor_metric='loss', monitor_direction='maximize'"),
+    ({"monitor_metric": "accuracy", "monitor_direction": "minimize"},
+     "got monitor_metric='accuracy', monitor_direction='minimize'"),
+    ({"monitor_metric": "f1", "monitor_direction": "minimize"},
+     "got monitor_metric='f1', monitor_direction='minimize'"),
+])
+def test_with_the_default_validation_the_metric_and_direction_are_checked_as_the_cli(training,
+                                                                                    message):
+  with pytest.raises(ConfigError) as raised:
+    TrialConfig(**REQUIRED, training=training)
+  assert message in str(raised.value)
+  if "did you mean" not in message and "direction" not in message:
+    assert "did you mean" not in str(raised.value)
+
+
+@pytest.mark.parametrize("metric, direction", [
+    ("auc", "maximize"), ("accuracy", "maximize"), ("f1", "maximize"), ("loss", "minimize")])
+def test_the_default_validations_metrics_are_accepted_with_their_direction(metric, direction):
+  cfg = TrialConfig(**REQUIRED, training={"monitor_metric": metric,
+                                          "monitor_direction": direction})
+  assert cfg.training.monitor_metric == metric
+
+
+def test_a_validate_fn_may_monitor_any_metric_in_either_direction():
+  cfg = TrialConfig(**REQUIRED, validate_fn=lambda *a, **k: {},
+                    training={"monitor_metric": "roc_auc", "monitor_direction": "minimize"})
+  assert cfg.training.monitor_metric == "roc_auc"
+  with pytest.raises(ConfigError, match="got 'roc_auc'"):
+    cfg.replace(validate_fn=None)  # replace checks again
+
+
+def test_the_check_runs_when_a_section_is_replaced():
+  cfg = TrialConfig(**REQUIRED)
+  with pytest.raises(ConfigError, match="must be 'minimize' for 'loss'"):
+    cfg.replace(training=cfg.training.replace(monitor_metric="loss"))
