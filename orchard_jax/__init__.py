@@ -6,23 +6,76 @@ around it.
 
 Importing the package first sets glibc's allocator to keep freed memory
 (``orchard_jax.hostmem``; ``ORCHARD_JAX_MALLOC=system`` leaves it alone),
-before JAX is imported.
+before JAX is imported. The names below are imported on first use (PEP 562),
+so that ``orchard-jax --help`` and ``init`` answer without importing JAX;
+``from orchard_jax import run_trial`` and ``orchard_jax.run_trial`` work as
+ever.
 """
 
+import importlib as _importlib
+from typing import TYPE_CHECKING
+
 from orchard_jax import hostmem as _hostmem
+from orchard_jax._version import __version__
 
 _hostmem.tune_on_import()
 
-from orchard_jax.config import ConfigError, OptunaConfig, TrainingConfig, TrialConfig, resolve_precision
-from orchard_jax.core.losses import compute_class_weights, cross_entropy, focal_loss, mixup
-from orchard_jax.core.metrics import classification_metrics, macro_f1, roc_auc
-from orchard_jax.core.optim import optimizer, set_hyperparams
-from orchard_jax.core.precision import LossScale, Policy, parse_policy
-from orchard_jax.core.schedules import LRController, epoch_schedule, plateau
-from orchard_jax.core.state import Hyperparams, StepSpec, TrainState, create_train_state, state_from_config
-from orchard_jax.core.steps import eval_step, train_step
-from orchard_jax.engine import (FitResult, TrialTrainingExecutor, evaluate, fit, load_best_state,
-                                run_trial, train_epoch)
-from orchard_jax.models import MLP, MiniCNN, Model, as_model, build_model
+hostmem = _hostmem
 
-__version__ = "0.1.0"
+# name -> the module it comes from
+_EXPORTS = {
+    **dict.fromkeys(("ConfigError", "OptunaConfig", "TrainingConfig", "TrialConfig",
+                     "resolve_precision"), "orchard_jax.config"),
+    **dict.fromkeys(("compute_class_weights", "cross_entropy", "focal_loss", "mixup"),
+                    "orchard_jax.core.losses"),
+    **dict.fromkeys(("classification_metrics", "macro_f1", "roc_auc"), "orchard_jax.core.metrics"),
+    **dict.fromkeys(("optimizer", "set_hyperparams"), "orchard_jax.core.optim"),
+    **dict.fromkeys(("LossScale", "Policy", "parse_policy"), "orchard_jax.core.precision"),
+    **dict.fromkeys(("LRController", "epoch_schedule", "plateau"), "orchard_jax.core.schedules"),
+    **dict.fromkeys(("Hyperparams", "StepSpec", "TrainState", "create_train_state",
+                     "state_from_config"), "orchard_jax.core.state"),
+    **dict.fromkeys(("eval_step", "train_step"), "orchard_jax.core.steps"),
+    **dict.fromkeys(("FitResult", "TrialTrainingExecutor", "evaluate", "fit", "load_best_state",
+                     "run_trial", "train_epoch"), "orchard_jax.engine"),
+    **dict.fromkeys(("MLP", "MiniCNN", "Model", "as_model", "build_model"), "orchard_jax.models"),
+    **dict.fromkeys(("record_trial_config", "write_outputs"), "orchard_jax.study.outputs"),
+    "StudyOutputs": "orchard_jax.study.callbacks",
+}
+# Subpackages and modules, bound as attributes on first use as an import would.
+_MODULES = ("config", "core", "data", "engine", "errors", "fileio", "models", "study")
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+  module = _EXPORTS.get(name)
+  if module is not None:
+    value = getattr(_importlib.import_module(module), name)
+  elif name in _MODULES:
+    value = _importlib.import_module(f"{__name__}.{name}")
+  else:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted({*globals(), *_EXPORTS, *_MODULES})
+
+
+if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
+  from orchard_jax.config import (ConfigError, OptunaConfig, TrainingConfig, TrialConfig,
+                                  resolve_precision)
+  from orchard_jax.core.losses import compute_class_weights, cross_entropy, focal_loss, mixup
+  from orchard_jax.core.metrics import classification_metrics, macro_f1, roc_auc
+  from orchard_jax.core.optim import optimizer, set_hyperparams
+  from orchard_jax.core.precision import LossScale, Policy, parse_policy
+  from orchard_jax.core.schedules import LRController, epoch_schedule, plateau
+  from orchard_jax.core.state import (Hyperparams, StepSpec, TrainState, create_train_state,
+                                      state_from_config)
+  from orchard_jax.core.steps import eval_step, train_step
+  from orchard_jax.engine import (FitResult, TrialTrainingExecutor, evaluate, fit,
+                                  load_best_state, run_trial, train_epoch)
+  from orchard_jax.models import MLP, MiniCNN, Model, as_model, build_model
+  from orchard_jax.study.callbacks import StudyOutputs
+  from orchard_jax.study.outputs import record_trial_config, write_outputs

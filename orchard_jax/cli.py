@@ -33,7 +33,7 @@ EXIT_RECIPE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def _parser() -> argparse.ArgumentParser:
-  from orchard_jax import __version__
+  from orchard_jax._version import __version__  # not JAX: --help and init answer at once
 
   parser = argparse.ArgumentParser(
       prog=PROG, description="Optuna hyperparameter studies on JAX from YAML recipes.",
@@ -258,15 +258,18 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-  from orchard_jax.study.recipe import bundled_recipe_text
-  from orchard_jax.study.checks import RecipeError
+  # Neither orchard_jax.study (optuna, JAX) nor orchard_jax.study.recipe's bundled_recipe_text:
+  # the same file, read without importing the study package.
+  import importlib.resources
+
+  from orchard_jax.config import ConfigError
 
   path = pathlib.Path(args.path)
   if path.exists() and not args.force:
-    raise RecipeError(f"{path} exists; use --force to overwrite it")
+    raise ConfigError(f"{path} exists; use --force to overwrite it")
   if path.parent != pathlib.Path("") and not path.parent.is_dir():
-    raise RecipeError(f"folder {path.parent} does not exist")
-  path.write_text(bundled_recipe_text())
+    raise ConfigError(f"folder {path.parent} does not exist")
+  path.write_text((importlib.resources.files("orchard_jax") / "recipes" / "default.yaml").read_text())
   print(f"Wrote {path}; edit it, then run: {PROG} run {path}")
   return 0
 

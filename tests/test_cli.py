@@ -269,3 +269,114 @@ def test_the_installed_command_freezes_the_collector_after_loading_and_at_exit(
   args.freeze_imports = True  # as main(..., freeze_imports=True) sets it
   cli._load(args)
   assert freezes == ["freeze", "freeze"]  # once the recipe and data are loaded
+
+
+# ------------------------------------------------ quick answers, package, repository --
+
+NO_JAX = """
+import sys
+from orchard_jax import cli
+try:
+  status = cli.main(sys.argv[1:])
+except SystemExit as e:  # --help
+  status = e.code
+assert 'jax' not in sys.modules and 'optuna' not in sys.modules, sorted(
+    m for m in ('jax', 'optuna', 'torch') if m in sys.modules)
+sys.exit(status)
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["run", "--help"],
+                                  ["init", "recipe.yaml"]])
+def test_help_version_and_init_do_not_import_jax(argv, tmp_path):
+  proc = subprocess.run([sys.executable, "-c", NO_JAX, *argv], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stderr
+  assert argv[0] != "init" or (tmp_path / "recipe.yaml").read_text() == bundled_recipe_text()
+
+
+def test_init_refuses_an_existing_file_without_importing_jax(tmp_path):
+  (tmp_path / "recipe.yaml").write_text("# mine\n")
+  proc = subprocess.run([sys.executable, "-c", NO_JAX, "init", "recipe.yaml"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=TIMEOUT)
+  assert proc.returncode == 2 and "AssertionError" not in proc.stderr
+  assert proc.stderr.splitlines() == [
+      "orchard-jax: error: recipe.yaml exists; use --force to overwrite it"]
+
+
+# What `import orchard_jax` exported before its names were imported on first use.
+EXPORTS = """ConfigError OptunaConfig TrainingConfig TrialConfig resolve_precision
+compute_class_weights cross_entropy focal_loss mixup classification_metrics macro_f1 roc_auc
+optimizer set_hyperparams LossScale Policy parse_policy LRController epoch_schedule plateau
+Hyperparams StepSpec TrainState create_train_state state_from_config eval_step train_step
+FitResult TrialTrainingExecutor evaluate fit load_best_state run_trial train_epoch MLP MiniCNN
+Model as_model build_model""".split()
+
+
+def test_the_package_exports_what_it_did_and_its_version():
+  import importlib.metadata
+
+  import orchard_jax
+  from orchard_jax import engine, models
+
+  assert set(EXPORTS) <= set(orchard_jax.__all__) <= set(dir(orchard_jax))
+  assert orchard_jax.run_trial is engine.run_trial and orchard_jax.MLP is models.MLP
+  assert all(getattr(orchard_jax, name) is not None for name in orchard_jax.__all__)
+  assert orchard_jax.engine is engine and orchard_jax.hostmem.malloc_tuned() in (True, False)
+  assert orchard_jax.__version__ == importlib.metadata.version("orchard_jax")
+  with pytest.raises(AttributeError):
+    orchard_jax.no_such_name  # noqa: B018
+
+
+def test_outputs_folder_is_ignored_by_git():
+  root = pathlib.Path(__file__).parents[1]
+  if not (root / ".git").exists():
+    pytest.skip("not a git checkout")
+  proc = subprocess.run(["git", "check-ignore", "-q", "outputs/tiny/study.db"], cwd=root)
+  assert proc.returncode == 0, ".gitignore does not ignore outputs/"
+
+
+def test_best_config_retrains_from_another_folder(study_run, env, tmp_path):
+  # Its paths absolute, or relative to it (study.outputs.PATHS_RELATIVE) and read from its folder.
+  _, run_dir = study_run
+  proc = run(["run", run_dir / "best_config.yaml", "--set", "training.epochs=1"], env, tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  assert (run_dir / "retrain" / "metrics.json").is_file()
+
+
+TENSOR_LOADERS = '''
+import numpy as np
+import torch
+from orchard_jax.data import make_loader
+
+
+def loaders(batch_size, seed):
+  """tiny.npz as torch DataLoaders over TensorDatasets (NCHW floats in [0, 1])."""
+  arrays = np.load(__file__.replace("tensor_data.py", "tiny.npz"))
+  def dataset(split):
+    x = torch.from_numpy(arrays[f"{split}_images"][:, None].astype(np.float32) / 255)
+    return torch.utils.data.TensorDataset(x, torch.from_numpy(arrays[f"{split}_labels"][:, 0].astype(np.int64)))
+  return (make_loader(dataset("train"), batch_size, shuffle=True, seed=seed),
+          make_loader(dataset("val"), 64, shuffle=False))
+'''
+
+
+@pytest.mark.parametrize("source", ["npz", "TensorDataset function"])
+def test_a_study_compiles_each_step_once(workdir, tmp_path, source):
+  """Counted from JAX's own log (JAX_LOG_COMPILES=1: one "Finished XLA compilation of ..." per
+  XLA compile), in a process with empty caches; 4 trials of 2 epochs share the two programs."""
+  path = recipe(workdir, f"compiles_{source.split()[0]}")
+  if source != "npz":  # a user's function: its TensorDataset loaders take the resident path
+    (workdir / "tensor_data.py").write_text(TENSOR_LOADERS)
+    data = yaml.safe_load(path.read_text())
+    data["dataset"] = {"source": "function", "function": f"{workdir / 'tensor_data.py'}:loaders",
+                       "num_classes": 3}
+    path.write_text(yaml.safe_dump(data))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "JAX_LOG_COMPILES": "1",
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
+  proc = run(["run", path], env, workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stderr.count("Trial ") >= 4 and "Trial 3 " in proc.stderr, proc.stderr[-3000:]
+  counts = {step: proc.stderr.count(f"Finished XLA compilation of jit({step})")
+            for step in ("_train_step", "_eval_step")}
+  assert counts == {"_train_step": 1, "_eval_step": 1}, (source, counts)

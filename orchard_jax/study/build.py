@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -38,7 +39,8 @@ class History:
   ``epochs`` is a list of ``{"epoch", "train_loss", "val_<metric>"...}``
   dicts (JSON-ready floats); an epoch whose validation failed has no
   ``val_`` entries. Pass :meth:`train_fn` and :meth:`validate_fn` as the
-  ``TrialConfig`` task adapters.
+  ``TrialConfig`` task adapters; :meth:`user_attrs` is what a study's trial
+  stores of them.
   """
 
   def __init__(self):
@@ -56,6 +58,23 @@ class History:
     if self.epochs and self.epochs[-1]["epoch"] == epoch:
       self.epochs[-1].update({f"val_{k}": float(v) for k, v in metrics.items()})
     return metrics
+
+  def best_epoch(self, metric: str, direction: str) -> int | None:
+    """The first epoch with the best finite ``val_<metric>``; None if none has one."""
+    sign = -1.0 if direction == "maximize" else 1.0
+    scored = [(sign * e[f"val_{metric}"], e["epoch"]) for e in self.epochs
+              if math.isfinite(e.get(f"val_{metric}", math.nan))]
+    return min(scored)[1] if scored else None
+
+  def user_attrs(self, metric: str, direction: str, epochs: int | None = None) -> dict[str, Any]:
+    """A trial's attributes of this run: ``epochs_run``, ``best_epoch`` (when an epoch had a
+    finite ``val_<metric>``) and one ``epoch_NN`` per epoch (zero-padded to the width of
+    ``epochs``, the trial's planned epochs), each far below optuna-dashboard's 1,024
+    characters."""
+    from orchard_jax.study.outputs import BEST_EPOCH, EPOCHS_RUN, epoch_attrs
+    best = self.best_epoch(metric, direction)
+    return {EPOCHS_RUN: len(self.epochs), **({} if best is None else {BEST_EPOCH: best}),
+            **epoch_attrs(self.epochs, epochs)}
 
 
 def _absolute(name: str) -> str:

@@ -1,7 +1,12 @@
 """Study callbacks of the runner, and its SIGINT handler.
 
 Each callback is ``callback(study, frozen_trial)``, called by
-``study.optimize`` after every finished trial.
+``study.optimize`` after every finished trial. :class:`StudyOutputs` is the
+one for a study of one's own objective.
+
+One line per event: a study's :class:`Progress` logs each finished trial
+once, with why it failed; while the study's objective runs the engine's own
+"Trial N pruned/failed" lines are left out (:func:`engine_outcomes_muted`).
 """
 
 from __future__ import annotations
@@ -10,21 +15,24 @@ import logging
 import math
 import pathlib
 import shutil
+import contextlib
+import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from orchard_jax.study.outputs import ERROR, best_trial
+from orchard_jax.study.outputs import ERROR, best_trial, trial_error, write_outputs
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_THRESHOLDS", "FailureStreak", "GracefulInterrupt", "KeepBestCheckpoint",
-           "Progress", "StudyEarlyStopping", "threshold_for"]
+           "Progress", "StudyEarlyStopping", "StudyOutputs", "engine_outcomes_muted",
+           "threshold_for"]
 
 MAX_CONSECUTIVE_FAILURES = 3
 # The reference's default early-stopping thresholds (orchard-ml optimization/early_stopping.py).
@@ -109,7 +117,8 @@ class KeepBestCheckpoint:
 
 
 class Progress:
-  """A tqdm bar over trials and one log line per finished trial."""
+  """A tqdm bar over trials and one log line per finished trial (a failed one at warning
+  level, with its error)."""
 
   def __init__(self, bar: Any, metric: str, direction: str):
     self.bar, self.metric, self.direction = bar, metric, direction
@@ -121,13 +130,80 @@ class Progress:
         trial.intermediate_values.get(trial.last_step) if trial.last_step is not None else None)
     shown = "-" if value is None else f"{value:.4f}"
     best_text = "-" if best is None else f"{best.value:.4f} (trial {best.number})"
-    logger.info("Trial %d %s | %s %s | epochs %s | %.1f s | best %s", trial.number,
-                trial.state.name, self.metric, shown, trial.last_step or 0, seconds, best_text)
+    line = (f"Trial {trial.number} {trial.state.name} | {self.metric} {shown} | epochs "
+            f"{trial.last_step or 0} | {seconds:.1f} s | best {best_text}")
     if trial.state == TrialState.FAIL:
-      logger.warning("Trial %d failed: %s", trial.number, trial.user_attrs.get(ERROR, "unknown error"))
+      logger.warning("%s | %s", line, trial_error(trial) or "unknown error")
+    else:
+      logger.info("%s", line)
     self.bar.update(1)
     if best is not None:
       self.bar.set_postfix({"best": f"{best.value:.4f}", "trial": best.number})
+
+
+# The engine's lines that a study's Progress line says again (the engine logs them for
+# objectives of one's own, which have no Progress).
+_ENGINE_OUTCOMES = {"orchard_jax.engine.trial": ("Trial %d failed",),
+                    "orchard_jax.engine.callbacks": ("Trial %d pruned",)}
+
+
+class _MuteOutcomes(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (isinstance(record.msg, str) and
+                record.msg.startswith(_ENGINE_OUTCOMES.get(record.name, ())))
+
+
+_muted = {"count": 0, "lock": threading.Lock(), "filter": _MuteOutcomes()}
+
+
+@contextlib.contextmanager
+def engine_outcomes_muted() -> Iterator[None]:
+  """While entered (by any thread), the engine's "Trial N failed" and "Trial N pruned"
+  lines are not logged: the study's :class:`Progress` logs each finished trial once."""
+  with _muted["lock"]:
+    if _muted["count"] == 0:
+      for name in _ENGINE_OUTCOMES:
+        logging.getLogger(name).addFilter(_muted["filter"])
+    _muted["count"] += 1
+  try:
+    yield
+  finally:
+    with _muted["lock"]:
+      _muted["count"] -= 1
+      if _muted["count"] == 0:
+        for name in _ENGINE_OUTCOMES:
+          logging.getLogger(name).removeFilter(_muted["filter"])
+
+
+class StudyOutputs:
+  """A study callback that writes a study's outputs after each finished trial.
+
+  For a plain Optuna study whose objective calls
+  :func:`~orchard_jax.engine.run_trial`::
+
+    outputs = orchard_jax.StudyOutputs("runs/mine", metric="accuracy")
+    study.optimize(objective, n_trials=20, callbacks=[outputs])
+
+  ``run_dir`` then holds, as of the last finished trial, what
+  :func:`~orchard_jax.study.outputs.write_outputs` writes (``trials.csv``,
+  ``plots/``, ``best_config.yaml``, ``best_model/``); the arguments are its
+  own. ``plots=False`` leaves the plots (about a second per trial) to a last
+  ``write_outputs`` call. Safe with ``n_jobs`` threads.
+  """
+
+  def __init__(self, run_dir: str | os.PathLike, *, metric: str | None = None,
+               direction: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
+               plots: bool = True):
+    self.run_dir, self.metric, self.direction = run_dir, metric, direction
+    self.checkpoint_dir, self.plots = checkpoint_dir, plots
+    self._lock = threading.Lock()
+    self.best: FrozenTrial | None = None
+
+  def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+    with self._lock:
+      self.best = write_outputs(study, self.run_dir, metric=self.metric,
+                                direction=self.direction, checkpoint_dir=self.checkpoint_dir,
+                                plots=self.plots)
 
 
 class StopSignals:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import sys
+import time
 from typing import Any
 
 import optuna
@@ -47,11 +48,12 @@ import yaml
 
 from orchard_jax.study.ahead import CompileAhead
 from orchard_jax.study.build import History, architecture_for, model_for, trial_config
-from orchard_jax.study.callbacks import GracefulInterrupt, KeepBestCheckpoint, Progress
+from orchard_jax.study.callbacks import (GracefulInterrupt, KeepBestCheckpoint, Progress,
+                                         engine_outcomes_muted)
 from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.liveness import RunFolderLock
-from orchard_jax.study.outputs import (CONFIG, ERROR, HISTORY, INTERRUPTED, import_ahead,
-                                      resolved_config, write_study_outputs)
+from orchard_jax.study.outputs import (CONFIG, ERROR, INTERRUPTED, SECONDS, import_ahead,
+                                      name_metric, resolved_config, write_study_outputs)
 from orchard_jax.study.space import build_space
 from orchard_jax.study.storage import Heartbeat, StudyLock, masked, open_storage, storage_url
 from orchard_jax.study.workers import (drive, exit_status, finished_count, join_study, new_worker,
@@ -89,7 +91,8 @@ def build_pruner(config: Any, startup_trials: int) -> optuna.pruners.BasePruner:
 
 def open_study(recipe: Any, url: str | None, storage: Any = None, *, join: bool = False,
                where: str = "optuna.storage") -> optuna.Study:
-  """Creates or loads the study; checks that its direction is the recipe's.
+  """Creates or loads the study; checks that its direction is the recipe's, and names its
+  metric ``training.monitor_metric`` unless it has a name.
 
   ``storage`` is ``open_storage(url)`` unless given. ``join`` (a worker)
   loads an existing study whatever ``load_if_exists`` says, and samples with
@@ -118,6 +121,7 @@ def open_study(recipe: Any, url: str | None, storage: Any = None, *, join: bool 
     raise RecipeError(f"the stored study {config.study_name!r} was created to "
                       f"{study.direction.name.lower()}, but training.monitor_direction is "
                       f"{training.monitor_direction!r}")
+  name_metric(study, training.monitor_metric)  # optuna-dashboard: not "Objective 0"
   return study
 
 
@@ -148,11 +152,19 @@ def _warn_if_changed(recipe: Any, previous: pathlib.Path) -> None:
 
 def _objective(recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path,
                interrupt: GracefulInterrupt | None = None):
-  """The study's objective: samples, stores the trial's resolved configuration, trains."""
+  """The study's objective: samples, stores the trial's resolved configuration, trains.
+
+  Each trial, however it ends, stores ``seconds``, ``epochs_run``,
+  ``best_epoch`` and one ``epoch_NN`` attribute per epoch
+  (:meth:`History.user_attrs`). The engine's own "Trial N pruned/failed"
+  lines are left to the study's :class:`Progress` line.
+  """
   from orchard_jax.engine import run_trial
 
+  training = recipe.training
+
   def objective(trial: optuna.Trial) -> float:
-    history = History()
+    history, started = History(), time.monotonic()
     try:
       if interrupt is not None:
         interrupt.in_trial = True
@@ -161,7 +173,8 @@ def _objective(recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path,
       params = space.sample(trial, recipe.training)
       trial.set_user_attr(CONFIG, resolved_config(recipe, params))
       cfg = trial_config(recipe, source, params, output_dir=trials_dir, history=history)
-      return run_trial(trial, cfg)
+      with engine_outcomes_muted():
+        return run_trial(trial, cfg)
     except optuna.TrialPruned:
       raise
     except KeyboardInterrupt:
@@ -175,7 +188,11 @@ def _objective(recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path,
     finally:
       if interrupt is not None:
         interrupt.in_trial = False
-      trial.set_user_attr(HISTORY, history.epochs)
+      attrs = history.user_attrs(training.monitor_metric, training.monitor_direction,
+                                 recipe.study.config.epochs)
+      attrs[SECONDS] = round(time.monotonic() - started, 3)
+      for key, value in attrs.items():
+        trial.set_user_attr(key, value)
 
   return objective
 
