@@ -337,7 +337,7 @@ def test_outputs_folder_is_ignored_by_git():
 
 
 def test_best_config_retrains_from_another_folder(study_run, env, tmp_path):
-  # Its paths absolute, or relative to it (study.outputs.PATHS_RELATIVE) and read from its folder.
+  # Its paths are relative to it, and read from its folder.
   _, run_dir = study_run
   proc = run(["run", run_dir / "best_config.yaml", "--set", "training.epochs=1"], env, tmp_path)
   assert proc.returncode == 0, proc.stderr

@@ -201,10 +201,6 @@ def resolved_config(recipe: Any, params: dict[str, Any]) -> dict[str, Any]:
   return yaml.safe_load(yaml.safe_dump(data))  # plain, JSON-ready values
 
 
-# best_config.yaml's paths relative to it (relative_paths). Off until load_recipe reads a
-# recipe file's relative paths from the file's folder (today: from the working directory, so
-# a relative best_config.yaml would only run from its own folder).
-PATHS_RELATIVE = False
 # A path is written relative to best_config.yaml when it climbs at most this many folders
 # (outputs/<study>/ -> the project's files: they move together); one further away stays absolute.
 RELATIVE_UP_MAX = 2
@@ -246,8 +242,8 @@ def relative_paths(config: dict[str, Any], base: pathlib.Path) -> dict[str, Any]
 def best_config_dict(recipe: Any, trial: FrozenTrial, run_dir: pathlib.Path) -> dict[str, Any]:
   """The recipe that retrains ``trial``: the configuration stored with it (parameters,
   data, architecture, ``training.epochs``), no optuna; the run's telemetry, writing to
-  ``run_dir/retrain``. With :data:`PATHS_RELATIVE` its paths are relative to ``run_dir``,
-  where ``best_config.yaml`` lives; else absolute."""
+  ``run_dir/retrain``. Its paths are relative to ``run_dir``, where ``best_config.yaml``
+  lives (``load_recipe`` reads a recipe file's relative paths from its folder)."""
   config = trial.user_attrs.get(CONFIG)
   if config is None:  # a trial stored before configurations were
     logger.warning("Trial %d has no stored configuration; best_config.yaml is rebuilt from the "
@@ -255,7 +251,7 @@ def best_config_dict(recipe: Any, trial: FrozenTrial, run_dir: pathlib.Path) -> 
     config = resolved_config(recipe, trial.params)
   telemetry = dataclasses.replace(recipe.telemetry, output_dir=str((run_dir / "retrain").absolute()))
   config = {**config, "telemetry": dataclasses.asdict(telemetry)}
-  return relative_paths(config, run_dir) if PATHS_RELATIVE else config
+  return relative_paths(config, run_dir)
 
 
 def _best_config_text(recipe: Any, trial: FrozenTrial, path: pathlib.Path) -> str:
@@ -264,7 +260,7 @@ def _best_config_text(recipe: Any, trial: FrozenTrial, path: pathlib.Path) -> st
             f"{metric} = {trial.value:.6f} after {recipe.study.config.epochs} trial epochs.\n"
             f"# A recipe without an optuna section: one training run of training.epochs epochs\n"
             f"# with the best trial's hyperparameters, reporting validation and test metrics"
-            f"{' (paths are relative to this file)' if PATHS_RELATIVE else ''}:\n"
+            f" (paths are relative to this file):\n"
             f"#   orchard-jax run {path}\n")
   return header + yaml.safe_dump(best_config_dict(recipe, trial, path.parent), sort_keys=False)
 

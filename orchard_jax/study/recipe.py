@@ -412,4 +412,39 @@ def load_recipe(path: str | os.PathLike | None, sets: Sequence[str] = ()) -> Rec
   if not isinstance(data, dict):
     raise RecipeError(f"{c.clip(origin, PATH_SHOWN)}: a recipe must be a mapping of sections, "
                       f"got {c.show(data)}")
+  if path is not None:  # the file's own relative paths; --set values stay the command's
+    data = from_folder(data, pathlib.Path(path).absolute().parent)
   return parse_recipe(apply_sets(data, sets), origin)
+
+
+def _joined(folder: pathlib.Path, path: Any, *, found: bool = True) -> Any:
+  """A relative ``path`` read from ``folder``; with ``found``, only when it exists there
+  (else it stays relative to the working directory, as recipes were read before)."""
+  if not isinstance(path, str) or not path or os.path.isabs(os.path.expanduser(path)):
+    return path
+  joined = os.path.normpath(folder / path)
+  return joined if not found or os.path.exists(joined) else path
+
+
+def _joined_entry(folder: pathlib.Path, entry: Any) -> Any:
+  """A ``'path/file.py:function'`` entry from ``folder``; a module's ``'pkg.mod:fn'`` as is."""
+  if not isinstance(entry, str) or ":" not in entry:
+    return entry
+  target, _, attr = entry.rpartition(":")
+  if target.endswith(".py") or "/" in target or os.sep in target:
+    return f"{_joined(folder, target)}:{attr}"
+  return entry
+
+
+def from_folder(data: dict[str, Any], folder: pathlib.Path) -> dict[str, Any]:
+  """A recipe file's data with its relative paths read from ``folder``, the file's own:
+  ``dataset.path``, the files of ``dataset.function`` and ``architecture.function``, and
+  ``telemetry.output_dir`` (``best_config.yaml`` writes them relative to itself)."""
+  fixes = {("dataset", "path"): _joined, ("dataset", "function"): _joined_entry,
+           ("architecture", "function"): _joined_entry,
+           ("telemetry", "output_dir"): lambda folder, path: _joined(folder, path, found=False)}
+  out = dict(data)
+  for (section, key), fix in fixes.items():
+    if isinstance(out.get(section), dict) and out[section].get(key) is not None:
+      out[section] = {**out[section], key: fix(folder, out[section][key])}
+  return out

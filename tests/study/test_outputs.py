@@ -85,9 +85,9 @@ def test_best_config_is_a_single_run_recipe_with_the_best_params(tmp_path, monke
   run_dir = tmp_path / "run"
   assert os.path.normpath(run_dir / config["dataset"]["path"]) == str(data)
   assert run_dir / config["telemetry"]["output_dir"] == run_dir / "retrain"
-  if outputs.PATHS_RELATIVE:  # relative to run/, where best_config.yaml lives
-    assert (config["dataset"]["path"], config["telemetry"]["output_dir"]) == ("../data.npz",
-                                                                              "retrain")
+  # relative to run/, where best_config.yaml lives
+  assert (config["dataset"]["path"], config["telemetry"]["output_dir"]) == ("../data.npz",
+                                                                            "retrain")
   assert parse_recipe(yaml.safe_load(yaml.safe_dump(config))).study is None
 
 
@@ -277,9 +277,6 @@ def test_a_pruned_or_failed_trial_is_logged_once(study_run):
   assert failed.levelno == logging.WARNING and "RuntimeError: boom in trial 2" in failed.getMessage()
 
 
-@pytest.mark.xfail(not outputs.PATHS_RELATIVE, strict=True,
-                   reason="outputs.PATHS_RELATIVE is off until load_recipe reads a recipe's "
-                          "relative paths from its folder")
 def test_the_study_writes_best_config_with_paths_relative_to_it(study_run):
   _, _, _, run_dir = study_run
   text = (run_dir / "best_config.yaml").read_text()
