@@ -8,7 +8,7 @@ executable. :func:`compiled` keeps executables under a key computed *without*
 tracing:
 
 * in memory: ``(name, static arguments, argument tree, shapes, dtypes,
-  shardings)``, the same things ``jax.jit``'s own cache keys on, so a trial
+  shardings, commitment)``, the same things ``jax.jit``'s own cache keys on, so a trial
   with the same structure as an earlier one compiles nothing;
 * on disk (only when :func:`set_cache_dir` names a directory, which the
   ``orchard-jax`` command does by default): the same key, written out, plus a
@@ -109,12 +109,20 @@ def clear() -> None:
 
 
 def _signature(args: tuple) -> tuple:
+  """``args``' tree and, per leaf, what ``jax.jit`` keys its compiled programs on.
+
+  That includes whether an array is committed to its device: jit compiles a
+  program again for an argument that is committed where it was not (or the
+  reverse), even on the same device, so such arguments get their own entry
+  here too (and :func:`stats` counts that compile).
+  """
   leaves, tree = jax.tree.flatten(args)
   sig = []
   for leaf in leaves:
     aval = jax.typeof(leaf)
     sharding = getattr(leaf, "sharding", None)
-    sig.append((aval.shape, str(aval.dtype), aval.weak_type, sharding))
+    committed = getattr(leaf, "committed", None)
+    sig.append((aval.shape, str(aval.dtype), aval.weak_type, committed, sharding))
   return tree, tuple(sig)
 
 

@@ -11,14 +11,22 @@ learning rate, so epoch ``e`` uses ``schedule(e - 1)``.
   array counts).
 * :func:`plateau` -- ``ReduceLROnPlateau`` (``threshold_mode="rel"``,
   ``cooldown=0``) as an optax-style pair of pure ``init`` / ``update``
-  functions over a :class:`PlateauState` of arrays.
+  functions over a :class:`PlateauState` of arrays, float32 (jit-safe) or,
+  on the host, float64 (torch's arithmetic).
 * :class:`LRController` -- a small host-side object for the epoch loop:
   ``lr_for_epoch(epoch)`` before training, ``step(metric)`` after validation.
 
 Learning rates are float32 (host counts: computed in float64, then rounded
-to float32). Comparisons of the plateau metric are done in
-float32 (torch uses float64), which only matters for a metric within float32
-rounding of the improvement threshold.
+to float32), except the controller's plateau rate: torch keeps it in a
+Python float and multiplies it by the factor at each reduction, and a
+float32 rate multiplied by a float32 factor rounds at every reduction, so the
+error compounds (1.1e-7 relative after 5 reductions, 3.9e-7 after 11). The
+controller's plateau state is therefore float64, as torch's arithmetic is
+(comparisons of the metric included), and its rate is rounded to float32
+once, when :meth:`~orchard_jax.core.state.TrainState.with_learning_rate`
+writes it into the state. A float32 plateau state (the default of
+:func:`plateau`, and the only one under jit) compares in float32, which only
+matters for a metric within float32 rounding of the improvement threshold.
 """
 
 from __future__ import annotations
@@ -162,15 +170,20 @@ def epoch_schedule(scheduler_type: str, *, learning_rate: float, min_lr: float,
 
 
 class PlateauState(NamedTuple):
-  """State of :func:`plateau`; every field is a scalar array."""
-  best: jax.Array  # float32 []: best metric so far; -inf (max) / +inf (min).
+  """State of :func:`plateau`; every field is a scalar array.
+
+  ``best`` and ``lr`` are float32, or float64 for a host state made by
+  ``init(learning_rate, dtype=np.float64)``, which ``update`` then computes
+  in (as torch does, in Python floats).
+  """
+  best: jax.Array  # float32/64 []: best metric so far; -inf (max) / +inf (min).
   num_bad_epochs: jax.Array  # int32 []: epochs since the last improvement.
-  lr: jax.Array  # float32 []: current learning rate.
+  lr: jax.Array  # float32/64 []: current learning rate.
 
 
 class PlateauTransform(NamedTuple):
   """Pure ``init`` / ``update`` pair returned by :func:`plateau`."""
-  init: Callable[[float], PlateauState]
+  init: Callable[..., PlateauState]
   update: Callable[[PlateauState, float], PlateauState]
 
 
@@ -201,9 +214,13 @@ def plateau(mode: str, factor: float, patience: int, min_lr: float,
     eps: smallest reduction that is applied, >= 0.
 
   Returns:
-    A :class:`PlateauTransform`. ``update`` is jit-safe; on host values
-    (floats, numpy arrays) it computes with numpy, with the same float32
-    results.
+    A :class:`PlateauTransform`. ``init(learning_rate, dtype=np.float32)``
+    makes the state; ``update`` computes in the state's precision. A float32
+    state (the default) is jit-safe; on host values (floats, numpy arrays)
+    it computes with numpy, with the same float32 results. A float64 state
+    (``dtype=np.float64``, host values only: under jit without x64 it would
+    be float32) computes as torch does, in float64: its rate does not
+    accumulate a float32 rounding at each reduction.
   """
   _check_choice("mode", mode, PLATEAU_MODES)
   _check_number("factor", factor, 0.0, 1.0, high_open=True)
@@ -212,29 +229,34 @@ def plateau(mode: str, factor: float, patience: int, min_lr: float,
   _check_number("threshold", threshold, 0.0, math.inf, high_open=True)
   _check_number("eps", eps, 0.0, math.inf, high_open=True)
   maximize = mode == "max"
-  rel = np.float32(1.0 + threshold if maximize else 1.0 - threshold)
+  rel = 1.0 + threshold if maximize else 1.0 - threshold
 
-  def init(learning_rate) -> PlateauState:
+  def init(learning_rate, dtype=np.float32) -> PlateauState:
     xp, _ = _namespace(learning_rate)
+    if xp is jnp and np.dtype(dtype) != np.float32:
+      raise ValueError(f"a plateau state of device arrays is float32, got dtype={dtype!r}")
     return PlateauState(
-        best=xp.asarray(-np.inf if maximize else np.inf, xp.float32),
+        best=xp.asarray(-np.inf if maximize else np.inf, dtype),
         num_bad_epochs=xp.zeros((), xp.int32),
-        lr=xp.asarray(learning_rate, xp.float32))
+        lr=xp.asarray(learning_rate, dtype))
 
   def update(state: PlateauState, metric) -> PlateauState:
-    xp, _ = _namespace(metric, *state)  # float32 throughout: numpy and XLA agree bitwise
-    metric = xp.asarray(metric, xp.float32)
-    limit = state.best * rel
+    # In the state's precision throughout: float32 (numpy and XLA agree bitwise) or, on the
+    # host, float64 (torch's Python floats: the rate is rounded by no float32 step).
+    xp, _ = _namespace(metric, *state)
+    real = np.float64 if xp is np and state.lr.dtype == np.float64 else np.float32  # constants
+    metric = xp.asarray(metric, real)
+    limit = state.best * real(rel)
     better = metric > limit if maximize else metric < limit
     best = xp.where(better, metric, state.best)
     num_bad = xp.where(better, 0, state.num_bad_epochs + 1)
     reduce = num_bad > patience
-    new_lr = xp.maximum(state.lr * np.float32(factor), np.float32(min_lr))
-    apply = reduce & (state.lr - new_lr > np.float32(eps))
+    new_lr = xp.maximum(state.lr * real(factor), real(min_lr))
+    apply = reduce & (state.lr - new_lr > real(eps))
     return PlateauState(
-        best=best.astype(xp.float32),
+        best=best.astype(real),
         num_bad_epochs=xp.where(reduce, 0, num_bad).astype(xp.int32),
-        lr=xp.where(apply, new_lr, state.lr).astype(xp.float32))
+        lr=xp.where(apply, new_lr, state.lr).astype(real))
 
   return PlateauTransform(init, update)
 
@@ -251,8 +273,10 @@ class LRController:
     ...train, validate...
     controller.step(val_metrics[monitor_metric])  # after validation
 
-  For ``"plateau"`` the lr comes from the :func:`plateau` state, which
-  ``step`` advances with the metric; the other types read
+  For ``"plateau"`` the lr comes from a float64 :func:`plateau` state, which
+  ``step`` advances with the metric, in torch's arithmetic (a Python float
+  multiplied by the factor at each reduction; ``lr_for_epoch`` returns that
+  float, which the state rounds to float32 once); the other types read
   :func:`epoch_schedule` and ``step`` only counts (the metric is ignored).
 
   Args:
@@ -277,7 +301,7 @@ class LRController:
     if scheduler_type == "plateau":
       self.plateau_transform = plateau(MONITOR_DIRECTIONS[monitor_direction],
                                        factor, patience, min_lr)
-      self.plateau_state = self.plateau_transform.init(learning_rate)
+      self.plateau_state = self.plateau_transform.init(learning_rate, np.float64)
     self.steps_taken = 0
 
   def lr_for_epoch(self, epoch: int) -> float:

@@ -76,18 +76,64 @@ class TrainState(struct.PyTreeNode):
     return optim.get_hyperparam(self.opt_state, "learning_rate")
 
   def with_learning_rate(self, learning_rate: float) -> "TrainState":
-    """The same state with the epoch's learning rate written into the optimizer."""
-    return self.replace(opt_state=optim.set_hyperparams(self.opt_state, learning_rate=learning_rate))
+    """The same state with the epoch's learning rate written into the optimizer.
+
+    The new scalar is placed as the one it replaces (see :func:`placed_like`),
+    so the next step's arguments have the same placement and it compiles
+    nothing.
+    """
+    value = placed_like(learning_rate, np.float32, self.learning_rate)
+    return self.replace(opt_state=optim.set_hyperparams(self.opt_state, learning_rate=value))
 
   def with_mixup(self, enabled: bool) -> "TrainState":
     """The same state with MixUp switched on or off (no recompilation).
 
     A state built with ``mixup_alpha=0`` has no MixUp to switch
-    (``spec.mixup`` is False) and is returned as it is: it never mixes.
+    (``spec.mixup`` is False) and is returned as it is: it never mixes. The
+    switch is placed as the one it replaces (see :func:`placed_like`).
     """
     if not self.spec.mixup:
       return self
-    return self.replace(hparams=self.hparams._replace(mixup_on=optim.scalar(enabled, np.bool_)))
+    value = placed_like(enabled, np.bool_, self.hparams.mixup_on)
+    return self.replace(hparams=self.hparams._replace(mixup_on=value))
+
+
+def default_device() -> jax.Device:
+  """The device an array without a placement goes to (``jax_default_device``, else the first
+  local device)."""
+  chosen = jax.config.jax_default_device
+  if chosen is None:
+    return jax.local_devices()[0]
+  if isinstance(chosen, str):
+    return jax.local_devices(backend=chosen)[0]
+  return chosen
+
+
+def on_device(state: TrainState, device: jax.Device) -> TrainState:
+  """``state`` with every array committed to ``device`` (those committed there already are
+  not copied)."""
+  return jax.device_put(state, jax.sharding.SingleDeviceSharding(device))
+
+
+def placed_like(value, dtype: type[np.generic], like: jax.Array | None) -> jax.Array:
+  """``value`` as a ``dtype`` scalar placed as ``like``: on its sharding, committed when it is.
+
+  A jitted step compiles again when an argument's placement changes, and a
+  device's arrays differ there in being *committed* to it or not: an array
+  made by ``jax.device_put(x)`` without a device is not, one put on a device
+  or sharding (or computed from one that is) is. A per-epoch scalar that
+  replaces a field of the state therefore takes that field's placement, so
+  the state keeps one placement from its first step to its last (on one
+  device: committed to it; on a mesh: replicated over it). Under a trace
+  (``like`` a tracer) this is :func:`orchard_jax.core.optim.scalar`.
+  """
+  if like is None or isinstance(like, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
+    return optim.scalar(value, dtype)
+  if isinstance(value, jax.Array):  # stays on the device: no host sync
+    value = value if value.dtype == dtype else value.astype(dtype)
+  else:
+    value = np.asarray(value, dtype)
+  return jax.device_put(value, like.sharding) if like.committed else jax.device_put(value)
 
 
 def _build(spec: StepSpec, seed: jax.Array, hyper: dict[str, jax.Array]) -> TrainState:
@@ -147,6 +193,13 @@ def create_train_state(model, *, input_shape, num_classes: int, seed: int = 42,
   on, compiles nothing. Eager initialisation would dispatch and compile op by
   op. Other models (NNX modules carry their initial weights, which a program
   keyed on structure would reuse) are built eagerly.
+
+  Every array of the state is committed to the default device
+  (:func:`default_device`), as the batches of
+  :func:`orchard_jax.data.device_batches` and the outputs of the steps are:
+  the training step sees one placement from its first call on and compiles
+  once (an uncommitted first state would compile it a second time at the
+  next step, whose state the first step returned committed).
   """
   from orchard_jax.models import LinenModel, as_model  # models/ sits beside core/
 
@@ -166,9 +219,10 @@ def create_train_state(model, *, input_shape, num_classes: int, seed: int = 42,
            "label_smoothing": label_smoothing, "focal_gamma": focal_gamma}
   hyper = {k: np.float32(v) for k, v in hyper.items()} | {"class_weights": class_weights}
   seed = np.uint32(int(seed) & 0xFFFFFFFF)  # as jax.random.key(seed) reads an int (without x64)
+  device = default_device()
   if not isinstance(spec.model, LinenModel):
-    return _build(spec, seed, hyper)
-  args = jax.device_put((seed, hyper))
+    return jax.device_put(_build(spec, seed, hyper), device)
+  args = jax.device_put((seed, hyper), device)  # committed: so is every array of the state
   return executables.compiled(_jit_build, args, name="init", static=(spec,), model=spec.model)(*args)
 
 

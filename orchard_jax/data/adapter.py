@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from orchard_jax.core.sharding import check_batch_size
+from orchard_jax.core.state import default_device
 from orchard_jax.data import gather, resident
 from orchard_jax.errors import DataError, LoaderError
 
@@ -213,9 +214,8 @@ def _produce(loader: Iterable, out: queue.Queue, stop: threading.Event, num_clas
         raise loader_error(e, where) from e
       host, sample_shape = _host_batch(batch, num_classes, layout, full, sample_shape, where)
       full = host["mask"].shape[0]
-      if sharding is not None:
-        check_batch_size(full, len(sharding.device_set))
-      if not put(jax.device_put(host, sharding)):
+      check_batch_size(full, len(sharding.device_set))
+      if not put(jax.device_put(host, sharding)):  # committed to the sharding
         return
       batch_index += 1
     put(_DONE)
@@ -266,8 +266,9 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
       one) with the default collate is read with one gather per batch
       instead of per-sample indexing and stacking: the same batches in the
       same order (see :mod:`orchard_jax.data.gather`); unless ``sharding``
-      is given, its images are moved to the device once and gathered there,
-      without the prefetch thread (:mod:`orchard_jax.data.resident`).
+      spans several devices, its images are moved to the device once and
+      gathered there, without the prefetch thread
+      (:mod:`orchard_jax.data.resident`).
     num_classes: labels must lie in ``[0, num_classes)``.
     layout: ``"NCHW"`` (torch's convention, the default) transposes 4-D inputs
       to NHWC; ``"NHWC"`` leaves them. 3-D inputs ``[B, H, W]`` get a channel
@@ -276,10 +277,14 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
       dataset's transforms, as torch users do.
     prefetch: how many converted batches may wait on the device (>= 1).
     epoch: only used in error messages.
-    sharding: where batches go (``jax.device_put``'s second argument); a
-      ``NamedSharding`` over a multi-device mesh splits each batch along its
-      first axis (see :mod:`orchard_jax.core.sharding`). None: the default
-      device.
+    sharding: where batches go (``jax.device_put``'s second argument: a
+      device or a sharding); a ``NamedSharding`` over a multi-device mesh
+      splits each batch along its first axis (see
+      :mod:`orchard_jax.core.sharding`). None: the default device
+      (:func:`orchard_jax.core.state.default_device`). Every array of every
+      batch is committed to it, as the states of
+      :func:`orchard_jax.create_train_state` are, so a step sees one
+      placement from its first batch to its last and compiles once.
     indexed: for a loader whose images are device-resident, yield
       :class:`~orchard_jax.core.batches.IndexedBatch` rows instead of dicts;
       ``train_step`` and ``eval_step`` gather them inside their program
@@ -331,16 +336,30 @@ def device_batches(loader: Iterable, *, num_classes: int, layout: str = "NCHW", 
     raise ValueError(f"role must be one of {ROLES}, got role={role!r}")
   _check_workers(loader)
   full = _full_batch_size(loader)
-  if sharding is not None and full is not None:
+  sharding = _sharding(sharding)
+  if full is not None:
     check_batch_size(full, len(sharding.device_set))
-  if sharding is None and resident.fits(loader):
+  if len(sharding.device_set) == 1 and resident.fits(loader):
     # The images are on the device already and each batch is one asynchronous
     # gather: a prefetch thread would only compete with the step for the GIL.
     return resident.batches(loader, num_classes=num_classes, layout=layout,
                             convert_images=_convert_images, convert_labels=_convert_labels,
                             where=lambda batch: Where(role, batch, epoch),
-                            loader_error=loader_error, indexed=indexed)
+                            loader_error=loader_error, indexed=indexed,
+                            device=next(iter(sharding.device_set)))
   return _consume(loader, num_classes, layout, prefetch, full, epoch, sharding, role)
+
+
+def _sharding(sharding: Any) -> jax.sharding.Sharding:
+  """``device_batches``'s ``sharding`` argument as a sharding (None: the default device)."""
+  if sharding is None:
+    sharding = default_device()
+  if isinstance(sharding, jax.Device):
+    return jax.sharding.SingleDeviceSharding(sharding)
+  if not isinstance(sharding, jax.sharding.Sharding):
+    raise ValueError(f"sharding must be None, a jax.Device or a jax.sharding.Sharding, got "
+                     f"sharding={sharding!r}")
+  return sharding
 
 
 def make_loader(dataset: Any, batch_size: int, *, shuffle: bool, num_workers: int = 0,

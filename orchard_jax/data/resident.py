@@ -14,8 +14,9 @@ otherwise one compiled gather makes its dict. Batches, their order and the
 checks on their labels are the same as on the per-batch path.
 
 Only datasets whose converted images take at most :data:`MAX_BYTES` are kept
-on the device, and only for the default device (not for a batch sharding over
-several devices).
+on a device, and only for batches on one device (not for a batch sharding
+over several devices). Every array of a batch is committed to that device,
+as the trial's state is: a step sees one placement and compiles once.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import jax
 import numpy as np
 
 from orchard_jax.core.batches import IndexedBatch, materialize
+from orchard_jax.core.state import default_device
 from orchard_jax.data import gather
 from orchard_jax.errors import DataError
 
@@ -39,7 +41,7 @@ MAX_BYTES = 512 * 2**20  # float32 NHWC images kept on the device, at most
 CHUNK = 64  # batches whose indices are read, checked and copied to the device together
 
 _lock = threading.Lock()
-_resident: dict[tuple, tuple[Any, jax.Array]] = {}  # (id, layout) -> (version, device images)
+_resident: dict[tuple, tuple[Any, jax.Array]] = {}  # (id, layout, device) -> (version, images)
 
 
 def fits(loader: Any) -> bool:
@@ -51,8 +53,8 @@ def fits(loader: Any) -> bool:
 
 
 def _device_images(images: Any, layout: str, convert: Callable[[np.ndarray, str, Any], np.ndarray],
-                   where: Any) -> jax.Array:
-  key = (id(images), layout)
+                   where: Any, device: Any) -> jax.Array:
+  key = (id(images), layout, device)
   with _lock:
     hit = _resident.get(key)
     if hit is not None and hit[0] == images._version:
@@ -61,7 +63,8 @@ def _device_images(images: Any, layout: str, convert: Callable[[np.ndarray, str,
   if host.dtype == sys.modules["torch"].bfloat16:
     host = host.float()
   value = convert(host.numpy(), layout, where)  # checked once, when made resident
-  value = jax.device_put(np.concatenate([value, np.zeros((1,) + value.shape[1:], value.dtype)]))
+  value = jax.device_put(np.concatenate([value, np.zeros((1,) + value.shape[1:], value.dtype)]),
+                         device)
   with _lock:
     if key not in _resident:
       weakref.finalize(images, _resident.pop, key, None)
@@ -98,7 +101,7 @@ def _read(sampler: Iterator, first: int, where: Callable, loader_error: Callable
 
 def batches(loader: Any, *, num_classes: int, layout: str,
             convert_images: Callable, convert_labels: Callable, where: Callable[[int | None], Any],
-            loader_error: Callable, indexed: bool = False
+            loader_error: Callable, indexed: bool = False, device: Any = None
             ) -> Iterator[dict[str, jax.Array] | IndexedBatch]:
   """The device batches of ``loader`` (see the module docstring); ``fits(loader)`` must hold.
 
@@ -109,17 +112,20 @@ def batches(loader: Any, *, num_classes: int, layout: str,
   one asynchronous gather makes of it. ``where(batch_index)`` (None: the
   whole dataset) places a bad value for the converters' messages;
   ``loader_error(exc, where)`` is what an exception raised by the sampler
-  becomes.
+  becomes. Every array of a batch is committed to ``device`` (None: the
+  default device).
   """
   torch = sys.modules["torch"]
+  if device is None:
+    device = default_device()
   (images, labels), chain = gather.tensor_source(loader.dataset)
-  device_images = _device_images(images, layout, convert_images, where(None))
+  device_images = _device_images(images, layout, convert_images, where(None), device)
   labels = labels.detach()
   host_labels = (labels.float() if labels.dtype == torch.bfloat16 else labels).numpy()
   class_ids = host_labels[:, 0] if host_labels.ndim == 2 and host_labels.shape[1] == 1 \
       else host_labels
   chain = [np.asarray(m) for m in chain]
-  row_ids = _row_ids(next(iter(device_images.devices())))
+  row_ids = _row_ids(device)
   try:
     sampler = gather.epoch_sampler(loader)
   except BaseException as e:
@@ -148,7 +154,7 @@ def batches(loader: Any, *, num_classes: int, layout: str,
       convert_labels(host_labels[index[r, :counts[r]]], int(counts[r]), num_classes,
                      where(first + r))  # raises, naming the batch
     index_d, ids_d, counts_d = jax.device_put((index.astype(np.int32), ids.astype(np.int32),
-                                               counts))
+                                               counts), device)
     for row in row_ids[:len(rows)]:
       batch = IndexedBatch(device_images, index_d, ids_d, counts_d, row)
       yield batch if indexed else _assemble(batch)

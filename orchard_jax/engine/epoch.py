@@ -5,7 +5,11 @@ Both feed padded, masked, prefetched device batches from
 metrics on the device, and fetch them once, at the end of the epoch: there is
 exactly one host sync per epoch, and the padded last batch neither recompiles
 nor counts. A state replicated on a multi-device mesh
-(:mod:`orchard_jax.core.sharding`) gets its batches split over that mesh.
+(:mod:`orchard_jax.core.sharding`) gets its batches split over that mesh; a
+state on one device gets them committed to that device, as its own arrays
+are (an array the user wrote into it uncommitted is committed first): a
+jitted step compiles again for an argument whose commitment changed, so each
+step compiles once per structure and batch shape, at its first batch.
 
 Bad data raise :class:`~orchard_jax.errors.DataError`, never a
 ``ValueError`` or ``RuntimeError`` (the types a failed validation may be, see
@@ -38,6 +42,7 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from orchard_jax.core import executables
 from orchard_jax.core.batches import IndexedBatch
@@ -83,11 +88,47 @@ def _sums(packed: list[np.ndarray]) -> dict[str, float]:
   return {key: float(total) for key, total in zip(SUM_KEYS, totals)}
 
 
+def _placement(state: TrainState) -> jax.sharding.Sharding:
+  """Where ``state``'s batches go: split over its mesh, or on its one device."""
+  sharding = batch_sharding(state)
+  if sharding is not None:
+    return sharding
+  return jax.sharding.SingleDeviceSharding(next(iter(state.step.devices())))
+
+
+def _committed(state: TrainState) -> TrainState:
+  """``state`` with every array committed where the state is (a copy of those that are not).
+
+  A jitted step compiles again when an argument's commitment changes, and a
+  step's outputs are committed when one of its inputs is: a state holding an
+  uncommitted array (one made by ``jnp`` or ``jax.device_put(x)`` and
+  written into it, e.g. with :func:`orchard_jax.set_hyperparams`) would
+  compile the step at its first batch and again at the second. Such arrays
+  are put where the state's committed arrays are (replicated over its mesh,
+  or on its device); the states :func:`orchard_jax.create_train_state`
+  builds and the steps return are committed already, and come back as they are.
+  """
+  leaves = jax.tree.leaves(state)
+  loose = [not getattr(leaf, "committed", True) for leaf in leaves]
+  if not any(loose):
+    return state
+  placed = next((leaf.sharding for leaf, l in zip(leaves, loose) if not l), None)
+  if isinstance(placed, NamedSharding):
+    target = NamedSharding(placed.mesh, PartitionSpec())  # a state's arrays are replicated
+  else:
+    device = next(iter((placed.device_set if placed is not None else state.step.devices())))
+    target = jax.sharding.SingleDeviceSharding(device)
+  return jax.tree.unflatten(jax.tree.structure(state), [
+      jax.device_put(leaf, target, may_alias=False) if l else leaf
+      for leaf, l in zip(leaves, loose)])
+
+
 def _batches(state: TrainState, loader: Iterable, epoch: int | None, layout: str, role: str):
-  # Device-resident images come as IndexedBatch rows, gathered inside the step.
+  # Device-resident images come as IndexedBatch rows, gathered inside the step. Every batch
+  # is committed where the state is, so the step's arguments keep one placement.
   return contextlib.closing(device_batches(loader, num_classes=state.spec.num_classes,
                                            layout=layout, epoch=epoch,
-                                           sharding=batch_sharding(state), indexed=True,
+                                           sharding=_placement(state), indexed=True,
                                            role=role))
 
 
@@ -121,6 +162,7 @@ def compile_steps(state: TrainState, train_loader: Iterable, val_loader: Iterabl
   training step: do not use it afterwards. For compiling ahead on a thread
   (:mod:`orchard_jax.study.ahead`).
   """
+  state = _committed(state)
   for loader, step_fn, name, role in ((train_loader, train_step, "train_step", "training"),
                                       (val_loader, eval_step, "eval_step", "validation")):
     if loader is None:
@@ -192,7 +234,7 @@ def train_epoch(state: TrainState, loader: Iterable, *, epoch: int | None = None
       NaN or Inf with finite inputs (checked at the epoch's one host sync,
       not per step).
   """
-  per_batch, step = [], None
+  state, per_batch, step = _committed(state), [], None
   with _batches(state, loader, epoch, layout, "training") as batches:
     for batch in batches:
       if step is None:
@@ -232,7 +274,7 @@ def evaluate(state: TrainState, loader: Iterable, *, epoch: int | None = None,
       among them ``EmptyLoaderError`` (``"the validation loader yielded no
       batch at epoch 2"``; the reference gives NaN for all four metrics).
   """
-  per_batch, logits, labels, masks, step = [], [], [], [], None
+  state, per_batch, logits, labels, masks, step = _committed(state), [], [], [], [], None
   with _batches(state, loader, epoch, layout, "validation") as batches:
     for batch in batches:
       if step is None:

@@ -133,7 +133,10 @@ def _class_weights(cfg: TrialConfig, training: TrainingConfig) -> np.ndarray | N
 
 def initial_state(cfg: TrialConfig, training: TrainingConfig | None = None) -> TrainState:
   """A fresh state for ``cfg`` (input shape from the first batch unless given),
-  replicated over ``cfg.devices`` when that is more than one device."""
+  replicated over ``cfg.devices`` when that is more than one device, else committed to
+  the one device (as its batches are: the steps compile once)."""
+  from orchard_jax.core.state import on_device  # pylint: disable=import-outside-toplevel
+
   training = cfg.training if training is None else training
   _reseed(cfg.train_loader, training.seed)
   input_shape = cfg.input_shape or _first_input_shape(cfg)
@@ -141,7 +144,7 @@ def initial_state(cfg: TrialConfig, training: TrainingConfig | None = None) -> T
                             num_classes=cfg.num_classes,
                             class_weights=_class_weights(cfg, training))
   mesh = data_mesh(cfg.devices)
-  return replicate_state(state, mesh) if mesh.size > 1 else state
+  return replicate_state(state, mesh) if mesh.size > 1 else on_device(state, mesh.devices.flat[0])
 
 
 # ------------------------------------------------------------ fail fast ---

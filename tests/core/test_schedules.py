@@ -238,6 +238,40 @@ def test_controller_plateau_matches_torch(direction, mode):
   np.testing.assert_allclose(got, expected, rtol=RTOL, atol=0)
 
 
+@pytest.mark.parametrize("direction,mode", [("maximize", "max"), ("minimize", "min")])
+@pytest.mark.parametrize("factor, lr", [(0.7, 0.008), (0.9, 0.008), (0.6, 0.1)])
+def test_controller_plateau_rate_follows_torch_over_20_reductions(direction, mode, factor, lr):
+  # A float32 rate times a float32 factor rounds at every reduction: 1.6e-7 (0.7) to 6.9e-7
+  # (0.6 from 0.1) relative within 20. The controller computes in float64, as torch does, and
+  # the state rounds the rate to float32 once (with_learning_rate).
+  metrics = [0.5] * 22  # no improvement after the first epoch: patience 0 reduces every epoch
+  controller = _controller("plateau", monitor_direction=direction, learning_rate=lr,
+                           factor=factor, patience=0, min_lr=0.0)
+  got = []
+  for epoch, metric in enumerate(metrics, start=1):
+    got.append(controller.lr_for_epoch(epoch))
+    controller.step(metric)
+  expected = _torch_plateau_lrs(metrics, mode, factor, 0, 0.0, lr=lr)
+  assert len(set(expected.tolist())) == 21  # 20 reductions, at epochs 2..21
+  assert got == expected.tolist()  # torch's float64 arithmetic, bit for bit
+  in_state = np.asarray(got, np.float32).astype(np.float64)  # as with_learning_rate stores it
+  np.testing.assert_allclose(in_state, expected, rtol=1e-7, atol=0)
+
+
+def test_a_float64_plateau_state_computes_in_float64_and_the_default_stays_float32():
+  transform = schedules.plateau("max", 0.7, 0, 0.0)
+  state64, state32, lr = transform.init(0.008, np.float64), transform.init(0.008), 0.008
+  for epoch in range(21):
+    state64, state32 = transform.update(state64, 0.5), transform.update(state32, 0.5)
+    lr = lr * 0.7 if epoch else lr  # epoch 0 sets the best; each later one reduces
+  assert [x.dtype for x in state64] == [np.float64, np.int32, np.float64]
+  assert [x.dtype for x in state32] == [np.float32, np.int32, np.float32]
+  assert float(state64.lr) == lr  # Python's float arithmetic
+  assert abs(float(state32.lr) / lr - 1) > 1e-7  # the compounded float32 rounding
+  with pytest.raises(ValueError, match="a plateau state of device arrays is float32"):
+    transform.init(jnp.float32(0.008), np.float64)
+
+
 def test_controller_plateau_needs_a_metric():
   with pytest.raises(ValueError, match="metric=None"):
     _controller("plateau").step(None)

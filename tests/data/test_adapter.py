@@ -86,6 +86,17 @@ def test_batch_dtypes_and_device_arrays():
       np.float32, np.int32, np.bool_)
 
 
+@pytest.mark.parametrize("where", ["default", "device", "sharding"])
+def test_every_array_of_a_batch_is_committed_to_its_device(where):
+  # As the trial's state is: a step sees one placement from its first batch on, and compiles once.
+  device = jax.devices()[0]
+  sharding = {"default": None, "device": device,
+              "sharding": jax.sharding.SingleDeviceSharding(device)}[where]
+  pairs = [(np.zeros((4, 2), np.float32), np.zeros(4, np.int64))] * 2  # the prefetch thread's path
+  for batch in device_batches(pairs, num_classes=3, sharding=sharding):
+    assert all(v.committed and v.devices() == {device} for v in batch.values()), where
+
+
 def test_cpu_tensors_are_read_without_a_copy():
   t = torch.ones(4, 3)
   assert np.shares_memory(adapter._to_numpy(t, "inputs", "batch 0"), t.numpy())
@@ -323,6 +334,9 @@ def test_bad_arguments_raise_value_error_at_call_time():
   with pytest.raises(ValueError, match=r"role must be one of \(None, 'training', 'validation'\), "
                                        r"got role='test'"):
     device_batches([], num_classes=3, role="test")
+  with pytest.raises(ValueError, match="sharding must be None, a jax.Device or a "
+                                       "jax.sharding.Sharding, got sharding='cpu'"):
+    device_batches([], num_classes=3, sharding="cpu")
 
 
 def test_empty_loader_yields_nothing():

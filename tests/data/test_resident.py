@@ -56,7 +56,7 @@ def test_images_are_uploaded_once_and_again_after_an_in_place_change():
   x = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
   loader = DataLoader(TensorDataset(x, torch.zeros(10, dtype=torch.int64)), batch_size=4)
   first = _host(device_batches(loader, num_classes=2))
-  key = (id(x), "NCHW")
+  key = (id(x), "NCHW", jax.devices()[0])
   uploaded = resident._resident[key][1]
   _host(device_batches(loader, num_classes=2))
   assert resident._resident[key][1] is uploaded  # reused
@@ -70,7 +70,7 @@ def test_the_device_copy_is_dropped_with_its_tensor():
   x = torch.ones(6, 3)
   loader = DataLoader(TensorDataset(x, torch.zeros(6, dtype=torch.int64)), batch_size=4)
   list(device_batches(loader, num_classes=2))
-  key = (id(x), "NCHW")
+  key = (id(x), "NCHW", jax.devices()[0])
   assert key in resident._resident
   del loader, x
   gc.collect()
@@ -168,3 +168,17 @@ def test_batch_rows_are_device_scalars_made_once():
   assert rows is resident._row_ids(device)
   assert [int(r) for r in rows] == list(range(resident.CHUNK))
   assert all(r.devices() == {device} and r.dtype == np.int32 for r in rows)
+
+
+def test_every_array_of_a_resident_batch_is_committed_to_its_device():
+  # As the trial's state is: a step sees one placement from its first batch on, and compiles once.
+  x = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
+  loader = DataLoader(TensorDataset(x, torch.zeros(10, dtype=torch.int64)), batch_size=4)
+  device = jax.devices()[0]
+  for indexed in (True, False):
+    for batch in device_batches(loader, num_classes=2, indexed=indexed):
+      leaves = jax.tree.leaves(batch)
+      assert all(leaf.committed and leaf.devices() == {device} for leaf in leaves), indexed
+  one = jax.sharding.SingleDeviceSharding(device)  # a one-device sharding stays resident
+  assert all(isinstance(b, IndexedBatch)
+             for b in device_batches(loader, num_classes=2, sharding=one, indexed=True))
