@@ -38,7 +38,7 @@ _EXPORTS = {
     **dict.fromkeys(("FitResult", "TrialTrainingExecutor", "evaluate", "fit", "load_best_state",
                      "run_trial", "train_epoch"), "orchard_jax.engine"),
     **dict.fromkeys(("MLP", "MiniCNN", "Model", "as_model", "build_model"), "orchard_jax.models"),
-    **dict.fromkeys(("record_trial_config", "write_outputs"), "orchard_jax.study.outputs"),
+    **dict.fromkeys(("write_outputs",), "orchard_jax.study.outputs"),
     "StudyOutputs": "orchard_jax.study.callbacks",
 }
 # Subpackages and modules, bound as attributes on first use as an import would.
@@ -78,4 +78,4 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
                                   load_best_state, run_trial, train_epoch)
   from orchard_jax.models import MLP, MiniCNN, Model, as_model, build_model
   from orchard_jax.study.callbacks import StudyOutputs
-  from orchard_jax.study.outputs import record_trial_config, write_outputs
+  from orchard_jax.study.outputs import write_outputs

@@ -28,6 +28,7 @@ three failed validations) return the worst value, as the reference does.
 from __future__ import annotations
 
 import contextlib
+import json
 import inspect
 import logging
 import pathlib
@@ -341,6 +342,28 @@ class TrialTrainingExecutor:
     return result.best
 
 
+TRIAL_CONFIG = "trial_config"  # the trial's user attribute: what its TrialConfig held
+
+
+def trial_record(cfg: TrialConfig) -> dict[str, Any]:
+  """What ``cfg`` holds, as JSON-ready data: the training and optuna fields, the model's
+  ``repr`` (one line, clipped), classes, input shape, layout and ``output_dir`` (absolute).
+  :func:`run_trial` stores it as the trial's ``trial_config`` attribute, which
+  :func:`orchard_jax.write_outputs` turns into the best trial's ``best_config.yaml``."""
+  def plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=repr))
+  model = " ".join(repr(cfg.model).split())
+  return {
+      "model": model if len(model) <= 500 else model[:497] + "...",
+      "num_classes": cfg.num_classes,
+      "input_shape": None if cfg.input_shape is None else list(cfg.input_shape),
+      "layout": cfg.layout,
+      "output_dir": None if cfg.output_dir is None else str(pathlib.Path(cfg.output_dir).absolute()),
+      "training": plain(cfg.training.to_dict()),
+      "optuna": plain(cfg.optuna.to_dict()),
+  }
+
+
 def run_trial(trial: optuna.Trial, cfg: TrialConfig) -> float:
   """Trains one trial and returns its best monitored value, as the reference.
 
@@ -385,6 +408,7 @@ def run_trial(trial: optuna.Trial, cfg: TrialConfig) -> float:
       ``cfg.training.monitor_direction``.
   """
   _check_direction(trial, cfg)
+  storage_call(trial.set_user_attr, TRIAL_CONFIG, trial_record(cfg))
   try:
     return TrialTrainingExecutor(cfg).execute(trial)
   except (optuna.TrialPruned, StorageFault):  # a storage fault is not the trial's own: retried

@@ -17,7 +17,7 @@ The same outputs, but ``recipe.yaml``, come from any Optuna study whose
 objective calls :func:`~orchard_jax.engine.run_trial`: :func:`write_outputs`
 once, or :class:`StudyOutputs` as a study callback. Its ``best_config.yaml``
 describes the best trial (value, parameters and, when recorded with
-:func:`record_trial_config`, what its ``TrialConfig`` held); it is not a
+:func:`~orchard_jax.engine.run_trial` records what its ``TrialConfig`` held); it is not a
 recipe, since the model is the user's own.
 
 Each trial of a recipe's study carries scalar user attributes to sort on in
@@ -60,7 +60,7 @@ CHECKPOINT_ERROR = "checkpoint_error"  # why the trial's best state could not be
 # Scalar trial attributes (sortable in optuna-dashboard), set by the study's objective.
 BEST_EPOCH, EPOCHS_RUN, SECONDS = "best_epoch", "epochs_run", "seconds"
 EPOCH_PREFIX = "epoch_"                # epoch_01, epoch_02, ...: one epoch's values each
-TRIAL_CONFIG = "trial_config"          # what run_trial's TrialConfig held (record_trial_config)
+TRIAL_CONFIG = "trial_config"          # what run_trial's TrialConfig held (engine.trial writes it)
 TOP_K = 5
 
 
@@ -279,30 +279,6 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-def trial_config_dict(cfg: Any) -> dict[str, Any]:
-  """What a :class:`~orchard_jax.config.TrialConfig` holds, as plain data: the training and
-  optuna fields, the model's ``repr`` (one line, clipped), classes, input shape, layout and
-  ``output_dir`` (absolute), for a trial's ``trial_config`` attribute."""
-  model = " ".join(repr(cfg.model).split())
-  return {
-      "model": model if len(model) <= 500 else model[:497] + "...",
-      "num_classes": cfg.num_classes,
-      "input_shape": None if cfg.input_shape is None else list(cfg.input_shape),
-      "layout": cfg.layout,
-      "output_dir": None if cfg.output_dir is None else str(pathlib.Path(cfg.output_dir).absolute()),
-      "training": {k: _plain(v) for k, v in cfg.training.to_dict().items()},
-      "optuna": {k: _plain(v) for k, v in cfg.optuna.to_dict().items()},
-  }
-
-
-def record_trial_config(trial: Any, cfg: Any) -> None:
-  """Stores what ``cfg`` (the trial's :class:`~orchard_jax.config.TrialConfig`) holds as the
-  trial's ``trial_config`` attribute, for :func:`write_outputs`' ``best_config.yaml`` and
-  its ``best_model/`` (from ``cfg.output_dir``). Call it in an objective before
-  ``run_trial(trial, cfg)``."""
-  trial.set_user_attr(TRIAL_CONFIG, trial_config_dict(cfg))
-
-
 def describe_trial(trial: FrozenTrial, metric: str) -> dict[str, Any]:
   """The best trial of a study of one's own objective: number, value, parameters, its scalar
   attributes and, when recorded, its ``trial_config``."""
@@ -317,7 +293,7 @@ def describe_trial(trial: FrozenTrial, metric: str) -> dict[str, Any]:
 def _described_text(study: Any, trial: FrozenTrial, metric: str) -> str:
   header = (f"# Best trial {trial.number} of study {study.study_name!r}: {metric} = "
             f"{trial.value:.6f}.\n"
-            f"# Its parameters and, when the objective recorded it (record_trial_config), what\n"
+            f"# Its parameters and, when run_trial recorded it, what\n"
             f"# its TrialConfig held; best_model/ holds its best epoch's state.\n")
   return header + yaml.safe_dump(describe_trial(trial, metric), sort_keys=False)
 
@@ -598,7 +574,7 @@ def write_outputs(study: Any, run_dir: str | os.PathLike, *, metric: str | None 
 
   ``run_dir`` gets ``trials.csv``, ``plots/`` (with ``plots``), and for the
   best trial ``best_config.yaml`` (its value, parameters and recorded
-  ``trial_config``, see :func:`record_trial_config`) and ``best_model/``: a
+  ``trial_config``, which :func:`~orchard_jax.engine.run_trial` records) and ``best_model/``: a
   copy of ``checkpoint_dir/trial_<n>``, the folder ``run_trial`` writes the
   best epoch's state to under ``TrialConfig.output_dir``. ``checkpoint_dir``
   defaults to the ``output_dir`` the best trial recorded; without either,

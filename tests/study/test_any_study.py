@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 import orchard_jax
 from orchard_jax import (MLP, OptunaConfig, StudyOutputs, TrainingConfig, TrialConfig,
-                         record_trial_config, run_trial, write_outputs)
+                         run_trial, write_outputs)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CLASSES = 3
@@ -34,7 +34,7 @@ def synthetic(n: int, seed: int):
 TRAIN, VAL = synthetic(96, 0), synthetic(48, 1)
 
 
-def objective_for(checkpoints: pathlib.Path, record: bool = True):
+def objective_for(checkpoints: pathlib.Path):
   """A user's objective: their own TrialConfig, run_trial; trial 1 cannot learn (pruned or
   worse), the others can."""
   def objective(trial: optuna.Trial) -> float:
@@ -46,9 +46,7 @@ def objective_for(checkpoints: pathlib.Path, record: bool = True):
                                 use_tqdm=False,
                                 mixup_alpha=0.0, scheduler_type="none", monitor_metric="accuracy"),
         optuna=OptunaConfig(epochs=2, enable_pruning=False, pruner_type="none", storage="memory"))
-    if record:
-      record_trial_config(trial, cfg)
-    return run_trial(trial, cfg)
+    return run_trial(trial, cfg)  # records what cfg held (trial_config)
   return objective
 
 
@@ -107,14 +105,19 @@ def test_the_study_gets_its_metric_name_from_the_recorded_config(api_study):
   assert study.metric_names == ["accuracy"]
 
 
-def test_write_outputs_without_a_recorded_config(tmp_path):
+def test_write_outputs_of_an_objective_without_run_trial(tmp_path):
   study = optuna.create_study(direction="maximize")
-  study.optimize(objective_for(tmp_path / "ckpt", record=False), n_trials=2)
+  study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
   assert write_outputs(study, tmp_path / "bare", plots=False).number == study.best_trial.number
   assert not (tmp_path / "bare" / "best_model").exists()  # nowhere known to copy it from
   assert study.metric_names is None  # nothing to name it by
   config = yaml.safe_load((tmp_path / "bare" / "best_config.yaml").read_text())
   assert config["metric"] == "value" and "trial_config" not in config
+
+
+def test_write_outputs_takes_the_checkpoints_from_where_it_is_told(tmp_path):
+  study = optuna.create_study(direction="maximize")
+  study.optimize(objective_for(tmp_path / "ckpt"), n_trials=2)
   best = write_outputs(study, tmp_path / "named", metric="accuracy",
                        checkpoint_dir=tmp_path / "ckpt")
   assert (tmp_path / "named" / "best_model" / "trial.json").is_file()
