@@ -1,5 +1,9 @@
 """Fixtures of every test folder.
 
+``xla_compiles``: the class :class:`Compiles`, a context manager that
+counts the programs XLA compiles while active, from JAX's own monitoring
+event (never the project's own counter).
+
 ``tmpfs``: a real size-limited file system for disk-full tests. The fixture
 is a function ``tmpfs(size="4m") -> path`` that mounts a tmpfs for the test
 (unmounted after it); ``disk_filler`` is :func:`fill`. Mounting needs root;
@@ -9,13 +13,16 @@ runs as root, so it runs there).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import threading
 import os
 import pathlib
 import subprocess
 import tempfile
 from collections.abc import Iterator
 
+import jax
 import pytest
 
 
@@ -67,3 +74,34 @@ def tmpfs():
 def disk_filler():
   """:func:`fill`: ``disk_filler(path, leave=0) -> filler file``."""
   return fill
+
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class Compiles:
+  """XLA compiles while active: ``count``, ``by_name`` (a Counter of the compiled functions'
+  names, e.g. ``"jit(_train_step)"``) and ``threads`` (the thread of each compile)."""
+
+  def __init__(self):
+    self.count, self.by_name, self.threads = 0, collections.Counter(), []
+
+  def __call__(self, event: str, duration: float, **kwargs) -> None:
+    del duration
+    if event == COMPILE_EVENT:
+      self.count += 1
+      self.by_name[kwargs.get("fun_name")] += 1
+      self.threads.append(threading.current_thread().name)
+
+  def __enter__(self) -> "Compiles":
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_duration_listener(self)
+
+
+@pytest.fixture
+def xla_compiles():
+  """:class:`Compiles`: ``with xla_compiles() as seen: ...; seen.count``."""
+  return Compiles

@@ -12,7 +12,6 @@ from orchard_jax.core import cohort as co
 from orchard_jax.core.batches import IndexedBatch
 
 B, C = 8, 3
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 # Three trials that differ in every per-trial array the step reads.
 MEMBERS = (
@@ -23,23 +22,6 @@ MEMBERS = (
     dict(seed=3, learning_rate=0.01, momentum=0.0, weight_decay=0.0, grad_clip=0.5,
          label_smoothing=0.2, mixup_alpha=0.2, focal_gamma=3.0),
 )
-
-
-class _Compiles:
-  """How many programs XLA compiled while active (JAX's own monitoring events)."""
-
-  def __init__(self):
-    self.count = 0
-
-  def __call__(self, event, duration, **kwargs):
-    self.count += event == COMPILE_EVENT
-
-  def __enter__(self):
-    jax.monitoring.register_event_duration_secs_listener(self)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self)
 
 
 def _batch(seed=0, n_valid=6, shape=(4, 4, 1), batch=B):
@@ -181,7 +163,7 @@ def test_dict_and_indexed_batches_give_the_same_cohort_step():
   _close(co.cohort_eval_step(from_indexed, indexed), co.cohort_eval_step(from_dict, as_dict))
 
 
-def test_one_compile_per_spec_k_and_batch_shape_across_replace_member_and_setters():
+def test_one_compile_per_spec_k_and_batch_shape_across_replace_member_and_setters(xla_compiles):
   model = _mlp(hidden=(11,))  # a structure no other test compiles
   states = _members(model, (4, 4, 1), "sgd")
   fresh = [_state(model, optimizer="sgd", seed=10 + e, learning_rate=0.1, mixup_alpha=0.3)
@@ -190,11 +172,11 @@ def test_one_compile_per_spec_k_and_batch_shape_across_replace_member_and_setter
   cohort = co.stack(states)
   placement = _placement(cohort)
   cohort = co.replace_member(cohort, 0, fresh[0])  # its own program, compiled once here
-  with _Compiles() as first:
+  with xla_compiles() as first:
     cohort, metrics = co.cohort_train_step(cohort, batches[0])
     jax.block_until_ready(metrics)
   outputs = co.cohort_eval_step(cohort, batches[0])
-  with _Compiles() as later:  # two more "epochs": a new trial in a slot, new rates and switches
+  with xla_compiles() as later:  # two more "epochs": a new trial in a slot, new rates and switches
     for epoch in (1, 2):
       cohort = co.replace_member(cohort, epoch, fresh[epoch])
       cohort = co.with_learning_rates(cohort, np.array([0.1, 0.05, 0.2]) / epoch)

@@ -37,21 +37,11 @@ CLASSES = 3
 
 
 @pytest.fixture
-def compiles():
+def compiles(xla_compiles):
   """The XLA compiles of the test, by function name (a Counter), from JAX's own events."""
-  counts: collections.Counter = collections.Counter()
-
-  def listener(event: str, duration: float, **kwargs) -> None:
-    del duration
-    if event == BACKEND_COMPILE:
-      counts[kwargs.get("fun_name")] += 1
-
   executables.clear()
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield counts
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
+  with xla_compiles() as seen:
+    yield seen.by_name
 
 
 def steps(counts: collections.Counter) -> dict[str, int]:

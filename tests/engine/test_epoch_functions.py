@@ -135,38 +135,18 @@ def test_one_nonfinite_training_row_is_named_in_the_singular():
     train_epoch(_state(MLP(num_classes=C, hidden=(8,))), _loader(x, y, 4), epoch=4)
 
 
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-class _Compiles:
-  """How many programs XLA compiled while active (JAX's own monitoring events)."""
-
-  def __init__(self):
-    self.count = 0
-
-  def __call__(self, event, duration, **kwargs):
-    self.count += event == COMPILE_EVENT
-
-  def __enter__(self):
-    jax.monitoring.register_event_duration_secs_listener(self)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self)
-
-
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "per_batch"])
-def test_telling_bad_inputs_from_divergence_costs_the_steps_nothing(resident):
+def test_telling_bad_inputs_from_divergence_costs_the_steps_nothing(resident, xla_compiles):
   x, y = _dataset(40)  # 40 = 2 * 16 + 8: a padded last batch
   bad = x.copy()
   bad[[2, 33]] = np.nan
   make = lambda images: _loader(images, y, 16) if resident else list(_loader(images, y, 16))
   state = _state(MLP(num_classes=C, hidden=(13,)))  # a structure no other test compiles
   executables.clear()
-  with _Compiles() as first:
+  with xla_compiles() as first:
     state, loss = train_epoch(state, make(x), epoch=1)
     evaluate(state, make(x), epoch=1)
-  with _Compiles() as second:
+  with xla_compiles() as second:
     with pytest.raises(NonFiniteInputError, match="^training inputs: 2 rows with NaN or Inf at"):
       state, loss = train_epoch(state, make(bad), epoch=2)
   assert first.count >= 2 and second.count == 0  # the inputs are checked on the host

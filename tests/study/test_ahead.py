@@ -16,9 +16,6 @@ from orchard_jax.study.recipe import parse_recipe
 from orchard_jax.study.sources import array_source
 from orchard_jax.study.space import build_space
 
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
 def tiny_source():
   rng = np.random.default_rng(0)
   arrays = {}
@@ -45,24 +42,6 @@ def tiny_recipe(tmp_path, **overrides):
       "telemetry": {"output_dir": str(tmp_path / "run"), "compilation_cache": None}})
 
 
-class Compiles:
-  """The names of the threads on which XLA compiled a program, while active."""
-
-  def __init__(self):
-    self.threads: list[str] = []
-
-  def __call__(self, event: str, duration: float, **kwargs) -> None:
-    if event == COMPILE_EVENT:
-      self.threads.append(threading.current_thread().name)
-
-  def __enter__(self):
-    jax.monitoring.register_event_duration_secs_listener(self)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self)
-
-
 def fresh_caches():
   executables.clear()
   jax.clear_caches()
@@ -82,15 +61,16 @@ def values(tmp_path) -> list[float]:
     return [float(row["value"]) for row in csv.DictReader(f)]
 
 
-def test_the_study_compiles_every_program_ahead_and_its_trials_compile_none(tmp_path):
+def test_the_study_compiles_every_program_ahead_and_its_trials_compile_none(tmp_path,
+                                                                             xla_compiles):
   fresh_caches()
-  with Compiles() as compiles:
+  with xla_compiles() as compiles:
     run(tmp_path)
   assert compiles.threads.count("orchard_jax-compile-ahead") >= 3  # build, train, eval, packing
   assert set(compiles.threads) == {"orchard_jax-compile-ahead"}
 
 
-def test_compiling_ahead_changes_no_result(tmp_path, monkeypatch):
+def test_compiling_ahead_changes_no_result(tmp_path, monkeypatch, xla_compiles):
   fresh_caches()
   run(tmp_path / "ahead")
 
@@ -100,7 +80,7 @@ def test_compiling_ahead_changes_no_result(tmp_path, monkeypatch):
 
   monkeypatch.setattr(runner, "CompileAhead", Off)
   fresh_caches()
-  with Compiles() as compiles:
+  with xla_compiles() as compiles:
     run(tmp_path / "off")
   assert set(compiles.threads) == {"MainThread"}  # the trials compiled them instead
   assert values(tmp_path / "ahead") == values(tmp_path / "off")
