@@ -45,7 +45,7 @@ import numpy as np
 
 from orchard_jax.core import optim, steps
 from orchard_jax.core.batches import Batch
-from orchard_jax.core.state import StepSpec, TrainState
+from orchard_jax.core.state import StepSpec, TrainState, placed_like
 
 __all__ = ["cohort_eval_step", "cohort_train_step", "member", "replace_member", "size", "stack",
            "with_learning_rates", "with_mixup"]
@@ -185,13 +185,7 @@ def _per_member(cohort: TrainState, old: jax.Array, values, dtype: type[np.gener
   shape = tuple(values.shape) if isinstance(values, jax.Array) else np.shape(values)
   if shape != tuple(old.shape):
     raise ValueError(f"{name} must have shape ({size(cohort)},), one per member, got shape {shape}")
-  if isinstance(old, jax.core.Tracer) or isinstance(values, jax.core.Tracer):
-    return jnp.asarray(values, dtype)
-  if isinstance(values, jax.Array):  # stays on the device: no host sync
-    values = values if values.dtype == dtype else values.astype(dtype)
-  else:
-    values = np.asarray(values, dtype)
-  return jax.device_put(values, old.sharding) if old.committed else jax.device_put(values)
+  return placed_like(values, dtype, old)
 
 
 def with_learning_rates(cohort: TrainState, learning_rates) -> TrainState:

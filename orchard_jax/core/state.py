@@ -116,7 +116,8 @@ def on_device(state: TrainState, device: jax.Device) -> TrainState:
 
 
 def placed_like(value, dtype: type[np.generic], like: jax.Array | None) -> jax.Array:
-  """``value`` as a ``dtype`` scalar placed as ``like``: on its sharding, committed when it is.
+  """``value`` as a ``dtype`` array (a scalar, or one per cohort member) placed as ``like``: on
+  its sharding, committed when it is.
 
   A jitted step compiles again when an argument's placement changes, and a
   device's arrays differ there in being *committed* to it or not: an array
