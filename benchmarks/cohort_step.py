@@ -31,6 +31,8 @@ import numpy as np
 from orchard_jax import MLP, MiniCNN, create_train_state
 from orchard_jax.core import cohort as co
 from orchard_jax.core import steps
+from orchard_jax import tune_host_memory
+tune_host_memory()  # the orchard-jax command's allocator (ORCHARD_JAX_MALLOC=system: glibc's)
 
 
 def _batch(size: int, shape: tuple[int, ...], classes: int):

@@ -30,6 +30,8 @@ jax.config.update("jax_compilation_cache_dir", sys.argv[1])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 from orchard_jax import MiniCNN, create_train_state, eval_step, train_step
 from orchard_jax.core import executables
+from orchard_jax import tune_host_memory
+tune_host_memory()  # the orchard-jax command's allocator (ORCHARD_JAX_MALLOC=system: glibc's)
 if sys.argv[2] == "on":
   executables.set_cache_dir(os.path.join(sys.argv[1], "executables"))
 t0 = time.perf_counter()

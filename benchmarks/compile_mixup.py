@@ -23,6 +23,8 @@ import numpy as np
 from orchard_jax.core.state import create_train_state
 from orchard_jax.core.steps import _train_step
 from orchard_jax.models import build_model
+from orchard_jax import tune_host_memory
+tune_host_memory()  # the orchard-jax command's allocator (ORCHARD_JAX_MALLOC=system: glibc's)
 
 
 def compile_seconds(state, batch) -> float:

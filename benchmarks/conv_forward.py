@@ -26,6 +26,8 @@ import numpy as np
 from orchard_jax.core.state import create_train_state
 from orchard_jax.core.steps import _eval_step
 from orchard_jax.models import build_model, layers
+from orchard_jax import tune_host_memory
+tune_host_memory()  # the orchard-jax command's allocator (ORCHARD_JAX_MALLOC=system: glibc's)
 
 SHAPES = [(2, 64, 128), (4, 64, 128), (7, 64, 128), (4, 32, 64), (8, 1, 32), (8, 32, 64),
           (14, 32, 64), (16, 3, 32), (28, 1, 32), (32, 3, 32)]

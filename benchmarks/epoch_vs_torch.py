@@ -29,6 +29,8 @@ import torch_reference as ref  # noqa: E402
 import jax  # noqa: E402
 
 from orchard_jax import MLP, LRController, MiniCNN, create_train_state, evaluate, train_epoch  # noqa: E402
+from orchard_jax import tune_host_memory  # noqa: E402
+tune_host_memory()  # the orchard-jax command's allocator (ORCHARD_JAX_MALLOC=system: glibc's)
 
 
 def _pairs(repeats, fn_a, fn_b):

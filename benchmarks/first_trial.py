@@ -43,6 +43,8 @@ jax.monitoring.register_event_duration_secs_listener(listener)
 import orchard_jax
 from orchard_jax import MLP, MiniCNN, OptunaConfig, TrainingConfig, TrialConfig, run_trial
 from orchard_jax.data import make_loader
+if hasattr(orchard_jax, "tune_host_memory"):  # older checkouts tuned the allocator on import
+  orchard_jax.tune_host_memory()  # the orchard-jax command's allocator
 
 name = sys.argv[1]
 rng = np.random.default_rng(0)

@@ -33,6 +33,8 @@ def watch(phase, info):
         spent[0] += time.perf_counter() - started[0]
 gc.callbacks.append(watch)
 from orchard_jax import cli
+from orchard_jax import tune_host_memory
+tune_host_memory()  # the orchard-jax command's allocator (ORCHARD_JAX_MALLOC=system: glibc's)
 frozen = sys.argv[1] == "frozen"
 status = cli.main(sys.argv[2:], freeze_imports=frozen)
 gc.callbacks.remove(watch)

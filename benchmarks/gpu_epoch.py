@@ -63,6 +63,8 @@ if importlib.util.find_spec("orchard_jax") is None:  # run from a checkout witho
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from orchard_jax import create_train_state, evaluate, parse_policy, train_epoch, train_step  # noqa: E402
 from orchard_jax.models import MODEL_NAMES, build_model  # noqa: E402
+from orchard_jax import tune_host_memory  # noqa: E402
+tune_host_memory()  # the orchard-jax command's allocator (ORCHARD_JAX_MALLOC=system: glibc's)
 
 import torch  # noqa: E402  (CPU is enough: only the DataLoader is used)
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402

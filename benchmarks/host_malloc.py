@@ -21,6 +21,8 @@ import sys
 _CHILD = r"""
 import json, resource, sys, time
 import orchard_jax
+from orchard_jax import tune_host_memory
+tune_host_memory()  # the orchard-jax command's allocator (ORCHARD_JAX_MALLOC=system: glibc's)
 import jax, jax.numpy as jnp, numpy as np
 from orchard_jax import MiniCNN, create_train_state, train_step
 batch_size, steps = int(sys.argv[1]), int(sys.argv[2])

@@ -19,6 +19,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from orchard_jax import MLP, MiniCNN, create_train_state, train_epoch, train_step
+from orchard_jax import tune_host_memory
+tune_host_memory()  # the orchard-jax command's allocator (ORCHARD_JAX_MALLOC=system: glibc's)
 
 
 def device_epoch(state, batches):

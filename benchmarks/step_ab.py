@@ -28,6 +28,8 @@ from flax import linen as nn
 from orchard_jax import MLP, MiniCNN, create_train_state
 from orchard_jax.core import steps
 from orchard_jax.models import mini_cnn
+from orchard_jax import tune_host_memory
+tune_host_memory()  # the orchard-jax command's allocator (ORCHARD_JAX_MALLOC=system: glibc's)
 
 
 def _batch(size: int):

@@ -31,6 +31,8 @@ CHILD = r'''
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
 from orchard_jax import MiniCNN, create_train_state, eval_step, train_step
+from orchard_jax import tune_host_memory
+tune_host_memory()  # the orchard-jax command's allocator (ORCHARD_JAX_MALLOC=system: glibc's)
 batch_size, samples = int(sys.argv[1]), 4096
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.normal(size=(samples, 28, 28, 1)).astype(np.float32))

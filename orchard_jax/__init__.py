@@ -4,9 +4,10 @@ The public API. The pure core (``orchard_jax.core``) imports neither optuna
 nor torch; the shell (data adapter, epoch loop, Optuna, command line) sits
 around it.
 
-Importing the package first sets glibc's allocator to keep freed memory
-(``orchard_jax.hostmem``; ``ORCHARD_JAX_MALLOC=system`` leaves it alone),
-before JAX is imported. The names below are imported on first use (PEP 562),
+Importing the package changes nothing in the process: the allocator setting
+that speeds up XLA:CPU's large step buffers is an explicit call,
+:func:`tune_host_memory` (``orchard_jax.hostmem``), which the ``orchard-jax``
+command makes. The names below are imported on first use (PEP 562),
 so that ``orchard-jax --help`` and ``init`` answer without importing JAX;
 ``from orchard_jax import run_trial`` and ``orchard_jax.run_trial`` work as
 ever.
@@ -15,12 +16,9 @@ ever.
 import importlib as _importlib
 from typing import TYPE_CHECKING
 
-from orchard_jax import hostmem as _hostmem
+from orchard_jax import hostmem
 from orchard_jax._version import __version__
-
-_hostmem.tune_on_import()
-
-hostmem = _hostmem
+from orchard_jax.hostmem import tune_host_memory
 
 # name -> the module it comes from
 _EXPORTS = {
@@ -44,7 +42,7 @@ _EXPORTS = {
 # Subpackages and modules, bound as attributes on first use as an import would.
 _MODULES = ("config", "core", "data", "engine", "errors", "fileio", "models", "study")
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [*_EXPORTS, "__version__", "tune_host_memory"]
 
 
 def __getattr__(name: str):

@@ -323,7 +323,13 @@ def main(argv: Sequence[str] | None = None, *, freeze_imports: bool = False) -> 
 
 
 def console(argv: Sequence[str] | None = None) -> int:
-  """The installed ``orchard-jax`` command: :func:`main`, with less garbage collection.
+  """The installed ``orchard-jax`` command: :func:`main`, with the tuned allocator and less
+  garbage collection.
+
+  The command is a program, so it makes the process-wide choices a library
+  import must not: first glibc's allocator keeps freed memory
+  (:func:`orchard_jax.hostmem.tune_host_memory`; ``ORCHARD_JAX_MALLOC=system``
+  leaves it alone, another value is a one-line error).
 
   Python's cycle collector walks every live object in its full passes, and
   the imports (JAX, torch, optuna, matplotlib) make millions of them. On 2 CPU
@@ -337,6 +343,12 @@ def console(argv: Sequence[str] | None = None) -> int:
   garbage is left unreclaimed, as the process ends anyway. :func:`main`
   itself, which tests and embedding programs call, leaves the collector alone.
   """
+  from orchard_jax.hostmem import tune_host_memory
+  try:
+    tune_host_memory()
+  except ValueError as e:  # an ORCHARD_JAX_MALLOC that is neither tuned nor system
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return EXIT_RECIPE
   status = main(argv, freeze_imports=True)
   gc.freeze()
   return status

@@ -25,6 +25,12 @@ from collections.abc import Iterator
 import jax
 import pytest
 
+import orchard_jax
+
+# The test suite is a program: it opts in to the allocator the orchard-jax command uses, as
+# the README shows (the library itself changes nothing on import).
+orchard_jax.tune_host_memory()
+
 
 @contextlib.contextmanager
 def mounted_tmpfs(size: str = "4m") -> Iterator[pathlib.Path]:
