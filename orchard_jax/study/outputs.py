@@ -47,6 +47,7 @@ from typing import Any
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from orchard_jax.engine.trial import TRIAL_CONFIG  # what run_trial's TrialConfig held
 from orchard_jax.fileio import atomic_directory, atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,6 @@ CHECKPOINT_ERROR = "checkpoint_error"  # why the trial's best state could not be
 # Scalar trial attributes (sortable in optuna-dashboard), set by the study's objective.
 BEST_EPOCH, EPOCHS_RUN, SECONDS = "best_epoch", "epochs_run", "seconds"
 EPOCH_PREFIX = "epoch_"                # epoch_01, epoch_02, ...: one epoch's values each
-TRIAL_CONFIG = "trial_config"          # what run_trial's TrialConfig held (engine.trial writes it)
 TOP_K = 5
 
 

@@ -440,8 +440,8 @@ class FunctionSource:
                         f"is {given}")
     chosen = classes if classes is not None else given
     if chosen is None:
-      raise RecipeError(f"dataset.num_classes is required with a function source (or return "
-                        f"it as the mapping's 'num_classes')")
+      raise RecipeError("dataset.num_classes is required with a function source (or return "
+                        "it as the mapping's 'num_classes')")
     if isinstance(chosen, bool) or not isinstance(chosen, int) or chosen < 2:
       raise RecipeError(f"{where}: num_classes must be an integer >= 2, got {brief(chosen)}")
     self.num_classes = chosen

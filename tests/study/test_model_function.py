@@ -233,12 +233,9 @@ def test_name_null_gives_way_to_a_function():
 
 
 @pytest.fixture(scope="module")
-def env(workdir) -> dict:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-         "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  env.pop("XLA_FLAGS", None)
-  return env
+def env(warm_env) -> dict:
+  """The study tests' command environment (tests/study/conftest.py)."""
+  return warm_env
 
 
 def run(command, args, env, cwd) -> subprocess.CompletedProcess:
