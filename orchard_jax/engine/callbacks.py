@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import pathlib
+import threading
 from typing import Any
 
 import jax
@@ -165,6 +166,11 @@ class BestState(Callback):
     return state.replace(params=self.params, model_state=self.model_state)
 
 
+# Orbax's checkpointers wait on process-wide signals: two of them saving at once in one process
+# (trials in ``optuna.n_jobs`` threads) deadlock, so this process's saves and loads take turns.
+_ORBAX_LOCK = threading.Lock()
+
+
 def save_best(directory: str | pathlib.Path, params: Any, model_state: Any,
               summary: dict[str, Any]) -> pathlib.Path:
   """Writes ``{"params", "model_state"}`` with orbax and ``summary`` as JSON.
@@ -180,7 +186,7 @@ def save_best(directory: str | pathlib.Path, params: Any, model_state: Any,
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   directory = pathlib.Path(directory).absolute()
-  with atomic_directory(directory) as temporary:
+  with atomic_directory(directory) as temporary, _ORBAX_LOCK:
     with ocp.StandardCheckpointer() as checkpointer:  # waits for orbax's writes on leaving
       checkpointer.save(temporary / CHECKPOINT_SUBDIR,
                         {"params": params, "model_state": model_state})
@@ -207,7 +213,7 @@ def load_best(directory: str | pathlib.Path, template: TrainState) -> TrainState
     raise FileNotFoundError(f"no best-state checkpoint in {directory} (expected {path}); "
                             f"was the run given an output directory, and did it finish?")
   target = {"params": template.params, "model_state": template.model_state}
-  with ocp.StandardCheckpointer() as checkpointer:
+  with _ORBAX_LOCK, ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(path, target)
   return template.replace(params=restored["params"], model_state=restored["model_state"])
 

@@ -84,3 +84,29 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole_and_loadable(make_cf
   (root / "filler").unlink()
   restored = load_best(directory, initial_state(make_cfg(training={"seed": 7})))
   jax.tree.map(np.testing.assert_array_equal, restored.params, state.params)
+
+
+THREADED_SAVES = """
+import pathlib, sys, threading
+import jax.numpy as jnp
+from orchard_jax.engine import save_best
+root = pathlib.Path(sys.argv[1])
+def work(i):
+  for j in range(8):
+    save_best(root / f"t{i}" / f"{j}", {"w": jnp.full((4, 4), float(j))}, {}, {"j": j})
+threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("saved", sum(1 for _ in root.glob("t*/*/checkpoint")))
+"""
+
+
+def test_saves_from_several_threads_of_one_process_all_finish(tmp_path):
+  # optuna.n_jobs trains trials in threads: orbax checkpointers saving at once in one process
+  # wait on each other's process-wide signals for ever unless the saves take turns.
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  proc = subprocess.run([sys.executable, "-c", THREADED_SAVES, str(tmp_path)], text=True,
+                        capture_output=True, timeout=60, env={"JAX_PLATFORMS": "cpu",
+                                                               "PATH": "/usr/bin:/bin"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["saved", "32"]
