@@ -435,6 +435,8 @@ class OptunaConfig(_Config):
       ``'sqlite:///path/study.db'``.
     load_if_exists: Resume a stored study of the same name.
     n_jobs: Trials run in parallel, ``>= 1``.
+    cohort_size: Trials trained together in one vmapped program, ``>= 1``;
+      1 (the default) trains each trial alone.
     search_space_preset: ``'quick'`` or ``'full'``.
     enable_early_stopping: Stop the study once trials reach the threshold.
     early_stopping_threshold: Metric value that counts as reached, any finite
@@ -457,6 +459,7 @@ class OptunaConfig(_Config):
   storage: str = _field("sqlite", _check_storage)
   load_if_exists: bool = _field(True, _bool)
   n_jobs: int = _field(1, _Int(lo=1))
+  cohort_size: int = _field(1, _Int(lo=1))
   search_space_preset: str = _field("full", _Choice(("quick", "full")))
   enable_early_stopping: bool = _field(True, _bool)
   early_stopping_threshold: float | None = _field(None, _Float(none=None))
