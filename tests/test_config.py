@@ -39,7 +39,9 @@ def test_training_defaults_equal_reference():
 
 
 def test_optuna_defaults_equal_reference_except_study_name():
-  assert OptunaConfig().to_dict() == {**REFERENCE_OPTUNA, "study_name": "orchard_jax"}
+  # cohort_size is ours (trials trained together); 1 trains each alone, as the reference does
+  assert OptunaConfig().to_dict() == {**REFERENCE_OPTUNA, "study_name": "orchard_jax",
+                                      "cohort_size": 1}
 
 
 # (field, value, other fields needed so that only `field` is under test)
@@ -104,12 +106,14 @@ def test_training_batch_size_has_no_upper_bound():
   assert TrainingConfig(batch_size=100_000).batch_size == 100_000
 
 
-OPTUNA_INSIDE = [("n_trials", 1), ("pruning_warmup_epochs", 0), ("n_jobs", 1),
+OPTUNA_INSIDE = [("n_trials", 1), ("pruning_warmup_epochs", 0), ("n_jobs", 1), ("cohort_size", 1),
+                 ("cohort_size", 64),
                  ("early_stopping_patience", 1), ("timeout", 0.5),
                  ("early_stopping_threshold", -2.5)]
 OPTUNA_OUTSIDE = [("n_trials", 0, ">= 1"), ("epochs", 0, ">= 1"),
                   ("pruning_warmup_epochs", -1, ">= 0"), ("n_jobs", 0, ">= 1"),
-                  ("n_jobs", -1, ">= 1"), ("early_stopping_patience", 0, ">= 1"),
+                  ("n_jobs", -1, ">= 1"), ("cohort_size", 0, ">= 1"),
+                  ("early_stopping_patience", 0, ">= 1"),
                   ("timeout", 0, "> 0"), ("timeout", -1.0, "> 0")]
 
 
