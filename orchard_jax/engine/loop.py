@@ -201,6 +201,58 @@ def _run_callbacks(callbacks: Sequence[Callback], log: EpochLog, state: TrainSta
   return stop
 
 
+class LoopRun:
+  """One run of the epoch loop, one epoch at a time: :func:`run_loop`'s body, for a driver that
+  trains the epoch itself (a cohort trains many runs' epochs in one program).
+
+  Per epoch: :meth:`begin_epoch` gives the epoch, its learning rate and MixUp switch; the driver
+  trains with them; :meth:`end_epoch` validates (``loop.validate_fn``), tracks the best, runs
+  the callbacks and logs, as :func:`run_loop` does. :meth:`finish` ends the run.
+  """
+
+  def __init__(self, loop: EpochLoop, callbacks: Sequence[Callback] = ()):
+    self.loop, self.callbacks = loop, tuple(callbacks)
+    self.best, self.best_epoch, self.failures = worst_value(loop.direction), None, 0
+    self.history: list[EpochLog] = []
+    self.epoch, self.stop = 0, False
+    self._lr, self._mixup = 0.0, False
+
+  @property
+  def done(self) -> bool:
+    """Whether the run has ended: its last epoch ran, or a callback stopped it."""
+    return self.stop or self.epoch >= self.loop.epochs
+
+  def begin_epoch(self) -> tuple[int, float, bool]:
+    """``(epoch, learning_rate, mixup)`` of the next epoch (1-indexed)."""
+    self.epoch += 1
+    self._lr = self.loop.lr_for_epoch(self.epoch)
+    self._mixup = self.epoch <= self.loop.mixup_epochs
+    return self.epoch, self._lr, self._mixup
+
+  def end_epoch(self, state: TrainState, train_loss: float) -> EpochLog:
+    """Validates the trained ``state``, updates the best, runs the callbacks and logs."""
+    loop, epoch = self.loop, self.epoch
+    metrics, self.failures, failed = validate_with_fallback(loop, state, epoch, self.failures)
+    value = monitored_value(metrics, loop.monitor_metric)
+    self.best, improved = update_best(self.best, value, loop.direction)
+    self.best_epoch = epoch if improved else self.best_epoch
+    log = EpochLog(epoch, loop.epochs, self._lr, self._mixup, train_loss, metrics, value,
+                   self.best, improved, failed)
+    self.history.append(log)
+    self.stop = _run_callbacks(self.callbacks, log, state)
+    if epoch % loop.log_interval == 0 or epoch == loop.epochs or self.stop:
+      _log_epoch(loop, log)
+    return log
+
+  def finish(self, state: TrainState) -> LoopResult:
+    """The run's result, after every callback's ``on_train_end``."""
+    result = LoopResult(state, self.best, self.best_epoch, tuple(self.history),
+                        self.stop and self.epoch < self.loop.epochs)
+    for callback in self.callbacks:
+      callback.on_train_end(result)
+    return result
+
+
 def run_loop(state: TrainState, loop: EpochLoop,
              callbacks: Sequence[Callback] = ()) -> LoopResult:
   """Runs up to ``loop.epochs`` epochs; see the module docstring for the order.
@@ -220,30 +272,16 @@ def run_loop(state: TrainState, loop: EpochLoop,
       ``orchard_jax.errors.DataError``: bad training or validation data.
       Whatever a callback raises (e.g. ``optuna.TrialPruned``).
   """
-  best, best_epoch, failures, history = worst_value(loop.direction), None, 0, []
-  stop = False
+  run = LoopRun(loop, callbacks)
   with tqdm(total=loop.epochs, desc=loop.label, unit="epoch", leave=False, mininterval=0,
             disable=None if loop.progress else True) as bar:  # None: a terminal only
-    for epoch in range(1, loop.epochs + 1):
-      lr, mixup = loop.lr_for_epoch(epoch), epoch <= loop.mixup_epochs
+    while not run.done:
+      epoch, lr, mixup = run.begin_epoch()
       state = state.with_learning_rate(lr).with_mixup(mixup)
       state, train_loss = loop.train_fn(state, epoch)
-      metrics, failures, failed = validate_with_fallback(loop, state, epoch, failures)
-      value = monitored_value(metrics, loop.monitor_metric)
-      best, improved = update_best(best, value, loop.direction)
-      best_epoch = epoch if improved else best_epoch
-      log = EpochLog(epoch, loop.epochs, lr, mixup, train_loss, metrics, value, best,
-                     improved, failed)
-      history.append(log)
-      stop = _run_callbacks(callbacks, log, state)
-      if epoch % loop.log_interval == 0 or epoch == loop.epochs or stop:
-        _log_epoch(loop, log)
+      log = run.end_epoch(state, train_loss)
       bar.set_postfix({"train_loss": f"{train_loss:.4f}",
-                       f"val_{loop.monitor_metric}": f"{value:.4f}", "best": f"{best:.4f}"})
+                       f"val_{loop.monitor_metric}": f"{log.value:.4f}",
+                       "best": f"{log.best:.4f}"})
       bar.update()
-      if stop:
-        break
-  result = LoopResult(state, best, best_epoch, tuple(history), stop and epoch < loop.epochs)
-  for callback in callbacks:
-    callback.on_train_end(result)
-  return result
+  return run.finish(state)
