@@ -10,10 +10,12 @@ Two value objects hold every setting the trial loop reads:
 :class:`TrialConfig` bundles them with what one trial trains: the model, the
 data loaders and optional task adapters.
 
-Both are frozen, hashable, keyword-only dataclasses. They are checked whenever
-one is built, so also by :meth:`~_Config.replace` and :meth:`~_Config.from_dict`.
-Every problem raises :class:`ConfigError`, a ``ValueError`` whose message names
-the class, the field, the value received and what is allowed::
+All three are frozen, keyword-only pydantic (v2) dataclasses (strict types, unknown
+fields refused); the first two hash and compare by value. They are checked whenever one is
+built, so also by :meth:`~_Config.replace`, ``dataclasses.replace`` and
+:meth:`~_Config.from_dict`. Every problem raises :class:`ConfigError`, a
+``ValueError`` whose one-line message names the class, the field, the value
+received and what is allowed (pydantic's own report is never shown)::
 
     TrainingConfig.learning_rate must be in (1e-08, 1), got -0.1
 
@@ -43,19 +45,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
+import functools
 import numbers
 import os
 import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
+
+import pydantic
+import pydantic.dataclasses
+from pydantic import AfterValidator, BeforeValidator, Field
 
 __all__ = ["ConfigError", "DEFAULT_METRICS", "TrainingConfig", "OptunaConfig", "TrialConfig",
            "resolve_precision"]
 
 _C = TypeVar("_C", bound="_Config")
-_REFUSE = object()  # Sentinel: None is not an allowed value.
 
 
 class ConfigError(ValueError):
@@ -90,177 +95,150 @@ def brief(value: Any) -> str:
   return clip(text, length=len(value) if isinstance(value, str) else None)
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
+  """The value (capped, see :func:`brief`) and its type: ``"'x' (str)"``."""
   return f"{brief(value)} ({type(value).__name__})"
 
 
-def _closest(word: str, allowed: Any) -> str:
-  match = difflib.get_close_matches(word.lower(), list(allowed), n=1, cutoff=0.6)
-  return f" (did you mean {match[0]!r}?)" if match else ""
+def closest(word: Any, allowed: Any) -> str:
+  """``" (did you mean 'x'?)"`` for the allowed word closest to ``word`` (case ignored), else
+  ``""``."""
+  if not isinstance(word, str):
+    return ""
+  lowered = {str(a).lower(): a for a in allowed}
+  match = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+  return f" (did you mean {lowered[match[0]]!r}?)" if match else ""
 
 
-def _bound(x: float) -> str:
-  return format(x, "g")
-
-
-# Field checks. Each takes (where, value) and returns the normalised value.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Int:
-  lo: int | None = None
-  hi: int | None = None
-
-  def __call__(self, where: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-      raise ConfigError(f"{where} must be an int, got {_show(value)}")
-    if self.hi is not None and not self.lo <= value <= self.hi:
-      raise ConfigError(f"{where} must be in [{self.lo}, {self.hi}], got {brief(value)}")
-    if self.lo is not None and value < self.lo:
-      raise ConfigError(f"{where} must be >= {self.lo}, got {brief(value)}")
-    return int(value)
+# --------------------------------------------------------------- messages --
 
 
 @dataclasses.dataclass(frozen=True)
-class _Float:
-  lo: float | None = None
-  hi: float | None = None
-  lo_open: bool = False
-  hi_open: bool = False
-  none: Any = _REFUSE  # What None becomes; _REFUSE: None is an error.
-
-  def allowed(self) -> str:
-    if self.hi is None:
-      return f"{'>' if self.lo_open else '>='} {_bound(self.lo)}"
-    left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
-    return f"in {left}{_bound(self.lo)}, {_bound(self.hi)}{right}"
-
-  def __call__(self, where: str, value: Any) -> float | None:
-    if value is None and self.none is not _REFUSE:
-      return self.none
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-      kind = "a float" if self.none is _REFUSE else "a float or None"
-      raise ConfigError(f"{where} must be {kind}, got {_show(value)}")
-    raw, value = value, float(value)
-    if not math.isfinite(value):
-      raise ConfigError(f"{where} must be a finite float, got {brief(raw)}")
-    too_low = self.lo is not None and (
-        value <= self.lo if self.lo_open else value < self.lo)
-    too_high = self.hi is not None and (
-        value >= self.hi if self.hi_open else value > self.hi)
-    if too_low or too_high:
-      raise ConfigError(f"{where} must be {self.allowed()}, got {brief(raw)}")
-    return value
+class Says:
+  """Field metadata: what a type error of the field says is allowed, and how it shows the value
+  (``<where> must be <allowed>, got <shown(value)>``)."""
+  allowed: str
+  shown: Callable[[Any], str] = show
 
 
-def _bool(where: str, value: Any) -> bool:
-  if not isinstance(value, bool):
-    raise ConfigError(f"{where} must be True or False, got {_show(value)}")
-  return value
+# What a type error says, by pydantic's error type; fields of a recipe section word it as
+# ``study.checks.Section._WORDS``.
+_KINDS = {"int_type": "int", "float_type": "float", "finite_number": "finite", "bool_type": "bool",
+          "string_type": "str", "string_pattern_mismatch": "str", "string_too_short": "str",
+          "tuple_type": "list", "list_type": "list", "dict_type": "dict"}
+_RANGES = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
-def _name(where: str, value: Any) -> str:
-  if not isinstance(value, str) or not value.strip():
-    raise ConfigError(f"{where} must be a non-empty str, got {_show(value)}")
-  return value
+def _allowed(field: Any) -> str:
+  """A field's range from its constraints: ``'>= 1'``, ``'> 0'``, ``'in [0, 1)'``."""
+  bounds = {k: getattr(m, k) for m in field.metadata for k in ("gt", "ge", "lt", "le")
+            if hasattr(m, k)}
+  number = str if int in (field.annotation, *get_args(field.annotation)) else (
+      lambda x: format(x, "g"))
+  lo, hi = bounds.get("gt", bounds.get("ge")), bounds.get("lt", bounds.get("le"))
+  if hi is None:
+    return f"{'>' if 'gt' in bounds else '>='} {number(lo)}"
+  return (f"in {'(' if 'gt' in bounds else '['}{number(lo)}, {number(hi)}"
+          f"{')' if 'lt' in bounds else ']'}")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Choice:
-  options: tuple[str, ...]
-
-  def __call__(self, where: str, value: Any) -> str:
-    if value not in self.options or not isinstance(value, str):
-      hint = _closest(value, self.options) if isinstance(value, str) else ""
-      allowed = ", ".join(map(repr, self.options))
-      raise ConfigError(
-          f"{where} must be one of {allowed}, got {brief(value)}{hint}")
-    return value
+def _integral(value: Any) -> Any:
+  """numpy's (any Integral's) ints become int; bools and the rest are left to the type check."""
+  return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
-_POLICY_MAX = 100  # 'params=bfloat16,compute=bfloat16,output=bfloat16' has 49
+# Field types: ints (numpy's included) and non-empty strings (not only spaces).
+Int = Annotated[int, BeforeValidator(_integral)]
+Name = Annotated[str, Field(pattern=r"\S")]
+_SETTINGS = pydantic.ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-def _check_precision(where: str, value: Any) -> str | None:
-  """None, or a policy string that ``core.precision.parse_policy`` accepts.
+def validated(cls: type[_C] | None = None, *, eq: bool = True) -> Any:
+  """Class decorator: a frozen, keyword-only pydantic dataclass that raises ``cls._ERROR``.
 
-  The parser is imported here, not at module level, so that loading or
-  building a config without ``precision`` never imports jax.
+  Pydantic's ``ValidationError`` never leaves the constructor: its first error
+  (an unknown field before any other, then in field order) becomes one line
+  (:meth:`_Config._line`). Fields are keyword-only: a positional argument is a TypeError.
   """
-  if value is None:
-    return None
-  if not isinstance(value, str):
-    raise ConfigError(
-        f"{where} must be None or a dtype policy str, got {_show(value)}")
-  if len(value) > _POLICY_MAX:
-    raise ConfigError(
-        f"{where} must be a dtype policy str of at most {_POLICY_MAX} characters, such as "
-        f"'bfloat16' or 'params=float32,compute=bfloat16,output=float32', got {brief(value)}")
-  from orchard_jax.core.precision import parse_policy
-  try:
-    parse_policy(value)
-  except ValueError as e:
-    # parse_policy's message quotes the value: capped there too.
-    raise ConfigError(f"{where}={brief(value)} is invalid: "
-                      f"{str(e).replace(repr(value), brief(value))}") from e
-  return value
+  def make(cls: type[_C]) -> type[_C]:
+    cls = pydantic.dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=eq,
+                                         config=_SETTINGS)(cls)
+    validate = cls.__init__
 
-
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://\S*")
-
-
-def _check_storage(where: str, value: Any) -> str:
-  if isinstance(value, str) and (value in ("sqlite", "memory")
-                                 or _URL.fullmatch(value)):
-    return value
-  shown = re.sub(r"//[^/@]*@", "//***@", value) if isinstance(value, str) else value
-  raise ConfigError(
-      f"{where} must be 'sqlite', 'memory' or a database URL such as "
-      f"'postgresql://user:pass@host/db' or 'sqlite:///path/study.db', "
-      f"got {brief(shown)}")
-
-
-def _field(default: Any, check: Callable[[str, Any], Any]) -> Any:
-  return dataclasses.field(default=default, metadata={"check": check})
+    @functools.wraps(validate)
+    def __init__(self: Any, **kwargs: Any) -> None:
+      try:
+        validate(self, **kwargs)
+      except pydantic.ValidationError as e:
+        fields = list(cls.__pydantic_fields__)  # unknown fields first, then in field order
+        first = min(e.errors(), key=lambda x: fields.index(x["loc"][0])
+                    if x["loc"] and x["loc"][0] in fields else -1)
+        raise type(self)._ERROR(type(self)._line(first, kwargs)) from None
+    cls.__init__ = __init__
+    return cls
+  return make if cls is None else make(cls)
 
 
 class _Config:
-  """Shared behaviour: unknown-field refusal, checks, dict I/O, replace."""
+  """Shared behaviour: one-line messages, dict I/O, replace."""
 
   __slots__ = ()
+  _ERROR: ClassVar[type[ConfigError]] = ConfigError
+  _WORDS: ClassVar[Mapping[str, Says]] = {
+      "int": Says("an int"), "float": Says("a float"), "float?": Says("a float or None"),
+      "finite": Says("a finite float", brief), "bool": Says("True or False"),
+      "str": Says("a non-empty str"), "list": Says("a list"), "dict": Says("a mapping")}
   # Keys of the reference's section that orchard_jax does not read: why.
   _NOT_READ: ClassVar[Mapping[str, str]] = {}
 
-  def __new__(cls, *args: Any, **kwargs: Any):
-    # Runs before the generated __init__, so an unknown keyword gets a
-    # ConfigError with a suggestion instead of a bare TypeError.
-    cls._refuse_unknown(kwargs)
-    return super().__new__(cls)
-
-  def __post_init__(self) -> None:
-    owner = type(self).__name__
-    for f in dataclasses.fields(self):
-      checked = f.metadata["check"](f"{owner}.{f.name}", getattr(self, f.name))
-      object.__setattr__(self, f.name, checked)
-    self._check_combinations()
-
-  def _check_combinations(self) -> None:
-    """Checks that involve several fields; run after the per-field checks."""
+  @classmethod
+  def _where(cls) -> str:
+    """What messages name before a field: the class (a recipe section: the section)."""
+    return cls.__name__
 
   @classmethod
-  def _refuse_unknown(cls, keys: Any) -> None:
+  def _unknown(cls, key: Any) -> str:
+    """The message of an unknown field."""
     names = [f.name for f in dataclasses.fields(cls)]
-    for key in keys:
-      if not isinstance(key, str):
-        raise ConfigError(f"{cls.__name__} field names must be str, got {_show(key)}")
-      if key in names:
-        continue
-      if key in cls._NOT_READ:
-        raise ConfigError(
-            f"{cls.__name__} has no field {brief(key)}: {cls._NOT_READ[key]}; "
-            f"remove it")
-      hint = _closest(key, names) or f"; valid fields: {', '.join(names)}"
-      raise ConfigError(f"{cls.__name__} has no field {brief(key)}{hint}")
+    if not isinstance(key, str):
+      return f"{cls.__name__} field names must be str, got {show(key)}"
+    if key in cls._NOT_READ:
+      return f"{cls.__name__} has no field {brief(key)}: {cls._NOT_READ[key]}; remove it"
+    return f"{cls.__name__} has no field {brief(key)}" + (
+        closest(key, names) or f"; valid fields: {', '.join(names)}")
+
+  @classmethod
+  def _line(cls, error: Mapping[str, Any], data: Mapping[str, Any]) -> str:
+    """One pydantic error as one line: where, what is allowed, the value received."""
+    kind, loc, value = error["type"], list(error["loc"]), error.get("input")
+    problem = error.get("ctx", {}).get("error")
+    if isinstance(problem, ConfigError):  # a section's, or a check of several fields: whole
+      return str(problem)
+    if kind == "unexpected_keyword_argument":
+      return cls._unknown(loc[0])
+    if "[key]" in loc:  # a mapping's key: the message is the mapping's
+      loc, value, kind = loc[:1], data.get(loc[0]), "dict_type"
+    where = cls._where() + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    field = cls.__pydantic_fields__[loc[0]] if loc else None
+    if kind == "missing":
+      return f"{where} is required; pass {loc[-1]}=..."
+    if kind == "value_error":  # a field's own check: the text after the field's name
+      text = str(problem)
+      return f"{where}{'' if text.startswith('=') else ' '}{text}"
+    if kind == "literal_error":
+      options = get_args(field.annotation)
+      return (f"{where} must be one of {', '.join(map(repr, options))}, got {brief(value)}"
+              f"{closest(value, options)}")
+    if kind in _RANGES:
+      return f"{where} must be {_allowed(field)}, got {brief(value)}"
+    if kind in _KINDS:
+      says = next((m for m in field.metadata if isinstance(m, Says)), None)
+      if says is None or len(loc) > 1:
+        word = _KINDS[kind]
+        nullable = word == "float" and type(None) in get_args(field.annotation)
+        says = cls._WORDS[word + "?" if nullable else word]
+      return f"{where} must be {says.allowed}, got {says.shown(value)}"
+    return f"{where} is invalid: {' '.join(error['msg'].split())}"
 
   @classmethod
   def from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
@@ -272,18 +250,14 @@ class _Config:
     ``min_lr: 1e-6``. Every other value must already have the right type.
     """
     if not isinstance(data, Mapping):
-      raise ConfigError(
-          f"{cls.__name__}.from_dict expects a mapping, got {_show(data)}")
-    cls._refuse_unknown(data)
-    kwargs = dict(data)
-    for f in dataclasses.fields(cls):
-      value = kwargs.get(f.name)
-      if isinstance(f.metadata["check"], _Float) and isinstance(value, str):
-        try:
-          kwargs[f.name] = float(value)
-        except ValueError:
-          pass  # Left as is: the field check names the bad string.
-    return cls(**kwargs)
+      raise cls._ERROR(f"{cls.__name__}.from_dict expects a mapping, got {show(data)}")
+    for key in data:
+      if not isinstance(key, str) or key not in cls.__pydantic_fields__:
+        raise cls._ERROR(cls._unknown(key))
+    floats = [n for n, f in cls.__pydantic_fields__.items()
+              if float in (f.annotation, *get_args(f.annotation))]
+    return cls(**{k: _number(v) if k in floats and isinstance(v, str) else v
+                  for k, v in data.items()})
 
   def to_dict(self) -> dict[str, Any]:
     """Every field by name; ``from_dict(cfg.to_dict()) == cfg``."""
@@ -294,7 +268,53 @@ class _Config:
     return dataclasses.replace(self, **changes)
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+def _number(text: str) -> Any:
+  """A numeric string as a float, another as it is (the type check names it)."""
+  try:
+    return float(text)
+  except ValueError:
+    return text
+
+
+# --------------------------------------------------- TrainingConfig checks --
+
+_POLICY_MAX = 100  # 'params=bfloat16,compute=bfloat16,output=bfloat16' has 49
+
+
+def _check_precision(value: str | None) -> str | None:
+  """None, or a policy string that ``core.precision.parse_policy`` accepts.
+
+  The parser is imported here, not at module level, so that loading or
+  building a config without ``precision`` never imports jax.
+  """
+  if value is None:
+    return None
+  if len(value) > _POLICY_MAX:
+    raise ValueError(
+        f"must be a dtype policy str of at most {_POLICY_MAX} characters, such as "
+        f"'bfloat16' or 'params=float32,compute=bfloat16,output=float32', got {brief(value)}")
+  from orchard_jax.core.precision import parse_policy
+  try:
+    parse_policy(value)
+  except ValueError as e:
+    # parse_policy's message quotes the value: capped there too.
+    raise ValueError(f"={brief(value)} is invalid: "
+                     f"{str(e).replace(repr(value), brief(value))}") from e
+  return value
+
+
+def _zero_if_none(value: Any) -> Any:
+  return 0.0 if value is None else value
+
+
+_STORAGE = r"^(?:sqlite|memory|[A-Za-z][A-Za-z0-9+.\-]*://\S*)$"
+_STORAGE_SAYS = Says(
+    "'sqlite', 'memory' or a database URL such as 'postgresql://user:pass@host/db' or "
+    "'sqlite:///path/study.db'",
+    lambda v: brief(re.sub(r"//[^/@]*@", "//***@", v) if isinstance(v, str) else v))
+
+
+@validated
 class TrainingConfig(_Config):
   """Hyperparameters of one training run (the reference's ``training:``).
 
@@ -340,36 +360,37 @@ class TrainingConfig(_Config):
       is not implemented, and ``True`` logs a warning when training starts.
   """
 
-  seed: int = _field(42, _Int(lo=0, hi=SEED_MAX))
-  batch_size: int = _field(16, _Int(lo=1))
-  epochs: int = _field(60, _Int(lo=1))
-  optimizer_type: str = _field("sgd", _Choice(("sgd", "adamw")))
-  learning_rate: float = _field(0.008, _Float(1e-8, 1, lo_open=True, hi_open=True))
-  min_lr: float = _field(1e-6, _Float(1e-8, 1, lo_open=True, hi_open=True))
-  momentum: float = _field(0.9, _Float(0, 1, hi_open=True))
-  weight_decay: float = _field(5e-4, _Float(0, 0.2))
-  grad_clip: float | None = _field(1.0, _Float(0, 100, none=0.0))
-  label_smoothing: float = _field(0.0, _Float(0, 0.3))
-  mixup_alpha: float = _field(0.2, _Float(lo=0))
-  mixup_epochs: int = _field(20, _Int(lo=0))
-  scheduler_type: str = _field(
-      "cosine", _Choice(("cosine", "plateau", "step", "none")))
-  monitor_metric: str = _field("auc", _name)
-  monitor_direction: str = _field("maximize", _Choice(("maximize", "minimize")))
-  scheduler_patience: int = _field(5, _Int(lo=0))
-  scheduler_factor: float = _field(0.1, _Float(0, 1))
-  step_size: int = _field(20, _Int(lo=1))
-  use_amp: bool = _field(True, _bool)
-  criterion_type: str = _field("cross_entropy", _Choice(("cross_entropy", "focal")))
-  weighted_loss: bool = _field(False, _bool)
-  focal_gamma: float = _field(2.0, _Float(lo=0))
-  precision: str | None = _field(None, _check_precision)
+  seed: Int = Field(42, ge=0, le=SEED_MAX)
+  batch_size: Int = Field(16, ge=1)
+  epochs: Int = Field(60, ge=1)
+  optimizer_type: Literal["sgd", "adamw"] = "sgd"
+  learning_rate: float = Field(0.008, gt=1e-8, lt=1)
+  min_lr: float = Field(1e-6, gt=1e-8, lt=1)
+  momentum: float = Field(0.9, ge=0, lt=1)
+  weight_decay: float = Field(5e-4, ge=0, le=0.2)
+  grad_clip: Annotated[float | None, BeforeValidator(_zero_if_none)] = Field(1.0, ge=0, le=100)
+  label_smoothing: float = Field(0.0, ge=0, le=0.3)
+  mixup_alpha: float = Field(0.2, ge=0)
+  mixup_epochs: Int = Field(20, ge=0)
+  scheduler_type: Literal["cosine", "plateau", "step", "none"] = "cosine"
+  monitor_metric: Name = "auc"
+  monitor_direction: Literal["maximize", "minimize"] = "maximize"
+  scheduler_patience: Int = Field(5, ge=0)
+  scheduler_factor: float = Field(0.1, ge=0, le=1)
+  step_size: Int = Field(20, ge=1)
+  use_amp: bool = True
+  criterion_type: Literal["cross_entropy", "focal"] = "cross_entropy"
+  weighted_loss: bool = False
+  focal_gamma: float = Field(2.0, ge=0)
+  precision: Annotated[str | None, Says("None or a dtype policy str"),
+                       AfterValidator(_check_precision)] = None
   # Keys of reference recipes, accepted so that a ``training:`` section loads unchanged.
-  patience: int = _field(15, _Int(lo=1))
-  use_tqdm: bool = _field(True, _bool)
-  use_tta: bool = _field(False, _bool)
+  patience: Int = Field(15, ge=1)
+  use_tqdm: bool = True
+  use_tta: bool = False
 
-  def _check_combinations(self) -> None:
+  @pydantic.model_validator(mode="after")
+  def _check_combinations(self) -> TrainingConfig:
     if self.use_amp and self.batch_size < 4:
       raise ConfigError(
           f"TrainingConfig.batch_size must be >= 4 when use_amp=True (AMP with "
@@ -379,6 +400,7 @@ class TrainingConfig(_Config):
       raise ConfigError(
           f"TrainingConfig.min_lr must be <= learning_rate, got "
           f"min_lr={brief(self.min_lr)}, learning_rate={brief(self.learning_rate)}")
+    return self
 
   def resolved_precision(self, backend: str) -> str:
     """Shorthand for ``resolve_precision(self, backend)``."""
@@ -402,7 +424,7 @@ def resolve_precision(cfg: TrainingConfig, backend: str) -> str:
     backend: Backend name, normally ``jax.default_backend()`` (case ignored).
   """
   if not isinstance(backend, str) or not backend:
-    raise ConfigError(f"backend must be a non-empty str, got {_show(backend)}")
+    raise ConfigError(f"backend must be a non-empty str, got {show(backend)}")
   if cfg.precision is not None:
     return cfg.precision
   if cfg.use_amp and backend.lower() in _LOW_PRECISION_BACKENDS:
@@ -410,7 +432,7 @@ def resolve_precision(cfg: TrainingConfig, backend: str) -> str:
   return "float32"
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+@validated
 class OptunaConfig(_Config):
   """Study settings (the reference's ``optuna:`` parts the loop reads).
 
@@ -447,23 +469,22 @@ class OptunaConfig(_Config):
       the study, ``>= 1``.
   """
 
-  study_name: str = _field("orchard_jax", _name)
-  n_trials: int = _field(50, _Int(lo=1))
-  epochs: int = _field(15, _Int(lo=1))
-  timeout: float | None = _field(None, _Float(lo=0, lo_open=True, none=None))
-  enable_pruning: bool = _field(True, _bool)
-  pruning_warmup_epochs: int = _field(5, _Int(lo=0))
-  pruner_type: str = _field(
-      "median", _Choice(("median", "percentile", "hyperband", "none")))
-  sampler_type: str = _field("tpe", _Choice(("tpe", "cmaes", "random")))
-  storage: str = _field("sqlite", _check_storage)
-  load_if_exists: bool = _field(True, _bool)
-  n_jobs: int = _field(1, _Int(lo=1))
-  cohort_size: int = _field(1, _Int(lo=1))
-  search_space_preset: str = _field("full", _Choice(("quick", "full")))
-  enable_early_stopping: bool = _field(True, _bool)
-  early_stopping_threshold: float | None = _field(None, _Float(none=None))
-  early_stopping_patience: int = _field(2, _Int(lo=1))
+  study_name: Name = "orchard_jax"
+  n_trials: Int = Field(50, ge=1)
+  epochs: Int = Field(15, ge=1)
+  timeout: float | None = Field(None, gt=0)
+  enable_pruning: bool = True
+  pruning_warmup_epochs: Int = Field(5, ge=0)
+  pruner_type: Literal["median", "percentile", "hyperband", "none"] = "median"
+  sampler_type: Literal["tpe", "cmaes", "random"] = "tpe"
+  storage: Annotated[str, Field(pattern=_STORAGE), _STORAGE_SAYS] = "sqlite"
+  load_if_exists: bool = True
+  n_jobs: Int = Field(1, ge=1)
+  cohort_size: Int = Field(1, ge=1)
+  search_space_preset: Literal["quick", "full"] = "full"
+  enable_early_stopping: bool = True
+  early_stopping_threshold: float | None = None
+  early_stopping_patience: Int = Field(2, ge=1)
 
   _NOT_READ: ClassVar[Mapping[str, str]] = {
       "metric_name": "the metric is TrainingConfig.monitor_metric",
@@ -473,7 +494,8 @@ class OptunaConfig(_Config):
       "postgresql_url": "use storage='postgresql://user:pass@host/db'",
   }
 
-  def _check_combinations(self) -> None:
+  @pydantic.model_validator(mode="after")
+  def _check_combinations(self) -> OptunaConfig:
     if self.enable_pruning and self.pruner_type == "none":
       raise ConfigError(
           "OptunaConfig.pruner_type must be 'median', 'percentile' or "
@@ -484,119 +506,109 @@ class OptunaConfig(_Config):
           f"OptunaConfig.pruning_warmup_epochs must be < epochs when "
           f"enable_pruning=True, got pruning_warmup_epochs="
           f"{self.pruning_warmup_epochs}, epochs={self.epochs}")
+    return self
 
 
-# TrialConfig checks: objects rather than recipe values.
+# TrialConfig checks: objects rather than recipe values. Each raises a ValueError with what
+# follows the field's name in the message.
 
 
 def _closest_metric(name: str) -> str:
   """The did-you-mean of a metric name: a metric it abbreviates ('acc'), else the closest."""
   prefixed = [m for m in DEFAULT_METRICS if len(name) >= 2 and m.startswith(name.lower())]
-  return f" (did you mean {prefixed[0]!r}?)" if prefixed else _closest(name, DEFAULT_METRICS)
-
-_REQUIRED = object()  # Sentinel default of the fields a TrialConfig must be given.
+  return f" (did you mean {prefixed[0]!r}?)" if prefixed else closest(name, DEFAULT_METRICS)
 
 
-def _present(where: str, value: Any) -> Any:
-  if value is _REQUIRED:
-    raise ConfigError(f"{where} is required; pass {where.split('.')[-1]}=...")
+def _check(test: Callable[[Any], bool], allowed: str) -> AfterValidator:
+  """A field check: None, or ``test(value)``; else '<field> must be <allowed>, got <value>'."""
+  def check(value: Any) -> Any:
+    if value is None:
+      return None
+    if not test(value):
+      raise ValueError(f"must be {allowed}, got {show(value)}")
+    return value
+  return AfterValidator(check)
+
+
+def _present(value: Any) -> Any:
   if value is None:
-    raise ConfigError(f"{where} is required, got None")
+    raise ValueError("is required, got None")
   return value
 
 
-def _required(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
-  def checked(where: str, value: Any) -> Any:
-    return check(where, _present(where, value))
-  return checked
-
-
-def _loader(where: str, value: Any) -> Any:
-  if not hasattr(value, "__iter__"):
-    raise ConfigError(
-        f"{where} must be an iterable of (inputs, labels) batches such as a "
-        f"torch DataLoader, got {_show(value)}")
-  return value
-
-
-def _optional_callable(where: str, value: Any) -> Any:
-  if value is not None and not callable(value):
-    raise ConfigError(f"{where} must be None or a callable, got {_show(value)}")
-  return value
-
-
-def _section(cls: type[_C]) -> Callable[[str, Any], _C]:
-  def check(where: str, value: Any) -> _C:
-    if isinstance(value, cls):
-      return value
+def _section(cls: type[_C]) -> BeforeValidator:
+  def check(value: Any) -> _C:
     if isinstance(value, Mapping):
       return cls.from_dict(value)
-    raise ConfigError(
-        f"{where} must be a {cls.__name__} or a mapping, got {_show(value)}")
-  return check
+    if not isinstance(value, cls):
+      raise ValueError(f"must be a {cls.__name__} or a mapping, got {show(value)}")
+    return value
+  return BeforeValidator(check)
 
 
-def _devices(where: str, value: Any) -> int | tuple[int, ...] | None:
+def _is_count(v: Any) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+
+
+def _devices(value: Any) -> int | tuple[int, ...] | None:
   if value is None:
     return None
   if isinstance(value, int) and not isinstance(value, bool):
     if value < 1:
-      raise ConfigError(f"{where} must be >= 1, got {brief(value)}")
+      raise ValueError(f"must be >= 1, got {brief(value)}")
     return value
   if isinstance(value, (list, tuple)) and value and all(
       isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
     return tuple(value)
-  raise ConfigError(f"{where} must be None, a device count >= 1 or a non-empty list of device "
-                    f"ids, got {_show(value)}")
+  raise ValueError(f"must be None, a device count >= 1 or a non-empty list of device ids, "
+                   f"got {show(value)}")
 
 
-def _input_shape(where: str, value: Any) -> tuple[int, ...] | None:
+def _input_shape(value: Any) -> tuple[int, ...] | None:
   if value is None:
     return None
-  if (not isinstance(value, (tuple, list)) or not value or any(
-      isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1
-      for d in value)):
-    raise ConfigError(
-        f"{where} must be None or a non-empty tuple of ints >= 1 (the "
-        f"per-sample shape, channels last, e.g. (28, 28, 1)), got {brief(value)}")
+  if not isinstance(value, (tuple, list)) or not value or not all(map(_is_count, value)):
+    raise ValueError(
+        f"must be None or a non-empty tuple of ints >= 1 (the per-sample shape, channels "
+        f"last, e.g. (28, 28, 1)), got {brief(value)}")
   return tuple(int(d) for d in value)
 
 
-def _fallback(where: str, value: Any) -> Mapping[str, float] | None:
+def _fallback(value: Any) -> Mapping[str, float] | None:
   if value is None:
     return None
   if not isinstance(value, Mapping) or not all(
       isinstance(k, str) and isinstance(v, numbers.Real)
       and not isinstance(v, bool) for k, v in value.items()):
-    raise ConfigError(
-        f"{where} must be None or a mapping of metric names (str) to numbers, "
-        f"got {brief(value)}")
+    raise ValueError(
+        f"must be None or a mapping of metric names (str) to numbers, got {brief(value)}")
   return MappingProxyType({k: float(v) for k, v in value.items()})
 
 
-def _directory(where: str, value: Any) -> str | None:
-  if value is None:
-    return None
-  if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-    raise ConfigError(
-        f"{where} must be None or a non-empty path (str or os.PathLike), "
-        f"got {_show(value)}")
-  return os.fspath(value)
+def _is_path(value: Any) -> bool:
+  return isinstance(value, (str, os.PathLike)) and bool(os.fspath(value))
 
 
-def _labels(where: str, value: Any) -> Any:
+def _labels(value: Any) -> Any:
   if value is None:
     return None
   import numpy as np  # numpy only; loading a config never imports jax
   labels = np.asarray(value)
   if labels.dtype.kind not in "iu" or labels.ndim != 1 or labels.size == 0:
-    raise ConfigError(
-        f"{where} must be None or a non-empty 1-D array of integer class ids, "
+    raise ValueError(
+        f"must be None or a non-empty 1-D array of integer class ids, "
         f"got dtype {labels.dtype}, shape {labels.shape}")
   return labels
 
 
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+_LOADER = ("an iterable of (inputs, labels) batches such as a torch DataLoader",
+           lambda v: hasattr(v, "__iter__"))
+Required = Annotated[Any, AfterValidator(_present)]
+Loader = Annotated[Any, AfterValidator(_present), _check(_LOADER[1], _LOADER[0])]
+Adapter = Annotated[Any, _check(callable, "None or a callable")]
+
+
+@validated(eq=False)
 class TrialConfig(_Config):
   """Everything one trial (or one :func:`orchard_jax.engine.fit` run) reads.
 
@@ -660,26 +672,28 @@ class TrialConfig(_Config):
       and data errors, which would fail every trial, are raised either way.
   """
 
-  model: Any = _field(_REQUIRED, _present)
-  train_loader: Any = _field(_REQUIRED, _required(_loader))
-  val_loader: Any = _field(_REQUIRED, _required(_loader))
-  num_classes: int = _field(_REQUIRED, _required(_Int(lo=2)))
-  training: TrainingConfig = _field(TrainingConfig(), _section(TrainingConfig))
-  optuna: OptunaConfig = _field(OptunaConfig(), _section(OptunaConfig))
-  log_interval: int = _field(10, _Int(lo=1))
-  input_shape: tuple[int, ...] | None = _field(None, _input_shape)
-  layout: str = _field("NCHW", _Choice(("NCHW", "NHWC")))
-  train_labels: Any = _field(None, _labels)
-  train_epoch_fn: Callable[..., Any] | None = _field(None, _optional_callable)
-  validate_fn: Callable[..., Any] | None = _field(None, _optional_callable)
-  fallback_metrics: Mapping[str, float] | None = _field(None, _fallback)
-  output_dir: str | None = _field(None, _directory)
-  reraise_errors: bool = _field(False, _bool)
-  devices: int | tuple[int, ...] | None = _field(None, _devices)
+  model: Required
+  train_loader: Loader
+  val_loader: Loader
+  num_classes: Annotated[Int, BeforeValidator(_present)] = Field(ge=2)
+  training: Annotated[TrainingConfig, _section(TrainingConfig)] = TrainingConfig()
+  optuna: Annotated[OptunaConfig, _section(OptunaConfig)] = OptunaConfig()
+  log_interval: Int = Field(10, ge=1)
+  input_shape: Annotated[Any, AfterValidator(_input_shape)] = None
+  layout: Literal["NCHW", "NHWC"] = "NCHW"
+  train_labels: Annotated[Any, AfterValidator(_labels)] = None
+  train_epoch_fn: Adapter = None
+  validate_fn: Adapter = None
+  fallback_metrics: Annotated[Any, AfterValidator(_fallback)] = None
+  output_dir: Annotated[Any, _check(_is_path, "None or a non-empty path (str or os.PathLike)"),
+                        AfterValidator(lambda v: None if v is None else os.fspath(v))] = None
+  reraise_errors: bool = False
+  devices: Annotated[Any, AfterValidator(_devices)] = None
 
-  def _check_combinations(self) -> None:
+  @pydantic.model_validator(mode="after")
+  def _check_combinations(self) -> TrialConfig:
     if self.validate_fn is not None:  # a task adapter names its own metrics
-      return
+      return self
     metric, direction = self.training.monitor_metric, self.training.monitor_direction
     if metric not in DEFAULT_METRICS:
       raise ConfigError(
@@ -692,3 +706,4 @@ class TrialConfig(_Config):
           f"TrialConfig.training.monitor_direction must be 'minimize' for 'loss' and "
           f"'maximize' for {', '.join(map(repr, DEFAULT_METRICS[:3]))}, got monitor_metric="
           f"{brief(metric)}, monitor_direction={brief(direction)}")
+    return self
