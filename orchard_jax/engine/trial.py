@@ -45,13 +45,14 @@ from orchard_jax.config import ConfigError, TrainingConfig, TrialConfig, resolve
 from orchard_jax.core.losses import compute_class_weights
 from orchard_jax.core.schedules import LRController
 from orchard_jax.core.sharding import data_mesh, replicate_state
-from orchard_jax.core.state import TrainState, state_from_config
+from orchard_jax.core.state import TrainState
 from orchard_jax.data.adapter import Where, device_batches, loader_error
 from orchard_jax.engine.callbacks import (BestState, EarlyStopping, LRSchedulerStep,
                                           OptunaReportPrune, load_best, storage_call)
 from orchard_jax.engine.epoch import evaluate, train_epoch
 from orchard_jax.engine.loop import (Callback, EpochLog, EpochLoop, LoopResult, run_loop,
                                      worst_value)
+from orchard_jax.engine.state import state_from_config
 from orchard_jax.errors import DataError, EmptyLoaderError, SetupError, StorageFault
 
 logger = logging.getLogger(__name__)
@@ -132,14 +133,18 @@ def _class_weights(cfg: TrialConfig, training: TrainingConfig) -> np.ndarray | N
     raise DataError(f"training labels (for weighted_loss): {e}") from e
 
 
-def initial_state(cfg: TrialConfig, training: TrainingConfig | None = None) -> TrainState:
+def initial_state(cfg: TrialConfig, training: TrainingConfig | None = None, *,
+                  reseed: bool = True) -> TrainState:
   """A fresh state for ``cfg`` (input shape from the first batch unless given),
   replicated over ``cfg.devices`` when that is more than one device, else committed to
-  the one device (as its batches are: the steps compile once)."""
+  the one device (as its batches are: the steps compile once). ``reseed`` restarts the
+  training loader's shuffling at ``training.seed`` (a cohort's later members read the
+  cohort's order instead)."""
   from orchard_jax.core.state import on_device  # pylint: disable=import-outside-toplevel
 
   training = cfg.training if training is None else training
-  _reseed(cfg.train_loader, training.seed)
+  if reseed:
+    _reseed(cfg.train_loader, training.seed)
   input_shape = cfg.input_shape or _first_input_shape(cfg)
   state = state_from_config(cfg.model, training, input_shape=input_shape,
                             num_classes=cfg.num_classes,
@@ -225,7 +230,7 @@ def check_logits(state: TrainState) -> None:
   _CHECKED_SPECS[state.spec] = None
 
 
-def checked_state(cfg: TrialConfig, training: TrainingConfig) -> TrainState:
+def checked_state(cfg: TrialConfig, training: TrainingConfig, *, reseed: bool = True) -> TrainState:
   """:func:`initial_state`, with the model checked against the contract and the data.
 
   Raises:
@@ -235,7 +240,7 @@ def checked_state(cfg: TrialConfig, training: TrainingConfig) -> TrainState:
   """
   check_linen_contract(cfg.model)
   try:
-    state = initial_state(cfg, training)
+    state = initial_state(cfg, training, reseed=reseed)
     check_logits(state)
   except TypeError as e:
     raise SetupError(f"building the trial's state failed: {type(e).__name__}: {e}") from e

@@ -1,0 +1,554 @@
+"""Cohorts in the engine: K Optuna trials trained in one vmapped program, each pruned on its own.
+
+A cohort holds up to ``K`` trials (members) of one program structure: the
+same :class:`~orchard_jax.core.state.StepSpec` and state structure (model,
+optimizer kind, precision, criterion), the same batch size, data seed and
+layout. Their states are stacked on a leading member axis
+(:mod:`orchard_jax.core.cohort`), and each epoch of the cohort is one pass
+over the first member's training loader and one over its validation loader,
+with every member stepped by the vmapped program on every batch: all members
+read the same batches, in the same order.
+
+Each member then runs its own epoch end exactly as :func:`run_trial` does for
+one trial (:class:`~orchard_jax.engine.loop.LoopRun`): its own epoch
+number, learning rate (scheduled or plateau) and MixUp switch, report and
+prune after the warmup, fallback metrics and the three-strike rule, its own
+divergence (a non-finite loss fails that member only: nothing in a step
+reduces over members), the best state and its checkpoint, its records. A
+member that is pruned, fails or finishes leaves its slot at the epoch
+boundary; the slot takes the next trial of the same structure, which starts
+at its own epoch 1 in the same shapes (:func:`~orchard_jax.core.cohort.
+replace_member`): nothing recompiles. A slot with no trial to take is
+stepped like the others and its outputs are ignored.
+
+:func:`optimize` is the Python API: it runs a study's trials in cohorts from
+a user's ``configure(trial) -> TrialConfig``. The study runner
+(``optuna.cohort_size``) drives :func:`run_cohorts` with its own ask and
+tell, under its study lock.
+
+With ``cohort_size`` 1 nothing here runs: each trial is :func:`run_trial`'s,
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from orchard_jax.config import ConfigError, TrialConfig
+from orchard_jax.core import cohort as core_cohort
+from orchard_jax.core.metrics import SUM_KEYS, classification_metrics
+from orchard_jax.core.state import TrainState
+from orchard_jax.engine.callbacks import (BestState, LRSchedulerStep, OptunaReportPrune,
+                                          storage_call)
+from orchard_jax.engine.epoch import (_batches, _check_input_shape, _committed, _packed,
+                                      nonfinite_input_rows)
+from orchard_jax.engine.loop import EpochLoop, LoopResult, LoopRun, worst_value
+from orchard_jax.engine.trial import (TRIAL_CONFIG, _check_direction, _controller, _reseed,
+                                      best_state_dir, checked_state, run_trial, settings_line,
+                                      trial_record, trial_training_config)
+from orchard_jax.errors import DataError, EmptyLoaderError, NonFiniteInputError, SetupError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Outcome", "cohort_key", "optimize", "run_cohorts"]
+
+COHORT = "cohort"  # the trial's user attribute: {"size": K, "slot": i}
+
+
+class Outcome(NamedTuple):
+  """How a member's trial ended: what to tell Optuna.
+
+  ``state`` is COMPLETE (with ``value``), PRUNED or FAIL; ``error`` is the
+  exception of a FAIL (a :class:`~orchard_jax.errors.StorageFault` among
+  them) or of a run-time failure that returned the worst value, None
+  otherwise; ``result`` the member's loop result when it ran to its end.
+  """
+  state: TrialState
+  value: float | None = None
+  error: BaseException | None = None
+  result: LoopResult | None = None
+  history: tuple = ()       # the member's EpochLogs, one per epoch it ended
+  seconds: float = 0.0      # from its start to its end
+
+
+def cohort_key(cfg: TrialConfig, state: TrainState) -> Any:
+  """What trials must share to train in one cohort, or None for a trial that cannot join one.
+
+  The state's static structure (its ``spec``: model, optimizer kind,
+  precision, criterion, MixUp on or off...; its tree and every leaf's shape
+  and dtype) and the data a member reads: batch size, data seed, layout and
+  devices. A trial with its own ``train_epoch_fn`` or ``validate_fn`` cannot
+  be vmapped: it trains alone.
+  """
+  if cfg.train_epoch_fn is not None or cfg.validate_fn is not None:
+    return None
+  leaves, tree = jax.tree.flatten(state)
+  shapes = tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+  training = cfg.training
+  devices = None if cfg.devices is None else tuple(cfg.devices)
+  return (state.spec, tree, shapes, training.batch_size, training.seed, cfg.layout, devices)
+
+
+# ------------------------------------------------------------- one member ---
+
+
+class _Member:
+  """One trial in a cohort's slot: run_trial's work for it, one epoch end at a time."""
+
+  def __init__(self, trial: optuna.Trial, cfg: TrialConfig):
+    self.trial, self.cfg = trial, cfg
+    self.training = trial_training_config(cfg)
+    self.state: TrainState | None = None
+    self.key: Any = None
+    self.outcome: Outcome | None = None
+    self.run: LoopRun | None = None
+    self._metrics: Any = None
+    self.started = time.monotonic()
+    self.reseeded, self.best = False, None
+
+  # Each step below is guarded as run_trial guards a trial: see _end.
+
+  def start(self, reseed: bool, input_shape: tuple[int, ...] | None = None) -> None:
+    """Checks, records and builds the trial's state (``reseed``: restart its loader's order;
+    ``input_shape``: the cohort's, so that a later member does not read a batch to infer it)."""
+    if self.cfg.input_shape is None and input_shape is not None:
+      self.cfg = self.cfg.replace(input_shape=tuple(input_shape))
+    self.reseeded = reseed
+    try:
+      _check_direction(self.trial, self.cfg)
+    except ValueError as e:  # as run_trial: raised before the trial starts
+      self.outcome = Outcome(TrialState.FAIL, error=e)
+      return
+    with self._guard():
+      cfg, training, number = self.cfg, self.training, self.trial.number
+      storage_call(self.trial.set_user_attr, TRIAL_CONFIG, trial_record(cfg))
+      logger.info("Trial %d: %s", number, settings_line(training))
+      controller = _controller(training)
+      self.best = BestState(None if cfg.output_dir is None else
+                            best_state_dir(cfg.output_dir, number),
+                            metric_name=training.monitor_metric, trial_number=number)
+      report = OptunaReportPrune(self.trial, enable_pruning=cfg.optuna.enable_pruning,
+                                 warmup_epochs=cfg.optuna.pruning_warmup_epochs,
+                                 metric_name=training.monitor_metric)
+      loop = EpochLoop(epochs=training.epochs, train_fn=_not_called, validate_fn=self._validated,
+                       lr_for_epoch=controller.lr_for_epoch,
+                       monitor_metric=training.monitor_metric,
+                       direction=training.monitor_direction, mixup_epochs=training.mixup_epochs,
+                       fallback=cfg.fallback_metrics, log_interval=cfg.log_interval,
+                       label=f"T{number}")
+      self.run = LoopRun(loop, [report, LRSchedulerStep(controller), self.best])
+      if training.use_tta:
+        logger.warning("use_tta=True: test-time augmentation is not implemented in orchard_jax; "
+                       "validation runs without it")
+      self.state = checked_state(cfg, training, reseed=reseed)
+      self.key = cohort_key(cfg, self.state)
+
+  @property
+  def live(self) -> bool:
+    return self.outcome is None
+
+  def _validated(self, state: TrainState, epoch: int) -> dict[str, float]:
+    del state, epoch
+    if isinstance(self._metrics, BaseException):
+      raise self._metrics
+    return self._metrics
+
+  def end_epoch(self, state: TrainState, train_loss: float, metrics: Any) -> None:
+    """The epoch end of run_trial's loop, with the cohort's loss and metrics for this member
+    (an exception: a failed validation or this member's divergence)."""
+    with self._guard():
+      if isinstance(train_loss, BaseException):
+        raise train_loss
+      self._metrics = metrics
+      self.run.end_epoch(state, train_loss)
+      if self.run.done:
+        result = self.run.finish(state)
+        self._finished(result)
+
+  def _finished(self, result: LoopResult) -> None:
+    number, training = self.trial.number, self.training
+    if self.best.write_error is not None:  # the trial keeps its value; its checkpoint is missing
+      storage_call(self.trial.set_user_attr, "checkpoint_error", self.best.write_error)
+    logger.info("Trial %d completed", number)
+    logger.info("  Best %-13s: %.6f", training.monitor_metric.upper(), result.best)
+    logger.info("  %-18s: %.4f", "Final Loss", result.final_train_loss)
+    self.outcome = Outcome(TrialState.COMPLETE, result.best, None, result)
+
+  def fail(self, error: BaseException) -> None:
+    """Ends the member with ``error`` (bad shared data), as run_trial would end."""
+    with self._guard():
+      raise error
+
+  @contextlib.contextmanager
+  def _guard(self):
+    """run_trial's outcomes: pruned; a storage fault (FAIL, retried by the runner); bad data,
+    setup and configuration errors (FAIL, recorded); any other failure recorded and, unless
+    ``reraise_errors``, the worst value."""
+    from orchard_jax.errors import StorageFault  # pylint: disable=import-outside-toplevel
+    number = self.trial.number
+    try:
+      yield
+    except optuna.TrialPruned:
+      self.outcome = Outcome(TrialState.PRUNED)
+    except StorageFault as e:
+      self.outcome = Outcome(TrialState.FAIL, error=e)
+    except (DataError, SetupError, ConfigError) as e:
+      kind = "bad data" if isinstance(e, DataError) else "its setup"
+      logger.error("Trial %d failed on %s: %s: %s", number, kind, type(e).__name__, e)
+      self._record_error(e)
+    except Exception as e:  # pylint: disable=broad-except
+      logger.error("Trial %d failed: %s: %s", number, type(e).__name__, e)
+      self._record_error(e)
+      if self.outcome is None and not self.cfg.reraise_errors:
+        self.outcome = Outcome(TrialState.COMPLETE, worst_value(self.training.monitor_direction),
+                               e)
+
+  def _record_error(self, e: BaseException) -> None:
+    try:
+      storage_call(self.trial.set_user_attr, "error", f"{type(e).__name__}: {e}")
+    except Exception as fault:  # pylint: disable=broad-except
+      self.outcome = Outcome(TrialState.FAIL, error=fault)
+      return
+    if self.outcome is None and (self.cfg.reraise_errors or isinstance(
+        e, (DataError, SetupError, ConfigError))):
+      self.outcome = Outcome(TrialState.FAIL, error=e)
+
+
+def _not_called(state: TrainState, epoch: int):
+  raise AssertionError("a cohort trains its members' epochs itself")
+
+
+# ------------------------------------------------------------ one cohort ---
+
+
+class _Cohort:
+  """K slots of one key: the stacked state, the members in their slots, the shared loaders."""
+
+  def __init__(self, members: Sequence[_Member], size: int):
+    first = members[0]
+    self.key, self.size = first.key, size
+    self.cfg = first.cfg  # the loaders every member reads
+    self.slots: list[_Member | None] = [*members, *[None] * (size - len(members))]
+    states = [m.state for m in members] + [members[0].state] * (size - len(members))
+    self.state = core_cohort.stack(states)
+    for m in members:
+      m.state = None  # the cohort holds it now
+    self.passes = 0
+    for i, m in enumerate(members):
+      storage_call(m.trial.set_user_attr, COHORT, {"size": size, "slot": i})
+
+  @property
+  def live(self) -> list[int]:
+    return [i for i, m in enumerate(self.slots) if m is not None and m.live]
+
+  def place(self, i: int, member: _Member) -> None:
+    """Puts a started member into the free slot ``i`` (no recompile)."""
+    self.state = core_cohort.replace_member(self.state, i, member.state)
+    member.state = None
+    self.slots[i] = member
+    storage_call(member.trial.set_user_attr, COHORT, {"size": self.size, "slot": i})
+
+  def epoch(self) -> None:
+    """Trains and validates every live member once; each runs its own epoch end."""
+    live = self.live
+    self.passes += 1
+    lrs, mixups = np.zeros(self.size, np.float32), np.zeros(self.size, bool)
+    for i in live:
+      _, lr, mixup = self.slots[i].run.begin_epoch()
+      lrs[i], mixups[i] = lr, mixup
+    self.state = core_cohort.with_mixup(core_cohort.with_learning_rates(self.state, lrs), mixups)
+    cfg = self.cfg
+    try:
+      self.state, losses = _train_pass(self.state, cfg.train_loader, self.passes, cfg.layout)
+    except DataError as e:  # the shared data: every member fails on it
+      for i in live:
+        self.slots[i].fail(e)
+      return
+    bad_inputs = None
+    if any(not math.isfinite(losses[i]) for i in live):
+      bad_inputs = nonfinite_input_rows(core_cohort.member(self.state, live[0]), cfg.train_loader,
+                                        self.passes, cfg.layout, "training")
+      if bad_inputs:
+        error = NonFiniteInputError(
+            f"training inputs: {bad_inputs} row{'s' if bad_inputs != 1 else ''} with NaN or Inf "
+            f"at epoch {self.passes}; fix the data (this is not divergence)")
+        for i in live:
+          self.slots[i].fail(error)
+        return
+    try:
+      metrics = _validation_pass(self.state, cfg.val_loader, self.passes, cfg.layout)
+    except DataError as e:
+      for i in live:
+        self.slots[i].fail(e)
+      return
+    for i in live:
+      m = self.slots[i]
+      loss = float(losses[i])
+      if not math.isfinite(loss):
+        loss = RuntimeError(f"Training diverged: loss={loss} at epoch {m.run.epoch}")
+      m.end_epoch(core_cohort.member(self.state, i), loss, metrics[i])
+
+
+def _train_pass(cohort: TrainState, loader: Iterable, epoch: int,
+                layout: str) -> tuple[TrainState, np.ndarray]:
+  """One pass of every member over ``loader``; the members' mean losses, ``[K]``."""
+  cohort, per_batch, first = _committed(cohort), [], True
+  with _batches(cohort, loader, epoch, layout, "training") as batches:
+    for batch in batches:
+      if first:
+        _check_input_shape(cohort, batch, "training", epoch)
+        first = False
+      cohort, sums = core_cohort.cohort_train_step(cohort, batch)
+      per_batch.append(sums)
+  if not per_batch:
+    raise EmptyLoaderError(f"the training loader yielded no batch at epoch {epoch}")
+  totals = _member_sums(per_batch)
+  return cohort, totals["loss_sum"] / np.maximum(totals["count"], 1.0)
+
+
+def _member_sums(per_batch: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]:
+  """Each member's sums over the batches, float64 ``[K]`` per key, in one host fetch."""
+  packed = jax.device_get(_packed(per_batch))  # each [n, len(SUM_KEYS), K]
+  totals = np.concatenate(packed).astype(np.float64).sum(axis=0)
+  return dict(zip(SUM_KEYS, totals))
+
+
+def _validation_pass(cohort: TrainState, loader: Iterable, epoch: int,
+                     layout: str) -> list[Any]:
+  """Every member's validation metrics (or the ``ValueError`` of its non-finite logits)."""
+  per_batch, logits, labels, masks, first = [], [], [], [], True
+  with _batches(cohort, loader, epoch, layout, "validation") as batches:
+    for batch in batches:
+      if first:
+        _check_input_shape(cohort, batch, "validation", epoch)
+        first = False
+      out = core_cohort.cohort_eval_step(cohort, batch)
+      per_batch.append({key: out[key] for key in SUM_KEYS})
+      logits.append(out["logits"])
+      labels.append(out["label"])
+      masks.append(out["mask"])
+  if not per_batch:
+    raise EmptyLoaderError(f"the validation loader yielded no batch at epoch {epoch}")
+  sums = _member_sums(per_batch)
+  logits, labels, masks = jax.device_get((logits, labels, masks))  # the pass's one host sync
+  logits = np.concatenate(logits, axis=1).astype(np.float64)  # [K, N, C]
+  labels = np.concatenate(labels, axis=1)[0]  # the batch's own, repeated per member
+  mask = np.concatenate(masks, axis=1)[0]
+  results: list[Any] = []
+  for i in range(logits.shape[0]):
+    member = logits[i]
+    nonfinite = int((mask & ~np.isfinite(member).all(axis=1)).sum())
+    if nonfinite:
+      results.append(ValueError(f"{nonfinite} of {int(sums['count'][i])} validation rows have "
+                                f"non-finite logits"))
+      continue
+    probs = np.exp(member - member.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    results.append(classification_metrics(probs, labels, sums["loss_sum"][i], sums["count"][i],
+                                          mask=mask))
+  return results
+
+
+# --------------------------------------------------------------- driving ---
+
+Ask = Callable[[], "optuna.Trial | None"]
+Configure = Callable[[optuna.Trial], TrialConfig]
+Tell = Callable[[optuna.Trial, Outcome], None]
+
+
+def _solo(trial: optuna.Trial, cfg: TrialConfig) -> Outcome:
+  """A trial that cannot join a cohort, trained alone by run_trial."""
+  try:
+    value = run_trial(trial, cfg)
+  except optuna.TrialPruned:
+    return Outcome(TrialState.PRUNED)
+  except Exception as e:  # pylint: disable=broad-except
+    return Outcome(TrialState.FAIL, error=e)
+  return Outcome(TrialState.COMPLETE, value)
+
+
+def _one_by_one(ask: Ask, configure: Configure, tell: Tell) -> int:
+  told = 0
+  while (trial := ask()) is not None:
+    started = time.monotonic()
+    try:
+      outcome = _solo(trial, configure(trial))
+    except optuna.TrialPruned:
+      outcome = Outcome(TrialState.PRUNED)
+    except Exception as e:  # pylint: disable=broad-except
+      outcome = Outcome(TrialState.FAIL, error=e)
+    except BaseException as e:
+      tell(trial, Outcome(TrialState.FAIL, error=e, seconds=time.monotonic() - started))
+      raise
+    tell(trial, outcome._replace(seconds=time.monotonic() - started))
+    told += 1
+  return told
+
+
+def run_cohorts(ask: Ask, configure: Configure, tell: Tell, cohort_size: int) -> int:
+  """Runs trials in cohorts of up to ``cohort_size`` until ``ask`` has no more; returns how many.
+
+  Args:
+    ask: The next trial (asked of the study), or None when the budget is
+      spent. Asked once per free slot, at an epoch boundary.
+    configure: ``configure(trial) -> TrialConfig``: samples the trial's
+      parameters and builds its config (it may raise: the trial fails).
+    tell: ``tell(trial, outcome)``: stores how the trial ended.
+    cohort_size: K, ``>= 1``.
+
+  A trial whose structure (:func:`cohort_key`) differs from its cohort's
+  waits, already asked, for a cohort of its own kind. ``KeyboardInterrupt``
+  propagates, after every live member is told FAIL.
+  """
+  if isinstance(cohort_size, bool) or not isinstance(cohort_size, int) or cohort_size < 1:
+    raise ValueError(f"cohort_size must be an int >= 1, got cohort_size={cohort_size!r}")
+  if cohort_size == 1:  # run_trial's own path, bit for bit
+    return _one_by_one(ask, configure, tell)
+  waiting: collections.deque[_Member] = collections.deque()
+  told, spent = 0, False
+  current: _Cohort | None = None
+
+  def finish(m: _Member) -> None:
+    nonlocal told
+    history = tuple(m.run.history) if m.run is not None else ()
+    tell(m.trial, m.outcome._replace(history=history, seconds=time.monotonic() - m.started))
+    told += 1
+
+  def started(reseed: bool, input_shape: Any) -> _Member | None:
+    """A new trial, configured and started, or None when the budget is spent."""
+    nonlocal spent, told
+    while not spent:
+      trial = ask()
+      if trial is None:
+        spent = True
+        return None
+      try:
+        cfg = configure(trial)
+      except optuna.TrialPruned:
+        tell(trial, Outcome(TrialState.PRUNED))
+        told += 1
+        continue
+      except Exception as e:  # pylint: disable=broad-except
+        tell(trial, Outcome(TrialState.FAIL, error=e))
+        told += 1
+        continue
+      m = _Member(trial, cfg)
+      m.start(reseed, input_shape)
+      if not m.live:
+        finish(m)
+        continue
+      if m.key is None:  # its own epoch functions: alone
+        tell(trial, _solo(trial, cfg))
+        told += 1
+        continue
+      return m
+    return None
+
+  def take(key: Any, reseed: bool) -> _Member | None:
+    """A started member of ``key`` (any key when None): a waiting one first, else one newly
+    asked; newly asked ones of another key wait. None when there is none."""
+    for m in list(waiting):
+      if key is None or m.key == key:
+        waiting.remove(m)
+        return m
+    m = started(reseed, None if key is None else key[0].input_shape)
+    if m is None:
+      return None
+    if key is not None and m.key != key:
+      waiting.append(m)
+      return None
+    return m
+
+  try:
+    while True:
+      if current is None or not current.live:
+        first = take(None, True)
+        if first is None:
+          break
+        if not first.reseeded:  # it waited: the new cohort's order starts at its seed
+          _reseed(first.cfg.train_loader, first.training.seed)
+        members = [first]
+        while len(members) < cohort_size:
+          m = take(first.key, False)
+          if m is None:
+            break
+          members.append(m)
+        current = _Cohort(members, cohort_size)
+        logger.info("Cohort of %d: trials %s", len(members),
+                    ", ".join(str(m.trial.number) for m in members))
+      current.epoch()
+      for i, m in enumerate(current.slots):
+        if m is not None and not m.live:
+          finish(m)
+          current.slots[i] = None
+      for i, m in enumerate(current.slots):
+        if m is None and current.live:  # refill at the epoch boundary
+          new = take(current.key, False)
+          if new is None:
+            break
+          current.place(i, new)
+  except BaseException as e:
+    members = ([m for m in current.slots if m is not None and m.live] if current else [])
+    for m in [*members, *waiting]:
+      m.outcome = Outcome(TrialState.FAIL, error=e)
+      with contextlib.suppress(Exception):
+        finish(m)
+    raise
+  return told
+
+
+def optimize(study: optuna.Study, configure: Configure, n_trials: int, *, cohort_size: int = 1,
+             callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()) -> None:
+  """Runs ``n_trials`` trials of ``study``, trained in cohorts of ``cohort_size``.
+
+  ``configure(trial) -> TrialConfig`` suggests the trial's values and builds
+  its config, as an objective's body does before ``run_trial``. Trials of one
+  structure (model, optimizer kind, precision, criterion, batch size, data
+  seed) train together, vmapped, up to ``cohort_size`` at a time; the
+  members of a cohort read its first member's loaders. Each trial is told its
+  value, PRUNED or FAIL, and has the records a :func:`run_trial` trial has.
+  ``callbacks(study, frozen_trial)`` run after each tell, as
+  ``study.optimize``'s do.
+
+  ``cohort_size=1`` is ``study.optimize(lambda t: run_trial(t, configure(t)),
+  n_trials)`` with ask and tell.
+
+  Raises:
+    ValueError: ``n_trials`` or ``cohort_size`` is not an int >= 1.
+    KeyboardInterrupt: after the running trials are told FAIL.
+  """
+  if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+    raise ValueError(f"n_trials must be an int >= 1, got n_trials={n_trials!r}")
+  asked = 0
+
+  def ask() -> optuna.Trial | None:
+    nonlocal asked
+    if asked >= n_trials:
+      return None
+    asked += 1
+    return study.ask()
+
+  def tell(trial: optuna.Trial, outcome: Outcome) -> None:
+    if outcome.state == TrialState.COMPLETE:
+      study.tell(trial, outcome.value)
+    else:
+      if outcome.error is not None and outcome.state == TrialState.FAIL:
+        logger.warning("Trial %d failed: %s: %s", trial.number, type(outcome.error).__name__,
+                       outcome.error)
+      study.tell(trial, state=outcome.state)
+    frozen = study._storage.get_trial(trial._trial_id)  # pylint: disable=protected-access
+    for callback in callbacks:
+      callback(study, frozen)
+
+  run_cohorts(ask, configure, tell, cohort_size)

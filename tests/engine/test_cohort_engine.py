@@ -1,0 +1,207 @@
+"""Cohorts in the engine: each member of a vmapped cohort is the trial run_trial trains alone.
+
+Members are compared with the same trials run one by one by ``run_trial``
+(same seed, same data order): their per-epoch values (the monitored
+validation loss) within 1e-3, their pruning decisions, their records.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from orchard_jax.engine import run_trial
+from orchard_jax.engine.cohort import COHORT, optimize
+from orchard_jax.models import MLP, MiniCNN
+
+from tests.engine.conftest import batches, synthetic  # noqa: E402  (the engine tests' data)
+
+
+NUM_CLASSES = 3  # the engine tests' synthetic data (conftest.py)
+RATES = (0.02, 0.05, 0.1, 0.2)
+LOSS = {"monitor_metric": "loss", "monitor_direction": "minimize"}
+
+
+def configurator(make_cfg, model=None, **training):
+  """``configure(trial)``: the trial's learning rate (and MixUp alpha, when searched) on top of
+  ``training``, the validation loss monitored."""
+  def configure(trial: optuna.Trial):
+    values = {"learning_rate": trial.suggest_float("learning_rate", 0.001, 1.0, log=True)}
+    if "mixup_alpha" in trial.params or training.get("mixup_alpha"):
+      values["mixup_alpha"] = trial.suggest_float("mixup_alpha", 0.0, 0.5)
+    extra = {} if model is None else {"model": model}
+    return make_cfg(training={**LOSS, **training, **values}, **extra)
+  return configure
+
+
+def studies(params, pruner=None):
+  """Two in-memory studies that will ask ``params`` in order."""
+  made = []
+  for _ in range(2):
+    study = optuna.create_study(direction="minimize",
+                                pruner=pruner() if pruner else optuna.pruners.NopPruner())
+    for p in params:
+      study.enqueue_trial(p)
+    made.append(study)
+  return made
+
+
+def solo_and_cohort(configure, params, cohort_size, pruner=None):
+  solo, cohort = studies(params, pruner)
+  solo.optimize(lambda t: run_trial(t, configure(t)), n_trials=len(params))
+  optimize(cohort, configure, n_trials=len(params), cohort_size=cohort_size)
+  return solo.trials, cohort.trials
+
+
+def assert_members_match(solo, cohort, atol=1e-3):
+  assert len(solo) == len(cohort)
+  for a, b in zip(solo, cohort):
+    assert (b.number, b.state) == (a.number, a.state), (a.params, b.params)
+    assert b.params == a.params
+    assert sorted(b.intermediate_values) == sorted(a.intermediate_values)
+    for step, value in a.intermediate_values.items():
+      # within 1e-3, or 1e-4 of the value itself for the huge losses of a diverging trial
+      assert b.intermediate_values[step] == pytest.approx(value, rel=1e-4, abs=atol), (b.number,
+                                                                                     step)
+    if a.state == TrialState.COMPLETE:
+      assert b.value == pytest.approx(a.value, abs=atol)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_mlp_members_match_their_solo_trials_with_mixup_and_the_plateau_schedule(make_cfg,
+                                                                                  optimizer):
+  configure = configurator(make_cfg, optimizer_type=optimizer, scheduler_type="plateau",
+                           scheduler_patience=1, mixup_alpha=0.2, mixup_epochs=2)
+  rates = RATES if optimizer == "sgd" else (0.001, 0.003, 0.01, 0.03)
+  params = [{"learning_rate": lr, "mixup_alpha": a} for lr, a in zip(rates, (0.05, 0.1, 0.2, 0.4))]
+  solo, cohort = solo_and_cohort(configure, params, cohort_size=4)
+  assert_members_match(solo, cohort)
+  assert [t.user_attrs[COHORT] for t in cohort] == [{"size": 4, "slot": i} for i in range(4)]
+  assert all(t.state == TrialState.COMPLETE for t in cohort)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_minicnn_members_match_their_solo_trials(make_cfg, optimizer):
+  model = MiniCNN(num_classes=NUM_CLASSES, dropout=0.0)
+  configure = configurator(make_cfg, model=model, optimizer_type=optimizer,
+                           scheduler_type="plateau", scheduler_patience=1)
+  rates = (0.02, 0.1) if optimizer == "sgd" else (0.001, 0.01)
+  solo, cohort = solo_and_cohort(configure, [{"learning_rate": lr} for lr in rates],
+                                 cohort_size=2)
+  assert_members_match(solo, cohort)
+
+
+class ValuePruner(optuna.pruners.BasePruner):
+  """Prunes a trial whose last reported loss is above ``limit``: a decision of its own values."""
+
+  def __init__(self, limit: float):
+    self.limit = limit
+
+  def prune(self, study, trial) -> bool:
+    return trial.intermediate_values[trial.last_step] > self.limit
+
+
+def test_pruning_decisions_and_refills_match_solo_and_compile_nothing_more(make_cfg,
+                                                                           xla_compiles):
+  # 6 trials in a cohort of 2: slow learners are pruned at epoch 2 (warmup) and their slots
+  # refilled at the epoch boundary by the next trials, which start at their own epoch 1.
+  configure = configurator(make_cfg)
+  make = make_cfg
+
+  def configure_pruned(trial):
+    cfg = configure(trial)
+    return cfg.replace(optuna=cfg.optuna.replace(enable_pruning=True, pruning_warmup_epochs=2,
+                                                 pruner_type="median"))
+
+  rates = (0.001, 0.2, 0.002, 0.1, 0.3, 0.003)
+  params = [{"learning_rate": lr} for lr in rates]
+  solo, cohort_study = studies(params, lambda: ValuePruner(0.9))
+  solo.optimize(lambda t: run_trial(t, configure_pruned(t)), n_trials=len(params))
+  states = [t.state for t in solo.trials]
+  assert TrialState.PRUNED in states and TrialState.COMPLETE in states  # the case is exercised
+  with xla_compiles() as seen:
+    optimize(cohort_study, configure_pruned, n_trials=len(params), cohort_size=2)
+  assert_members_match(solo.trials, cohort_study.trials)
+  # the first member of each trial pair trains in slot 0; pruned trials were replaced in place
+  slots = [t.user_attrs[COHORT]["slot"] for t in cohort_study.trials]
+  assert sorted(set(slots)) == [0, 1]
+  assert seen.by_name["jit(_cohort_train_step)"] == 1, seen.by_name
+  assert seen.by_name["jit(_cohort_eval_step)"] == 1, seen.by_name
+  assert seen.by_name["jit(_replace_rows)"] <= 1, seen.by_name
+  del make
+
+
+def test_a_diverging_member_fails_alone_and_the_others_match_their_solo_runs(make_cfg):
+  # Inputs x100 without gradient clipping: SGD at 0.9 with momentum 0.99 diverges, at 0.01 not.
+  x, y = synthetic(80, seed=0)
+  vx, vy = synthetic(48, seed=1)
+  configure = configurator(make_cfg, momentum=0.99, grad_clip=0.0)
+
+  def configure_scaled(trial):
+    return configure(trial).replace(train_loader=batches(x * 100, y),
+                                    val_loader=batches(vx * 100, vy))
+
+  params = [{"learning_rate": lr} for lr in (0.01, 0.9, 0.02)]
+  solo, cohort = solo_and_cohort(configure_scaled, params, cohort_size=3)
+  assert_members_match(solo, cohort)
+  diverged = cohort[1]
+  assert diverged.state == TrialState.COMPLETE and math.isinf(diverged.value)  # the worst value
+  assert diverged.user_attrs["error"] == solo[1].user_attrs["error"]
+  assert diverged.user_attrs["error"].startswith("RuntimeError: Training diverged: loss=nan")
+  assert all(math.isfinite(t.value) for t in (cohort[0], cohort[2]))
+
+
+def test_a_trial_of_another_structure_trains_in_a_cohort_of_its_own(make_cfg):
+  wide = MLP(num_classes=NUM_CLASSES, hidden=(32,))
+
+  def configure(trial):
+    lr = trial.suggest_float("learning_rate", 0.001, 1.0, log=True)
+    width = trial.suggest_categorical("width", [16, 32])
+    extra = {"model": wide} if width == 32 else {}
+    return make_cfg(training={**LOSS, "learning_rate": lr}, **extra)
+
+  params = [{"learning_rate": 0.05, "width": 16}, {"learning_rate": 0.05, "width": 32},
+            {"learning_rate": 0.1, "width": 16}, {"learning_rate": 0.1, "width": 32}]
+  solo, cohort = solo_and_cohort(configure, params, cohort_size=2)
+  assert_members_match(solo, cohort)
+  by_width = {}
+  for t in cohort:
+    by_width.setdefault(t.params["width"], set()).add(t.user_attrs[COHORT]["slot"])
+  assert by_width == {16: {0, 1}, 32: {0, 1}}
+
+
+def test_cohort_size_one_is_run_trial_bit_for_bit(make_cfg):
+  configure = configurator(make_cfg, scheduler_type="plateau", scheduler_patience=1)
+  solo, cohort = solo_and_cohort(configure, [{"learning_rate": lr} for lr in RATES[:2]],
+                                 cohort_size=1)
+  for a, b in zip(solo, cohort):
+    assert b.intermediate_values == a.intermediate_values and b.value == a.value
+    assert COHORT not in b.user_attrs
+
+
+def test_bad_shared_data_fails_every_member_with_the_datas_message(make_cfg, train_data):
+  images, labels = train_data
+  images = images.copy()
+  images[3, 0, 0, 0] = np.nan
+  configure = configurator(make_cfg)
+
+  def configure_bad(trial):
+    return configure(trial).replace(train_loader=batches(images, labels))
+
+  study = optuna.create_study(direction="minimize")
+  optimize(study, configure_bad, n_trials=2, cohort_size=2)
+  assert [t.state for t in study.trials] == [TrialState.FAIL] * 2
+  assert all(t.user_attrs["error"].startswith("NonFiniteInputError: training inputs: 1 row")
+             for t in study.trials)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_optimize_refuses_a_bad_cohort_size(make_cfg, bad):
+  study = optuna.create_study()
+  with pytest.raises(ValueError, match=f"cohort_size must be an int >= 1, got cohort_size={bad}"):
+    optimize(study, configurator(make_cfg), n_trials=1, cohort_size=bad)
+  assert not study.trials
