@@ -2,7 +2,7 @@
 
 Each child process builds a MiniCNN trial state (28x28x1, batch 64) and gets
 the compiled ``train_step`` and ``eval_step`` the way an epoch does
-(``orchard_jax.core.executables.compiled``) -- the compile cost a first trial
+(``orchard_jax.engine.executables.compiled``) -- the compile cost a first trial
 pays -- then runs one train and one eval step. Each repeat runs two pairs of
 processes, each pair on a fresh cache directory: a cold and a warm process
 with only JAX's persistent cache (the warm one still traces and lowers every
@@ -29,7 +29,7 @@ import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_compilation_cache_dir", sys.argv[1])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 from orchard_jax import MiniCNN, create_train_state, eval_step, train_step
-from orchard_jax.core import executables
+from orchard_jax.engine import executables
 from orchard_jax import tune_host_memory
 tune_host_memory()  # the orchard-jax command's allocator (ORCHARD_JAX_MALLOC=system: glibc's)
 if sys.argv[2] == "on":

@@ -30,11 +30,11 @@ _EXPORTS = {
     **dict.fromkeys(("optimizer", "set_hyperparams"), "orchard_jax.core.optim"),
     **dict.fromkeys(("LossScale", "Policy", "parse_policy"), "orchard_jax.core.precision"),
     **dict.fromkeys(("LRController", "epoch_schedule", "plateau"), "orchard_jax.core.schedules"),
-    **dict.fromkeys(("Hyperparams", "StepSpec", "TrainState", "create_train_state",
-                     "state_from_config"), "orchard_jax.core.state"),
+    **dict.fromkeys(("Hyperparams", "StepSpec", "TrainState"), "orchard_jax.core.state"),
     **dict.fromkeys(("eval_step", "train_step"), "orchard_jax.core.steps"),
     **dict.fromkeys(("FitResult", "TrialTrainingExecutor", "evaluate", "fit", "load_best_state",
                      "run_trial", "train_epoch"), "orchard_jax.engine"),
+    **dict.fromkeys(("create_train_state", "state_from_config"), "orchard_jax.engine.state"),
     **dict.fromkeys(("MLP", "MiniCNN", "Model", "as_model", "build_model"), "orchard_jax.models"),
     **dict.fromkeys(("write_outputs",), "orchard_jax.study.outputs"),
     "StudyOutputs": "orchard_jax.study.callbacks",
@@ -69,11 +69,11 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
   from orchard_jax.core.optim import optimizer, set_hyperparams
   from orchard_jax.core.precision import LossScale, Policy, parse_policy
   from orchard_jax.core.schedules import LRController, epoch_schedule, plateau
-  from orchard_jax.core.state import (Hyperparams, StepSpec, TrainState, create_train_state,
-                                      state_from_config)
+  from orchard_jax.core.state import Hyperparams, StepSpec, TrainState
   from orchard_jax.core.steps import eval_step, train_step
   from orchard_jax.engine import (FitResult, TrialTrainingExecutor, evaluate, fit,
                                   load_best_state, run_trial, train_epoch)
+  from orchard_jax.engine.state import create_train_state, state_from_config
   from orchard_jax.models import MLP, MiniCNN, Model, as_model, build_model
   from orchard_jax.study.callbacks import StudyOutputs
   from orchard_jax.study.outputs import write_outputs

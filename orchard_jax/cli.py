@@ -131,12 +131,12 @@ def _compilation_cache(path: str | None) -> None:
 
   ``path`` (or ``JAX_COMPILATION_CACHE_DIR`` when set) holds JAX's cache;
   its ``executables/`` subdirectory holds whole compiled steps, which a later
-  process loads without tracing (:mod:`orchard_jax.core.executables`).
+  process loads without tracing (:mod:`orchard_jax.engine.executables`).
   """
   if path is None:
     return
   import jax
-  from orchard_jax.core import executables
+  from orchard_jax.engine import executables
   path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(path)
   jax.config.update("jax_compilation_cache_dir", path)
   if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):

@@ -10,7 +10,7 @@ precision policy, input shape, whether MixUp can run) is static, in
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from orchard_jax.core import executables, optim
+from orchard_jax.core import optim
 from orchard_jax.core.losses import CRITERIA
 from orchard_jax.core.precision import LossScale, Policy, loss_scale_for, parse_policy
 
@@ -169,7 +169,8 @@ def create_train_state(model, *, input_shape, num_classes: int, seed: int = 42,
                        weight_decay: float = 5e-4, grad_clip: float | None = 1.0,
                        criterion: str = "cross_entropy", label_smoothing: float = 0.0,
                        mixup_alpha: float = 0.0, focal_gamma: float = 2.0,
-                       class_weights=None, precision: str | Policy = "float32") -> TrainState:
+                       class_weights=None, precision: str | Policy = "float32",
+                       compiled: Callable[..., Callable[..., Any]] | None = None) -> TrainState:
   """Initialises a model and its optimizer into a :class:`TrainState`.
 
   Args:
@@ -185,15 +186,23 @@ def create_train_state(model, *, input_shape, num_classes: int, seed: int = 42,
       off, for a shorter compile. Trials with ``mixup_alpha > 0`` share one
       program whatever their alpha; one with 0 compiles its own.
     precision: a :class:`Policy` or a string :func:`parse_policy` accepts.
+    compiled: where a Linen model's build program comes from: a function
+      called as ``compiled(jitted, args, name="init", static=(spec,),
+      model=spec.model)`` that returns the program for ``args``, such as
+      :func:`orchard_jax.engine.executables.compiled` (which keeps programs
+      on disk across processes). ``None``: ``jax.jit``'s own in-process cache.
 
   The remaining arguments mirror :class:`orchard_jax.TrainingConfig`.
 
   For a Linen model the whole state is built by one compiled program, keyed
-  on the model's structure (:mod:`orchard_jax.core.executables`): the next
-  trial of the same structure, or the next process with the executable cache
-  on, compiles nothing. Eager initialisation would dispatch and compile op by
-  op. Other models (NNX modules carry their initial weights, which a program
-  keyed on structure would reuse) are built eagerly.
+  on the model's structure: the next trial of the same structure compiles
+  nothing (nor, through ``compiled``, the next process with the executable
+  cache on). Eager initialisation would dispatch and compile op by op. Other
+  models (NNX modules carry their initial weights, which a program keyed on
+  structure would reuse) are built eagerly.
+
+  ``orchard_jax.create_train_state`` is this function with ``compiled`` from
+  the executable cache (:func:`orchard_jax.engine.state.create_train_state`).
 
   Every array of the state is committed to the default device
   (:func:`default_device`), as the batches of
@@ -224,23 +233,7 @@ def create_train_state(model, *, input_shape, num_classes: int, seed: int = 42,
   if not isinstance(spec.model, LinenModel):
     return jax.device_put(_build(spec, seed, hyper), device)
   args = jax.device_put((seed, hyper), device)  # committed: so is every array of the state
-  return executables.compiled(_jit_build, args, name="init", static=(spec,), model=spec.model)(*args)
+  if compiled is None:
+    return _jit_build(spec, *args)
+  return compiled(_jit_build, args, name="init", static=(spec,), model=spec.model)(*args)
 
-
-def state_from_config(model, cfg, *, input_shape, num_classes: int, class_weights=None,
-                      backend: str | None = None) -> TrainState:
-  """:func:`create_train_state` with every value taken from a ``TrainingConfig``.
-
-  With ``mixup_epochs=0`` MixUp is never switched on, so the state is built
-  without it (as with ``mixup_alpha=0``).
-  """
-  from orchard_jax.config import resolve_precision
-
-  return create_train_state(
-      model, input_shape=input_shape, num_classes=num_classes, seed=cfg.seed,
-      optimizer=cfg.optimizer_type, learning_rate=cfg.learning_rate, momentum=cfg.momentum,
-      weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, criterion=cfg.criterion_type,
-      label_smoothing=cfg.label_smoothing,
-      mixup_alpha=cfg.mixup_alpha if cfg.mixup_epochs > 0 else 0.0, focal_gamma=cfg.focal_gamma,
-      class_weights=class_weights,
-      precision=resolve_precision(cfg, backend or jax.default_backend()))

@@ -44,13 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from orchard_jax.core import executables
 from orchard_jax.core.batches import IndexedBatch
 from orchard_jax.core.sharding import batch_sharding
 from orchard_jax.core.metrics import SUM_KEYS, classification_metrics
 from orchard_jax.core.state import TrainState
 from orchard_jax.core.steps import eval_step, train_step
 from orchard_jax.data.adapter import Where, device_batches
+from orchard_jax.engine import executables
 from orchard_jax.errors import DataError, EmptyLoaderError, NonFiniteInputError
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def compile_steps(state: TrainState, train_loader: Iterable, val_loader: Iterabl
 
   Takes the first batch of each loader as :func:`train_epoch` and
   :func:`evaluate` do, gets the same programs (see
-  :mod:`orchard_jax.core.executables`) and runs each once, with the packing
+  :mod:`orchard_jax.engine.executables`) and runs each once, with the packing
   of an epoch's sums for ``len(loader)`` batches. Later epochs of states of
   the same structure then compile nothing. ``state`` is donated to the
   training step: do not use it afterwards. For compiling ahead on a thread

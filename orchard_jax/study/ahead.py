@@ -8,7 +8,7 @@ same programs -- the search space samples nothing that changes a program --
 those are the programs of the recipe's own values, and
 :class:`CompileAhead` compiles them on a background thread while the study
 opens: XLA compiles without holding the GIL. The first trial then finds them
-in memory (:mod:`orchard_jax.core.executables`). With a warm executable cache
+in memory (:mod:`orchard_jax.engine.executables`). With a warm executable cache
 the thread loads them from disk instead.
 
 The thread trains nothing the study keeps: it builds a state from the

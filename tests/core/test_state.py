@@ -1,4 +1,10 @@
-"""create_train_state: one compiled program that equals eager initialisation."""
+"""create_train_state: one compiled program that equals eager initialisation.
+
+``orchard_jax.create_train_state`` (``orchard_jax.engine.state``) takes the
+program from the executable cache; the core's own takes it from ``jax.jit``.
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +12,7 @@ import numpy as np
 import pytest
 
 from orchard_jax import MLP, MiniCNN, create_train_state
-from orchard_jax.core import executables
+from orchard_jax.engine import executables
 from orchard_jax.models import as_model
 
 
@@ -43,10 +49,33 @@ def test_a_second_trial_of_the_same_structure_builds_its_state_without_compiling
   assert executables.stats("init")["compiled"] == 2  # without MixUp: another structure
 
 
+def test_the_cores_build_uses_jits_own_cache_and_equals_the_cached_one():
+  from orchard_jax.core import state as core_state  # pylint: disable=import-outside-toplevel
+
+  executables.clear()
+  kwargs = dict(input_shape=(2, 3, 1), num_classes=3, seed=5, mixup_alpha=0.2)
+  pure = core_state.create_train_state(MLP(num_classes=3, hidden=(6,)), **kwargs)
+  assert executables.stats("init") == {"compiled": 0, "loaded": 0, "saved": 0, "ahead": 0}
+  cached = create_train_state(MLP(num_classes=3, hidden=(6,)), **kwargs)
+  assert executables.stats("init")["compiled"] == 1
+  assert pure.spec == cached.spec
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(pure.params),
+               jax.device_get(cached.params))
+  assert all(leaf.committed for leaf in jax.tree.leaves(pure))  # placed as the cached one
+  asked = []
+
+  def compiled(jitted, args, **how):
+    asked.append(how["name"])
+    return functools.partial(jitted, *how["static"])
+
+  core_state.create_train_state(MLP(num_classes=3, hidden=(6,)), compiled=compiled, **kwargs)
+  assert asked == ["init"]
+
+
 @pytest.mark.parametrize("alpha, epochs, mixup", [(0.2, 3, True), (0.0, 3, False), (0.2, 0, False)])
 def test_a_state_is_built_without_mixup_when_mixup_can_never_run(alpha, epochs, mixup):
   from orchard_jax import TrainingConfig
-  from orchard_jax.core.state import state_from_config
+  from orchard_jax.engine.state import state_from_config
 
   cfg = TrainingConfig(mixup_alpha=alpha, mixup_epochs=epochs)
   state = state_from_config(MLP(num_classes=3, hidden=(5,)), cfg, input_shape=(2, 3, 1),

@@ -27,7 +27,7 @@ import torch
 
 from orchard_jax import MLP, create_train_state, evaluate, train_epoch
 from orchard_jax.config import OptunaConfig, TrainingConfig, TrialConfig
-from orchard_jax.core import executables
+from orchard_jax.engine import executables
 from orchard_jax.data import make_loader
 from orchard_jax.engine import run_trial
 

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from orchard_jax import (MLP, MiniCNN, create_train_state, eval_step, evaluate, train_epoch,
                          train_step)
-from orchard_jax.core import executables
+from orchard_jax.engine import executables
 from orchard_jax.core.metrics import SUM_KEYS
 from orchard_jax.engine import epoch as epoch_module
 from orchard_jax.errors import DataError, EmptyLoaderError, LoaderError, NonFiniteInputError

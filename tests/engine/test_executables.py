@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from orchard_jax import MLP, create_train_state, evaluate, train_epoch
-from orchard_jax.core import executables
+from orchard_jax.engine import executables
 from orchard_jax.models import as_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -25,7 +25,7 @@ CHILD = textwrap.dedent("""
     import numpy as np
     import jax
     from orchard_jax import MLP, create_train_state, evaluate, train_epoch
-    from orchard_jax.core import executables
+    from orchard_jax.engine import executables
     executables.set_cache_dir(None if sys.argv[1] == "-" else sys.argv[1])
     if len(sys.argv) > 2:  # JAX's own persistent cache too
       jax.config.update("jax_compilation_cache_dir", sys.argv[2])
@@ -155,7 +155,7 @@ def test_an_unreadable_file_is_reported_and_the_step_compiled_again(cache, caplo
   executables.clear()  # a new process, as far as the cache can tell
   state = create_train_state(MLP(num_classes=3, hidden=(6,)), input_shape=(5, 5, 1),
                              num_classes=3)
-  with caplog.at_level(logging.WARNING, logger="orchard_jax.core.executables"):
+  with caplog.at_level(logging.WARNING, logger="orchard_jax.engine.executables"):
     got, _ = train_epoch(state, _data(), layout="NHWC")
   assert "cannot load cached executable" in caplog.text and str(path) in caplog.text
   assert executables.stats("train_step")["compiled"] == 1

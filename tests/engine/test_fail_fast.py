@@ -101,7 +101,7 @@ def test_logits_of_the_wrong_width_fail_trial_0_with_their_shape(make_cfg, train
 
 
 def test_the_logits_check_traces_without_training_or_compiling(make_cfg):
-  from orchard_jax.core import executables
+  from orchard_jax.engine import executables
   from orchard_jax.engine import initial_state
   state = initial_state(make_cfg(model=Dense(4)))
   before = executables.stats("train_step")["compiled"]

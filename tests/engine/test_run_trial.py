@@ -12,7 +12,7 @@ import optuna
 import pytest
 import torch
 
-from orchard_jax.core import executables
+from orchard_jax.engine import executables
 
 from orchard_jax.data import make_loader
 from orchard_jax.engine import (EpochLoop, TrialTrainingExecutor, evaluate, load_best_state,

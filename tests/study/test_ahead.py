@@ -9,7 +9,7 @@ import numpy as np
 import optuna
 import pytest
 
-from orchard_jax.core import executables
+from orchard_jax.engine import executables
 from orchard_jax.study import runner
 from orchard_jax.study.ahead import CompileAhead, program_params
 from orchard_jax.study.recipe import parse_recipe
