@@ -256,8 +256,16 @@ class _Config:
         raise cls._ERROR(cls._unknown(key))
     floats = [n for n, f in cls.__pydantic_fields__.items()
               if float in (f.annotation, *get_args(f.annotation))]
-    return cls(**{k: _number(v) if k in floats and isinstance(v, str) else v
-                  for k, v in data.items()})
+    return cls(**{k: cls._number(v) if k in floats else v for k, v in data.items()})
+
+  @staticmethod
+  def _number(value: Any) -> Any:
+    """A float field's value from a mapping: a numeric string as a float, else as it is (the
+    type check names it)."""
+    try:
+      return float(value) if isinstance(value, str) else value
+    except ValueError:
+      return value
 
   def to_dict(self) -> dict[str, Any]:
     """Every field by name; ``from_dict(cfg.to_dict()) == cfg``."""
@@ -266,14 +274,6 @@ class _Config:
   def replace(self: _C, **changes: Any) -> _C:
     """A copy with ``changes`` applied, checked like a new config."""
     return dataclasses.replace(self, **changes)
-
-
-def _number(text: str) -> Any:
-  """A numeric string as a float, another as it is (the type check names it)."""
-  try:
-    return float(text)
-  except ValueError:
-    return text
 
 
 # --------------------------------------------------- TrainingConfig checks --

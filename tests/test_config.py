@@ -518,3 +518,48 @@ def test_training_config_takes_any_metric_name_and_direction():
   cfg = TrainingConfig(monitor_metric="roc_auc", monitor_direction="minimize")
   assert (cfg.monitor_metric, cfg.monitor_direction) == ("roc_auc", "minimize")
   assert TrainingConfig(monitor_metric="loss").monitor_direction == "maximize"
+
+
+# ------------------------------------------------ pydantic underneath (issue 18) --
+
+
+@pytest.mark.parametrize("cls", [TrainingConfig, OptunaConfig])
+def test_configs_are_pydantic_dataclasses_that_forbid_extra_fields(cls):
+  import pydantic.dataclasses
+  assert pydantic.dataclasses.is_pydantic_dataclass(cls)
+  assert cls.__pydantic_config__["extra"] == "forbid" and cls.__pydantic_config__["strict"]
+
+
+def test_a_pydantic_error_becomes_one_config_error_line_without_its_report():
+  with pytest.raises(ConfigError) as info:
+    TrainingConfig(seed=-1, epochs="many", bogus=1)
+  # unknown fields first, as before; pydantic's multi-line report is never attached
+  assert str(info.value) == "TrainingConfig has no field 'bogus'; valid fields: " + ", ".join(
+      f.name for f in dataclasses.fields(TrainingConfig))
+  assert info.value.__cause__ is None and info.value.__suppress_context__
+  assert not isinstance(info.value, __import__("pydantic").ValidationError)
+
+
+def test_the_first_bad_field_in_field_order_is_named():
+  with pytest.raises(ConfigError, match=r"^TrainingConfig\.seed must be an int"):
+    TrainingConfig(focal_gamma=-1.0, seed="x")
+
+
+def test_fields_are_keyword_only():
+  with pytest.raises(TypeError):
+    TrainingConfig(3)  # type: ignore[misc]
+
+
+def test_an_int_too_large_for_a_float_field_is_one_line():
+  with pytest.raises(ConfigError, match=r"^TrainingConfig\.momentum must be a float, got "
+                                        r"<an int of 16610 bits> \(int\)$"):
+    TrainingConfig(momentum=10**5000)
+
+
+def test_configs_have_a_json_schema_with_their_ranges():
+  from pydantic import TypeAdapter
+  properties = TypeAdapter(TrainingConfig).json_schema()["properties"]
+  assert properties["learning_rate"] == {"default": 0.008, "exclusiveMaximum": 1,
+                                         "exclusiveMinimum": 1e-08, "title": "Learning Rate",
+                                         "type": "number"}
+  assert properties["optimizer_type"]["enum"] == ["sgd", "adamw"]

@@ -1,15 +1,15 @@
-"""Value checks of recipe keys, and :class:`RecipeError`.
+"""Recipe checks: :class:`RecipeError`, :class:`Section` (the base of the recipe's section
+models) and value checks of recipe keys that are not fields of a model.
 
-Each check is ``check(where, value) -> value`` (``where`` is the key path,
-e.g. ``'dataset.val_fraction'``) and raises :class:`RecipeError` with a
-one-line message that names the key, the value received and what is allowed.
-Echoed values are capped (:func:`brief`): one over 80 characters is shown as
-its first 60, '…' and its length, so a message stays readable.
+Every message is one line that names the key (``where``, the key path, e.g.
+``'dataset.val_fraction'``), the value received and what is allowed. Echoed
+values are capped (:func:`brief`): one over 80 characters is shown as its
+first 60, '…' and its length, so a message stays readable.
 """
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import math
 import numbers
 import os
@@ -18,9 +18,9 @@ import sysconfig
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
-from orchard_jax.config import SEED_MAX, ConfigError, brief, clip
+from orchard_jax.config import ConfigError, Says, _Config, brief, clip, closest, show
 
 Check = Callable[[str, Any], Any]
 
@@ -36,26 +36,19 @@ class RecipeError(ConfigError):
   user_error: BaseException | None = None
 
 
-def show(value: Any) -> str:
-  """The value (capped, see :func:`brief`) and its type: ``"'x' (str)"``."""
-  return f"{brief(value)} ({type(value).__name__})"
-
-
-def closest(word: Any, allowed: Iterable[str]) -> str:
-  """``" (did you mean 'x'?)"`` for the closest allowed word, else ``""``."""
-  if not isinstance(word, str):
-    return ""
-  match = difflib.get_close_matches(word, list(allowed), n=1, cutoff=0.6)
-  return f" (did you mean {match[0]!r}?)" if match else ""
+def unknown_key(where: str, key: Any, allowed: Iterable[str], what: str = "key") -> str:
+  """The message of an unknown key of a section (``where``) or of the recipe (``'recipe'``)."""
+  allowed = list(allowed)
+  prefix = "" if where == "recipe" else f"{where}."
+  hint = closest(key, allowed) or f"; valid {what}s: {', '.join(allowed)}"
+  return f"unknown {what} '{prefix}{clip(str(key))}' in the recipe{hint}"
 
 
 def refuse_unknown(where: str, data: Mapping, allowed: Iterable[str], what: str = "key") -> None:
   allowed = list(allowed)
   for key in data:
     if key not in allowed:
-      prefix = "" if where == "recipe" else f"{where}."
-      hint = closest(key, allowed) or f"; valid {what}s: {', '.join(allowed)}"
-      raise RecipeError(f"unknown {what} '{prefix}{clip(str(key))}' in the recipe{hint}")
+      raise RecipeError(unknown_key(where, key, allowed, what))
 
 
 def as_mapping(where: str, data: Any) -> Mapping:
@@ -66,11 +59,36 @@ def as_mapping(where: str, data: Any) -> Mapping:
   return data
 
 
-def section(where: str, data: Any, schema: Mapping[str, Check]) -> dict[str, Any]:
-  """Checks the keys present in ``data`` (a dataclass's defaults fill in the rest)."""
-  data = as_mapping(where, data)
-  refuse_unknown(where, data, schema)
-  return {key: schema[key](f"{where}.{key}", value) for key, value in data.items()}
+class Section(_Config):
+  """A recipe section's model (a validated pydantic dataclass, see
+  :func:`orchard_jax.config.validated`): its messages name ``<section>.<key>`` and raise
+  :class:`RecipeError`."""
+
+  __slots__ = ()
+  _SECTION: ClassVar[str] = "recipe"
+  _ERROR = RecipeError
+  _WORDS = {"int": Says("an integer"), "float": Says("a finite number"),
+            "float?": Says("a finite number"), "finite": Says("a finite number"),
+            "bool": Says("true or false"), "str": Says("a non-empty string"),
+            "list": Says("a list of names"), "dict": Says("a mapping with string keys")}
+
+  @classmethod
+  def _where(cls) -> str:
+    return cls._SECTION
+
+  @classmethod
+  def _unknown(cls, key: Any) -> str:
+    return unknown_key(cls._SECTION, key, [f.name for f in dataclasses.fields(cls)])
+
+  @staticmethod
+  def _number(value: Any) -> Any:
+    """Numbers of a recipe's float keys are floats (numeric strings too)."""
+    if isinstance(value, str) or isinstance(value, int) and not isinstance(value, bool):
+      try:
+        return float(value)
+      except (ValueError, OverflowError):  # the type check names it
+        pass
+    return value
 
 
 def renamed(build: Callable[[Mapping], Any], data: Mapping) -> Any:
@@ -97,48 +115,13 @@ def text(where: str, value: Any) -> str:
   return value
 
 
-def names(where: str, value: Any) -> tuple[str, ...]:
-  if not isinstance(value, (list, tuple)):
-    raise RecipeError(f"{where} must be a list of names, got {show(value)}")
-  return tuple(text(f"{where}[{i}]", v) for i, v in enumerate(value))
-
-
-def mapping(where: str, value: Any) -> dict[str, Any]:
-  if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-    raise RecipeError(f"{where} must be a mapping with string keys, got {show(value)}")
-  return dict(value)
-
-
-_ENTRY = re.compile(r"[^:\s]+:[A-Za-z_][A-Za-z0-9_]*")
+ENTRY = r"[^:\s]+:[A-Za-z_][A-Za-z0-9_]*"  # 'module:function' or 'path/file.py:function'
+_ENTRY = re.compile(ENTRY)
 
 
 def is_entry_point(value: Any) -> bool:
   """Whether ``value`` reads as ``'module:function'`` or ``'path/file.py:function'``."""
   return isinstance(value, str) and _ENTRY.fullmatch(value) is not None
-
-
-def entry_point(where: str, value: Any) -> str:
-  if not is_entry_point(value):
-    raise RecipeError(f"{where} must be 'module:function' or 'path/file.py:function', "
-                      f"got {brief(value)}")
-  return value
-
-
-def optional(check: Check) -> Check:
-  def checked(where: str, value: Any) -> Any:
-    return None if value is None else check(where, value)
-  return checked
-
-
-def choice(options: tuple[str, ...], upper: bool = False) -> Check:
-  def checked(where: str, value: Any) -> str:
-    if isinstance(value, str) and upper:
-      value = value.upper()
-    if not isinstance(value, str) or value not in options:
-      raise RecipeError(f"{where} must be one of {', '.join(map(repr, options))}, "
-                        f"got {brief(value)}{closest(value, options)}")
-    return value
-  return checked
 
 
 def integer(lo: int | None = None, hi: int | None = None) -> Check:
@@ -154,10 +137,6 @@ def integer(lo: int | None = None, hi: int | None = None) -> Check:
   return checked
 
 
-# A seed of numpy's and Optuna's samplers: an integer in [0, 2**32).
-seed = integer(0, SEED_MAX)
-
-
 def number(where: str, value: Any) -> float:
   """A finite float; numeric strings such as YAML's ``1e-5`` are parsed."""
   if isinstance(value, str):
@@ -168,16 +147,6 @@ def number(where: str, value: Any) -> float:
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
     raise RecipeError(f"{where} must be a finite number, got {show(value)}")
   return float(value)
-
-
-def real(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Check:
-  def checked(where: str, value: Any) -> float:
-    value = number(where, value)
-    if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
-      interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-      raise RecipeError(f"{where} must be in {interval}, got {brief(value)}")
-    return value
-  return checked
 
 
 FOLDER_MAX = 100

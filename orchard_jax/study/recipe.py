@@ -27,21 +27,22 @@ unchanged: ``storage_type``/``storage_path``/``postgresql_url`` become
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 import importlib.util
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BeforeValidator, Field, InstanceOf, WithJsonSchema
 
-from orchard_jax.config import OptunaConfig, TrainingConfig
+from orchard_jax import bundled
+from orchard_jax.config import SEED_MAX, Int, Name, OptunaConfig, Says, TrainingConfig, validated
 from orchard_jax.study import checks as c
 from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.space import FUNCTION_PREFIX, Overrides, model_function, parse_overrides
 
-__all__ = ["ArchitectureSpec", "DatasetSpec", "Recipe", "RecipeError", "StudySpec",
+__all__ = ["ArchitectureSection", "ArchitectureSpec", "DatasetSpec", "Recipe", "RecipeError", "StudySpec",
            "TelemetrySpec", "apply_sets", "bundled_recipe_text", "load_recipe", "parse_recipe"]
 
 SECTIONS = ("dataset", "architecture", "training", "optuna", "telemetry")
@@ -52,33 +53,52 @@ BUNDLED = "<bundled default recipe>"
 PATH_SHOWN = 200  # file paths in messages: capped later than values, they run long
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
+def _upper(value: Any) -> Any:
+  return value.upper() if isinstance(value, str) else value
+
+
+# A recipe's strings: optional non-empty text, and a function of the user's.
+Text = Annotated[str | None, Field(pattern=r"\S")]
+EntryPoint = Annotated[str | None, Field(pattern=f"^(?:{c.ENTRY})$"),
+                       Says("'module:function' or 'path/file.py:function'", c.brief)]
+Levels = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+@validated
+class DatasetSpec(c.Section):
   """The ``dataset:`` section; see :mod:`orchard_jax.study.sources`."""
-  source: str = "digits"              # 'digits' | 'npz' | 'function'
-  path: str | None = None             # npz: the file
-  function: str | None = None         # function: 'module:function' or 'file.py:function'
-  num_classes: int | None = None      # None: from the labels (npz) or the function; digits: 10
-  layout: str = "NCHW"                # function: layout of 4-D inputs
-  val_fraction: float = 0.15          # digits: validation share
-  test_fraction: float = 0.15         # digits: test share
-  split_seed: int = 0                 # digits: seed of the stratified split, in [0, 2**32)
-  eval_batch_size: int = 256          # batch size of validation and test loaders
+  _SECTION = "dataset"
+  source: Literal["digits", "npz", "function"] = Field("digits", description=(
+      "digits (bundled with scikit-learn) | npz (MedMNIST format) | function"))
+  path: Text = Field(None, description="npz: the file")
+  function: EntryPoint = Field(None, description=(
+      "function: 'module:function' or 'path/file.py:function' returning loaders"))
+  num_classes: Int | None = Field(None, ge=2, description=(
+      "None: from the labels (npz) or the function; digits: 10"))
+  layout: Literal["NCHW", "NHWC"] = Field("NCHW", description="function: layout of 4-D inputs")
+  val_fraction: float = Field(0.15, gt=0, lt=1, description="digits: validation share")
+  test_fraction: float = Field(0.15, gt=0, lt=1, description="digits: test share")
+  split_seed: Int = Field(0, ge=0, le=SEED_MAX, description=(
+      "digits: seed of the stratified split, in [0, 2**32)"))
+  eval_batch_size: Int = Field(256, ge=1, description="batch size of validation and test loaders")
 
 
-@dataclasses.dataclass(frozen=True)
-class ArchitectureSpec:
+@validated
+class ArchitectureSpec(c.Section):
   """The ``architecture:`` section: a model of :func:`orchard_jax.models.build_model`, or of a
   function of the user's (see :mod:`orchard_jax.study.build`).
 
   The recipe's ``function: 'pkg.module:build'`` is ``name='fn:pkg.module:build'``
   here, the name a trial's ``model_name`` has for it (:attr:`function` reads it back).
   """
-  name: str = "mini_cnn"            # a registry name, or 'fn:' + a function's 'module:function'
-  dropout: float | None = None      # None: the architecture's default
-  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # build keywords
+  _SECTION = "architecture"
+  name: Name = Field("mini_cnn", description=(
+      "a name of orchard_jax.models.build_model (mlp, mini_cnn, ...)"))
+  dropout: float | None = Field(None, ge=0, lt=1, description=(
+      "dropout before the classifier head; null: the architecture's default"))
+  options: dict[str, Any] = Field(default_factory=dict, description="extra build keywords")
   pretrained: bool = False
-  weight_variant: str | None = None
+  weight_variant: Text = None
 
   @property
   def function(self) -> str | None:
@@ -95,30 +115,53 @@ class ArchitectureSpec:
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class TelemetrySpec:
+@validated
+class ArchitectureSection(ArchitectureSpec):
+  """The ``architecture:`` section as a recipe writes it: ``function`` instead of ``name`` for
+  a model of the user's."""
+  function: EntryPoint = Field(None, description=(
+      "instead of name: your own model, 'module:function' or 'path/file.py:function', called as "
+      "build(num_classes, input_shape, **options)"))
+
+  @classmethod
+  def _unknown(cls, key: Any) -> str:  # the keys in the order recipes write them
+    return c.unknown_key("architecture", key, ["name", "function", "dropout", "options",
+                                               "pretrained", "weight_variant"])
+
+
+@validated
+class TelemetrySpec(c.Section):
   """The ``telemetry:`` section."""
-  output_dir: str | None = None       # None: outputs/<study_name> (or outputs/train)
-  log_level: str = "INFO"
-  log_interval: int = 10              # log a line every this many epochs (and the last)
-  compilation_cache: str | None = DEFAULT_CACHE  # JAX's cache and executables/; None: off
+  _SECTION = "telemetry"
+  output_dir: Text = Field(None, description="null: outputs/<study_name> (or outputs/train)")
+  log_level: Annotated[Levels, BeforeValidator(_upper)] = "INFO"
+  log_interval: Int = Field(10, ge=1, description="log a line every this many epochs (and the last)")
+  compilation_cache: Text = Field(DEFAULT_CACHE, description=(
+      "JAX's compile cache and executables/; null: off"))
 
 
-@dataclasses.dataclass(frozen=True)
-class StudySpec:
+def _listed(value: Any) -> Any:
+  return tuple(value) if isinstance(value, list) else value
+
+
+@validated
+class StudySpec(c.Section):
   """The ``optuna:`` section: an OptunaConfig and the study's own keys."""
+  _SECTION = "optuna"
   config: OptunaConfig
-  overrides: Overrides
-  enable_model_search: bool = False
-  model_pool: tuple[str, ...] | None = None
-  pruner_startup_trials: int = 5
+  overrides: Annotated[Overrides, InstanceOf, WithJsonSchema({"type": "object"})]
+  enable_model_search: bool = Field(False, description=(
+      "also search the architecture among models that fit the input"))
+  model_pool: Annotated[tuple[Name, ...] | None, BeforeValidator(_listed)] = Field(None, description=(
+      "architectures the search picks from (registry names, or 'fn:module:function')"))
+  pruner_startup_trials: Int = Field(5, ge=0, description="median/percentile: trials never pruned")
   show_progress_bar: bool = True
   save_plots: bool = True
   save_best_config: bool = True
 
 
-@dataclasses.dataclass(frozen=True)
-class Recipe:
+@validated
+class Recipe(c.Section):
   """A validated recipe. ``study`` is None for a single training run."""
   dataset: DatasetSpec
   architecture: ArchitectureSpec
@@ -148,36 +191,17 @@ class Recipe:
 
 # ------------------------------------------------------------- sections ---
 
-_DATASET = {
-    "source": c.choice(("digits", "npz", "function")),
-    "path": c.optional(c.text), "function": c.optional(c.entry_point),
-    "num_classes": c.optional(c.integer(2)), "layout": c.choice(("NCHW", "NHWC")),
-    "val_fraction": c.real(0, 1, lo_open=True, hi_open=True),
-    "test_fraction": c.real(0, 1, lo_open=True, hi_open=True),
-    "split_seed": c.seed, "eval_batch_size": c.integer(1),
-}
 _ONLY_FOR = {"path": "npz", "function": "function", "layout": "function",
              "val_fraction": "digits", "test_fraction": "digits", "split_seed": "digits"}
-_ARCHITECTURE = {"name": c.optional(c.text), "function": c.optional(c.entry_point),
-                 "dropout": c.optional(c.real(0, 1, hi_open=True)),
-                 "options": c.mapping, "pretrained": c.boolean,
-                 "weight_variant": c.optional(c.text)}
-_TELEMETRY = {"output_dir": c.optional(c.text),
-              "log_level": c.choice(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), upper=True),
-              "log_interval": c.integer(1), "compilation_cache": c.optional(c.text)}
-_STUDY = {"enable_model_search": c.boolean, "model_pool": c.optional(c.names),
-          "pruner_startup_trials": c.integer(0), "show_progress_bar": c.boolean,
-          "save_plots": c.boolean, "save_best_config": c.boolean,
-          "search_space_overrides": c.optional(c.mapping)}
 _REFERENCE_STORAGE = ("storage_type", "storage_path", "postgresql_url")
 _REFERENCE_TARGET = {"metric_name": "monitor_metric", "direction": "monitor_direction"}
+_STUDY_KEYS = [f.name for f in dataclasses.fields(StudySpec) if f.name not in ("config", "overrides")]
 RECIPE_METRICS = ("auc", "accuracy", "f1", "loss")
 DIGITS_CLASSES = 10  # the bundled digits: 0-9
 
 
 def _dataset(data: Any) -> DatasetSpec:
-  values = c.section("dataset", data, _DATASET)
-  spec = DatasetSpec(**values)
+  spec = DatasetSpec.from_dict(c.as_mapping("dataset", data))
   defaults = DatasetSpec()
   for key, source in _ONLY_FOR.items():
     if getattr(spec, key) != getattr(defaults, key) and spec.source != source:
@@ -200,18 +224,19 @@ def _dataset(data: Any) -> DatasetSpec:
 
 
 def _architecture(data: Any) -> ArchitectureSpec:
-  values = c.section("architecture", data, _ARCHITECTURE)
-  function = values.pop("function", None)
-  if values.get("name", "") is None:  # null: not given (e.g. --set architecture.name=null)
-    del values["name"]
-  if function is not None and "name" in values:
-    raise RecipeError(f"architecture.name ({c.brief(values['name'])}) and architecture.function "
+  data = dict(c.as_mapping("architecture", data))
+  if data.get("name", "") is None:  # null: not given (e.g. --set architecture.name=null)
+    del data["name"]
+  values = ArchitectureSection.from_dict(data).to_dict()
+  function = data.get("function")
+  if function is not None and "name" in data:
+    raise RecipeError(f"architecture.name ({c.brief(data['name'])}) and architecture.function "
                       f"({c.brief(function)}) are mutually exclusive: give a registry name or a "
                       f"function of your own, not both (name: null drops the name)")
+  del values["function"]
   if function is not None:
     values["name"] = FUNCTION_PREFIX + function
-    options = values.get("options") or {}
-    if "dropout" in options and values.get("dropout") is not None:
+    if "dropout" in values["options"] and values["dropout"] is not None:
       raise RecipeError("architecture.dropout and architecture.options.dropout are both set; "
                         "give the function's dropout once, as architecture.dropout")
   spec = ArchitectureSpec(**values)
@@ -227,7 +252,7 @@ def _architecture(data: Any) -> ArchitectureSpec:
           if spec.name.startswith(FUNCTION_PREFIX) or ":" in spec.name else "")
       raise RecipeError(f"architecture.name must be one of {', '.join(map(repr, names))}, "
                         f"got {c.brief(spec.name)}{hint}")
-  return dataclasses.replace(spec, options=c.hashable(spec.options))
+  return spec.replace(options=c.hashable(spec.options))
 
 
 def _training(data: Any) -> TrainingConfig:
@@ -272,9 +297,10 @@ def _storage(data: dict[str, Any]) -> None:
 
 def _study(data: Any, training: TrainingConfig) -> StudySpec:
   data = dict(c.as_mapping("optuna", data))
-  fields = [f.name for f in dataclasses.fields(OptunaConfig)]
-  c.refuse_unknown("optuna", data, [*fields, *_STUDY, *_REFERENCE_STORAGE, *_REFERENCE_TARGET])
-  own = {k: _STUDY[k](f"optuna.{k}", data.pop(k)) for k in list(data) if k in _STUDY}
+  own_keys = [*_STUDY_KEYS, "search_space_overrides"]
+  c.refuse_unknown("optuna", data, [*(f.name for f in dataclasses.fields(OptunaConfig)),
+                                    *own_keys, *_REFERENCE_STORAGE, *_REFERENCE_TARGET])
+  own = {k: data.pop(k) for k in list(data) if k in own_keys}
   for key, field in _REFERENCE_TARGET.items():
     if key in data and data.pop(key) != getattr(training, field):
       raise RecipeError(f"optuna.{key} must agree with training.{field} "
@@ -290,8 +316,13 @@ def _study(data: Any, training: TrainingConfig) -> StudySpec:
   if config.sampler_type == "cmaes" and importlib.util.find_spec("cmaes") is None:
     raise RecipeError("optuna.sampler_type 'cmaes' needs the 'cmaes' package "
                       "(pip install cmaes), or use 'tpe' or 'random'")
-  overrides = parse_overrides(own.pop("search_space_overrides", None) or {}, training)
-  spec = StudySpec(config=config, overrides=overrides, **own)
+  ranges = own.pop("search_space_overrides", None)
+  if ranges is not None and (not isinstance(ranges, Mapping)
+                             or not all(isinstance(k, str) for k in ranges)):
+    raise RecipeError(f"optuna.search_space_overrides must be a mapping with string keys, got "
+                      f"{c.show(ranges)}")
+  spec = StudySpec.from_dict({**own, "config": config,
+                              "overrides": parse_overrides(ranges or {}, training)})
   if spec.model_pool is not None:
     if not spec.enable_model_search:
       raise RecipeError("optuna.model_pool requires optuna.enable_model_search: true")
@@ -329,7 +360,7 @@ def _threshold(threshold: float | None, metric: str) -> None:
 
 
 def _telemetry(data: Any) -> TelemetrySpec:
-  return TelemetrySpec(**c.section("telemetry", data, _TELEMETRY))
+  return TelemetrySpec.from_dict(c.as_mapping("telemetry", data))
 
 
 # ------------------------------------------------------------- loading ----
@@ -358,8 +389,9 @@ def parse_recipe(data: Any, origin: str = BUNDLED) -> Recipe:
 
 
 def bundled_recipe_text() -> str:
-  """The text of the bundled, commented default recipe (``orchard-jax init`` writes it)."""
-  return (importlib.resources.files("orchard_jax") / "recipes" / "default.yaml").read_text()
+  """The text of the bundled, commented default recipe (``orchard-jax init`` writes it); its
+  first line points YAML editors at the recipe's JSON Schema (see :mod:`orchard_jax.bundled`)."""
+  return bundled.recipe_text()
 
 
 def apply_sets(data: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:

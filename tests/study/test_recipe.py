@@ -363,3 +363,56 @@ def test_a_long_set_value_and_an_int_of_5000_digits_are_one_capped_line(tmp_path
   message = str(info.value)
   assert message.startswith("big.yaml is not a readable recipe: Exceeds the limit (4300 digits)")
   assert "\n" not in message and len(message) < 300
+
+
+# ------------------------------------------------- pydantic sections (issue 18) --
+
+
+def test_sections_are_pydantic_dataclasses():
+  import pydantic.dataclasses
+
+  from orchard_jax.study.recipe import ArchitectureSpec, DatasetSpec, StudySpec, TelemetrySpec
+  for cls in (DatasetSpec, ArchitectureSpec, StudySpec, TelemetrySpec):
+    assert pydantic.dataclasses.is_pydantic_dataclass(cls)
+    assert cls.__pydantic_config__["extra"] == "forbid"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"training": {"momentum": 10**5000}},
+     "training.momentum must be a float, got <an int of 16610 bits> (int)"),
+    ({"dataset": {"val_fraction": 10**5000}},
+     "dataset.val_fraction must be a finite number, got <an int of 16610 bits> (int)"),
+    ({"optuna": {"timeout": 10**5000}},
+     "optuna.timeout must be a float or None, got <an int of 16610 bits> (int)"),
+])
+def test_an_int_too_large_for_a_float_key_is_one_line_not_an_overflow_error(data, message):
+  assert error_of(data) == message
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"dataset": {"test_fraction": 7}}, "dataset.test_fraction must be in (0, 1), got 7.0"),
+    ({"dataset": {"test_fraction": "0.5", "val_fraction": "0.6"}},
+     "dataset.val_fraction + dataset.test_fraction must be < 1, got 0.6 + 0.5"),
+    ({"architecture": {"dropout": 1}}, "architecture.dropout must be in [0, 1), got 1.0"),
+    ({"architecture": {"zzz": 1}}, "unknown key 'architecture.zzz' in the recipe; valid keys: "
+                                   "name, function, dropout, options, pretrained, weight_variant"),
+    ({"architecture": {"options": {1: 2}}},
+     "architecture.options must be a mapping with string keys, got {1: 2} (dict)"),
+    ({"optuna": {"model_pool": ["mlp", 3], "enable_model_search": True}},
+     "optuna.model_pool[1] must be a non-empty string, got 3 (int)"),
+    ({"optuna": {"model_pool": "mlp"}}, "optuna.model_pool must be a list of names, got 'mlp' "
+                                        "(str)"),
+    ({"optuna": {"save_plots": "yes"}}, "optuna.save_plots must be true or false, got 'yes' "
+                                        "(str)"),
+    ({"telemetry": {"log_level": "verbose"}},
+     "telemetry.log_level must be one of 'DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL', got "
+     "'VERBOSE'"),
+    ({"dataset": {"source": "function", "function": 3}},
+     "dataset.function must be 'module:function' or 'path/file.py:function', got 3"),
+    ({"dataset": {"num_classes": 1, "source": "npz", "path": "x.npz"}},
+     "dataset.num_classes must be >= 2, got 1"),
+    ({"optuna": {"search_space_overrides": [1]}},
+     "optuna.search_space_overrides must be a mapping with string keys, got [1] (list)"),
+])
+def test_section_messages_name_the_key_the_value_and_what_is_allowed(data, message):
+  assert error_of(data) == message
