@@ -144,7 +144,8 @@ def _allowed(field: Any) -> str:
 
 def _integral(value: Any) -> Any:
   """numpy's (any Integral's) ints become int; bools and the rest are left to the type check."""
-  return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+  integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+  return int(value) if integral else value
 
 
 # Field types: ints (numpy's included) and non-empty strings (not only spaces).

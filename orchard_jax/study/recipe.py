@@ -42,8 +42,9 @@ from orchard_jax.study import checks as c
 from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.space import FUNCTION_PREFIX, Overrides, model_function, parse_overrides
 
-__all__ = ["ArchitectureSection", "ArchitectureSpec", "DatasetSpec", "Recipe", "RecipeError", "StudySpec",
-           "TelemetrySpec", "apply_sets", "bundled_recipe_text", "load_recipe", "parse_recipe"]
+__all__ = ["ArchitectureSection", "ArchitectureSpec", "DatasetSpec", "Recipe", "RecipeError",
+           "StudySpec", "TelemetrySpec", "apply_sets", "bundled_recipe_text", "load_recipe",
+           "parse_recipe"]
 
 SECTIONS = ("dataset", "architecture", "training", "optuna", "telemetry")
 # Sections of orchard-ml recipes that orchard_jax does not implement.
@@ -135,7 +136,8 @@ class TelemetrySpec(c.Section):
   _SECTION = "telemetry"
   output_dir: Text = Field(None, description="null: outputs/<study_name> (or outputs/train)")
   log_level: Annotated[Levels, BeforeValidator(_upper)] = "INFO"
-  log_interval: Int = Field(10, ge=1, description="log a line every this many epochs (and the last)")
+  log_interval: Int = Field(10, ge=1, description=(
+      "log a line every this many epochs (and the last)"))
   compilation_cache: Text = Field(DEFAULT_CACHE, description=(
       "JAX's compile cache and executables/; null: off"))
 
@@ -152,8 +154,8 @@ class StudySpec(c.Section):
   overrides: Annotated[Overrides, InstanceOf, WithJsonSchema({"type": "object"})]
   enable_model_search: bool = Field(False, description=(
       "also search the architecture among models that fit the input"))
-  model_pool: Annotated[tuple[Name, ...] | None, BeforeValidator(_listed)] = Field(None, description=(
-      "architectures the search picks from (registry names, or 'fn:module:function')"))
+  model_pool: Annotated[tuple[Name, ...] | None, BeforeValidator(_listed)] = Field(
+      None, description="architectures the search picks from (registry names, 'fn:mod:function')")
   pruner_startup_trials: Int = Field(5, ge=0, description="median/percentile: trials never pruned")
   show_progress_bar: bool = True
   save_plots: bool = True
@@ -195,7 +197,8 @@ _ONLY_FOR = {"path": "npz", "function": "function", "layout": "function",
              "val_fraction": "digits", "test_fraction": "digits", "split_seed": "digits"}
 _REFERENCE_STORAGE = ("storage_type", "storage_path", "postgresql_url")
 _REFERENCE_TARGET = {"metric_name": "monitor_metric", "direction": "monitor_direction"}
-_STUDY_KEYS = [f.name for f in dataclasses.fields(StudySpec) if f.name not in ("config", "overrides")]
+_STUDY_KEYS = [f.name for f in dataclasses.fields(StudySpec)
+               if f.name not in ("config", "overrides")]
 RECIPE_METRICS = ("auc", "accuracy", "f1", "loss")
 DIGITS_CLASSES = 10  # the bundled digits: 0-9
 

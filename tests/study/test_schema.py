@@ -22,7 +22,8 @@ BUNDLED = yaml.safe_load(bundled_recipe_text())
 
 
 def errors(data) -> list[str]:
-  return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in VALIDATOR.iter_errors(data)]
+  return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+          for e in VALIDATOR.iter_errors(data)]
 
 
 def test_the_schema_is_a_valid_json_schema():
