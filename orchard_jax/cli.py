@@ -5,13 +5,15 @@
   orchard-jax run [RECIPE] [--set key.path=value ...] [--output DIR] [--workers N|all]
   orchard-jax worker [RECIPE] [--storage URL] [--set ...] [--output DIR] [--heartbeat S] ...
   orchard-jax init [PATH]
-  orchard-jax schema
+  orchard-jax validate [RECIPE] [--set key.path=value ...]
 
 ``run`` without a recipe runs the bundled default (a small study of MiniCNN
 on scikit-learn's digits); with ``--workers`` it runs one worker process per
 local device (:mod:`orchard_jax.study.launch`). ``worker`` joins a study in
 a shared storage, e.g. PostgreSQL, from any number of machines
-(:mod:`orchard_jax.study.workers`). Recipe and storage errors stop before
+(:mod:`orchard_jax.study.workers`). ``validate`` checks a recipe in full
+without training or writing anything (:mod:`orchard_jax.study.validate`).
+Recipe and storage errors stop before
 any training with a one-line message on stderr and exit status 2; Ctrl-C
 exits with 130 and SIGTERM with 143 after writing what finished (see
 :mod:`orchard_jax.study.runner`).
@@ -64,18 +66,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="show Python tracebacks of unexpected errors")
   run.set_defaults(func=_run)
   _worker_parser(commands)
+  _validate_parser(commands)
   init = commands.add_parser("init", help="write the commented default recipe",
                              description="Write the bundled, commented default recipe to PATH.")
   init.add_argument("path", nargs="?", default="recipe.yaml", metavar="PATH",
                     help="where to write it (default: recipe.yaml)")
   init.add_argument("--force", action="store_true", help="overwrite an existing file")
   init.set_defaults(func=_init)
-  schema = commands.add_parser(
-      "schema", help="print the recipe's JSON Schema",
-      description="Print the JSON Schema of recipes (built from the recipe's models) to stdout. "
-                  "'init' writes it next to the recipe as recipe.schema.json, which the "
-                  "recipe's first line names for YAML editors (the YAML language server).")
-  schema.set_defaults(func=_schema)
   return parser
 
 
@@ -115,6 +112,33 @@ def _worker_parser(commands: Any) -> None:
   worker.add_argument("--debug", action="store_true",
                       help="show Python tracebacks of unexpected errors")
   worker.set_defaults(func=_worker)
+
+
+def _validate_parser(commands: Any) -> None:
+  validate = commands.add_parser(
+      "validate", help="check a recipe in full without training",
+      description="Check a recipe without training or writing anything: it parses, its data "
+                  "source loads, and its model -- for a study, every boundary configuration of "
+                  "the search space: each model of the pool, the smallest and largest batch "
+                  "size and dropout, each choice of the other parameters -- builds, initialises "
+                  "on an input shaped like the data and gives logits of shape (batch, "
+                  "num_classes) (traced with jax.eval_shape: nothing is compiled). Exit status "
+                  "0 when it is valid, 2 with the problem in one line.")
+  validate.add_argument("recipe", nargs="?", metavar="RECIPE",
+                        help="YAML recipe (default: the bundled recipe)")
+  validate.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value (repeatable), as for run")
+  validate.add_argument("--debug", action="store_true",
+                        help="show Python tracebacks of unexpected errors")
+  validate.set_defaults(func=_validate)
+
+
+def _validate(args: argparse.Namespace) -> int:
+  from orchard_jax.study.validate import validate_recipe
+
+  result = validate_recipe(args.recipe, args.sets)
+  print(f"{args.recipe or 'The bundled recipe'} is valid: {result.summary()}")
+  return 0
 
 
 def _configure_logging(level: str, prefix: str = "") -> None:
@@ -265,8 +289,10 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-  # Not orchard_jax.study (optuna, JAX): orchard_jax.bundled reads the same files without it.
-  from orchard_jax import bundled
+  # Neither orchard_jax.study (optuna, JAX) nor orchard_jax.study.recipe's bundled_recipe_text:
+  # the same file, read without importing the study package.
+  import importlib.resources
+
   from orchard_jax.config import ConfigError
 
   path = pathlib.Path(args.path)
@@ -274,17 +300,8 @@ def _init(args: argparse.Namespace) -> int:
     raise ConfigError(f"{path} exists; use --force to overwrite it")
   if path.parent != pathlib.Path("") and not path.parent.is_dir():
     raise ConfigError(f"folder {path.parent} does not exist")
-  path.write_text(bundled.recipe_text())  # its first line names the schema, for editors
-  (path.parent / bundled.SCHEMA_FILE).write_text(bundled.schema_text())
-  print(f"Wrote {path} (and {bundled.SCHEMA_FILE} beside it, its schema for editors); edit it, "
-        f"then run: {PROG} run {path}")
-  return 0
-
-
-def _schema(args: argparse.Namespace) -> int:
-  from orchard_jax.study.schema import schema_json
-
-  sys.stdout.write(schema_json())
+  path.write_text((importlib.resources.files("orchard_jax") / "recipes" / "default.yaml").read_text())
+  print(f"Wrote {path}; edit it, then run: {PROG} run {path}")
   return 0
 
 
