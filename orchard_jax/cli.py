@@ -5,6 +5,7 @@
   orchard-jax run [RECIPE] [--set key.path=value ...] [--output DIR] [--workers N|all]
   orchard-jax worker [RECIPE] [--storage URL] [--set ...] [--output DIR] [--heartbeat S] ...
   orchard-jax init [PATH]
+  orchard-jax schema
   orchard-jax validate [RECIPE] [--set key.path=value ...]
 
 ``run`` without a recipe runs the bundled default (a small study of MiniCNN
@@ -73,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="where to write it (default: recipe.yaml)")
   init.add_argument("--force", action="store_true", help="overwrite an existing file")
   init.set_defaults(func=_init)
+  schema = commands.add_parser(
+      "schema", help="print the recipe's JSON Schema",
+      description="Print the JSON Schema of recipes (built from the recipe's models) to stdout. "
+                  "'init' writes it next to the recipe as recipe.schema.json, which the "
+                  "recipe's first line names for YAML editors (the YAML language server).")
+  schema.set_defaults(func=_schema)
   return parser
 
 
@@ -289,10 +296,8 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-  # Neither orchard_jax.study (optuna, JAX) nor orchard_jax.study.recipe's bundled_recipe_text:
-  # the same file, read without importing the study package.
-  import importlib.resources
-
+  # Not orchard_jax.study (optuna, JAX): orchard_jax.bundled reads the same files without it.
+  from orchard_jax import bundled
   from orchard_jax.config import ConfigError
 
   path = pathlib.Path(args.path)
@@ -300,8 +305,17 @@ def _init(args: argparse.Namespace) -> int:
     raise ConfigError(f"{path} exists; use --force to overwrite it")
   if path.parent != pathlib.Path("") and not path.parent.is_dir():
     raise ConfigError(f"folder {path.parent} does not exist")
-  path.write_text((importlib.resources.files("orchard_jax") / "recipes" / "default.yaml").read_text())
-  print(f"Wrote {path}; edit it, then run: {PROG} run {path}")
+  path.write_text(bundled.recipe_text())  # its first line names the schema, for editors
+  (path.parent / bundled.SCHEMA_FILE).write_text(bundled.schema_text())
+  print(f"Wrote {path} (and {bundled.SCHEMA_FILE} beside it, its schema for editors); edit it, "
+        f"then run: {PROG} run {path}")
+  return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+  from orchard_jax.study.schema import schema_json
+
+  sys.stdout.write(schema_json())
   return 0
 
 
