@@ -37,6 +37,7 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 
 import jax
@@ -47,8 +48,8 @@ from orchard_jax.core import optim, steps
 from orchard_jax.core.batches import Batch
 from orchard_jax.core.state import StepSpec, TrainState, placed_like
 
-__all__ = ["cohort_eval_step", "cohort_train_step", "member", "replace_member", "size", "stack",
-           "with_learning_rates", "with_mixup"]
+__all__ = ["cohort_eval_step", "cohort_train_step", "member", "member_arrays", "repeat",
+           "replace_member", "size", "stack", "with_learning_rates", "with_mixup"]
 
 _LOSS_SCALE_STATIC = ("dynamic", "period", "factor", "min_scale", "unit")
 
@@ -130,6 +131,31 @@ def stack(states) -> TrainState:
       raise ValueError(f"cannot stack state {i} with state 0: its {what}; a cohort's members "
                        "share one StepSpec and one state structure")
   return _stack(states)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _repeat(state: TrainState, k: int) -> TrainState:
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *jnp.shape(x))), state)
+
+
+def repeat(state: TrainState, k: int) -> TrainState:
+  """The cohort of ``k`` copies of the solo ``state``: one small program per (spec, K), with
+  one input state where :func:`stack` has ``k``; fill it with :func:`replace_member`."""
+  _check_solo(state, "state")
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ValueError(f"k must be an int >= 1, got k={k!r}")
+  return _repeat(state, k)
+
+
+@jax.jit
+def _rows(tree, i: jax.Array):
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+def member_arrays(cohort: TrainState, i: int):
+  """``(params, model_state)`` of member ``i``: copies, by one program per (spec, K) that reads
+  only those two fields (a best-state copy needs no optimizer state)."""
+  return _rows((cohort.params, cohort.model_state), _check_index(cohort, i))
 
 
 def size(cohort: TrainState) -> int:

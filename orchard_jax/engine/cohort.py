@@ -240,9 +240,12 @@ class _Cohort:
     self.key, self.size = first.key, size
     self.cfg = first.cfg  # the loaders every member reads
     self.slots: list[_Member | None] = [*members, *[None] * (size - len(members))]
-    states = [m.state for m in members] + [members[0].state] * (size - len(members))
-    self.state = core_cohort.stack(states)
-    for m in members:
+    # K copies of the first state, then each other member in its slot: the same two small
+    # programs as every later refill, rather than one stacking program of K states
+    self.state = core_cohort.repeat(first.state, size)
+    first.state = None
+    for i, m in enumerate(members[1:], start=1):
+      self.state = core_cohort.replace_member(self.state, i, m.state)
       m.state = None  # the cohort holds it now
     self.passes = 0
     for i, m in enumerate(members):
@@ -277,7 +280,7 @@ class _Cohort:
       return
     bad_inputs = None
     if any(not math.isfinite(losses[i]) for i in live):
-      bad_inputs = nonfinite_input_rows(core_cohort.member(self.state, live[0]), cfg.train_loader,
+      bad_inputs = nonfinite_input_rows(self.state, cfg.train_loader,
                                         self.passes, cfg.layout, "training")
       if bad_inputs:
         error = NonFiniteInputError(
@@ -297,7 +300,28 @@ class _Cohort:
       loss = float(losses[i])
       if not math.isfinite(loss):
         loss = RuntimeError(f"Training diverged: loss={loss} at epoch {m.run.epoch}")
-      m.end_epoch(core_cohort.member(self.state, i), loss, metrics[i])
+      m.end_epoch(_MemberView(self.state, i), loss, metrics[i])
+
+
+class _MemberView:
+  """What a member's epoch-end callbacks read of its state: its ``params`` and ``model_state``,
+  copied out of the cohort on first use only (a best-state copy, on an improving epoch)."""
+
+  def __init__(self, cohort: TrainState, i: int):
+    self._cohort, self._i, self._arrays = cohort, i, None
+
+  def _get(self):
+    if self._arrays is None:
+      self._arrays = core_cohort.member_arrays(self._cohort, self._i)
+    return self._arrays
+
+  @property
+  def params(self):
+    return self._get()[0]
+
+  @property
+  def model_state(self):
+    return self._get()[1]
 
 
 def _train_pass(cohort: TrainState, loader: Iterable, epoch: int,

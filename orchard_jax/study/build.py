@@ -46,6 +46,18 @@ class History:
   def __init__(self):
     self.epochs: list[dict[str, float]] = []
 
+  @classmethod
+  def from_logs(cls, logs: Any) -> "History":
+    """The records of a run's :class:`~orchard_jax.engine.EpochLog` s (a cohort member's):
+    the same entries the hooks make, no ``val_`` ones for an epoch whose validation failed."""
+    history = cls()
+    for log in logs:
+      entry = {"epoch": log.epoch, "train_loss": float(log.train_loss)}
+      if not log.validation_failed:
+        entry.update({f"val_{k}": float(v) for k, v in log.metrics.items()})
+      history.epochs.append(entry)
+    return history
+
   def train_fn(self, state: Any, loader: Any, *, epoch: int, layout: str):
     from orchard_jax.engine import train_epoch
     state, loss = train_epoch(state, loader, epoch=epoch, layout=layout)
@@ -224,8 +236,9 @@ def build_function_model(entry: str, num_classes: int, input_shape: tuple[int, .
 
 
 def trial_config(recipe: Any, source: Any, params: Mapping[str, Any], *, output_dir: Any,
-                 history: History, reraise: bool = True) -> TrialConfig:
-  """The TrialConfig of one trial (or, with ``params={}``, of a single training run)."""
+                 history: History | None, reraise: bool = True) -> TrialConfig:
+  """The TrialConfig of one trial (or, with ``params={}``, of a single training run);
+  ``history`` None leaves the engine's own epoch functions (a cohort's member)."""
   training = apply_params(recipe.training, params)
   loaders = source.loaders(training.batch_size, training.seed)
   fields: dict[str, Any] = {}
@@ -235,5 +248,7 @@ def trial_config(recipe: Any, source: Any, params: Mapping[str, Any], *, output_
       model=model_for(architecture_for(recipe, params), source), train_loader=loaders.train,
       val_loader=loaders.val, num_classes=source.num_classes, training=training,
       log_interval=recipe.telemetry.log_interval, input_shape=source.input_shape,
-      layout=source.layout, train_labels=source.train_labels, train_epoch_fn=history.train_fn,
-      validate_fn=history.validate_fn, output_dir=output_dir, reraise_errors=reraise, **fields)
+      layout=source.layout, train_labels=source.train_labels,
+      train_epoch_fn=None if history is None else history.train_fn,
+      validate_fn=None if history is None else history.validate_fn, output_dir=output_dir,
+      reraise_errors=reraise, **fields)

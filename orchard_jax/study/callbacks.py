@@ -144,6 +144,7 @@ class Progress:
 # The engine's lines that a study's Progress line says again (the engine logs them for
 # objectives of one's own, which have no Progress).
 _ENGINE_OUTCOMES = {"orchard_jax.engine.trial": ("Trial %d failed",),
+                    "orchard_jax.engine.cohort": ("Trial %d failed",),
                     "orchard_jax.engine.callbacks": ("Trial %d pruned",)}
 
 

@@ -150,51 +150,83 @@ def _warn_if_changed(recipe: Any, previous: pathlib.Path) -> None:
                    "continues with the new settings", previous, ", ".join(changed))
 
 
-def _objective(recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path,
-               interrupt: GracefulInterrupt | None = None):
+class _Objective:
   """The study's objective: samples, stores the trial's resolved configuration, trains.
 
   Each trial, however it ends, stores ``seconds``, ``epochs_run``,
   ``best_epoch`` and one ``epoch_NN`` attribute per epoch
   (:meth:`History.user_attrs`). The engine's own "Trial N pruned/failed"
   lines are left to the study's :class:`Progress` line.
+
+  Called with a trial, it trains it alone (``run_trial``). For
+  ``optuna.cohort_size`` > 1, :meth:`configure` and :meth:`record` are the
+  two ends of a trial that :func:`orchard_jax.engine.cohort.run_cohorts`
+  trains in a cohort.
   """
-  from orchard_jax.engine import run_trial
 
-  training = recipe.training
+  def __init__(self, recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path,
+               interrupt: GracefulInterrupt | None = None):
+    self.recipe, self.source, self.space = recipe, source, space
+    self.trials_dir, self.interrupt = trials_dir, interrupt
 
-  def objective(trial: optuna.Trial) -> float:
-    history, started = History(), time.monotonic()
+  def _sampled(self, trial: optuna.Trial, history: History | None) -> Any:
+    recipe = self.recipe
+    params = self.space.sample(trial, recipe.training)
+    trial.set_user_attr(CONFIG, resolved_config(recipe, params))
+    return trial_config(recipe, self.source, params, output_dir=self.trials_dir, history=history)
+
+  def _failed(self, trial: optuna.Trial, e: BaseException) -> None:
+    from orchard_jax.study.storage import is_transient
+    if isinstance(e, KeyboardInterrupt):
+      trial.set_user_attr(INTERRUPTED, True)
+    elif ERROR not in trial.user_attrs and not is_transient(e):
+      trial.set_user_attr(ERROR, f"{type(e).__name__}: {' '.join(str(e).split())[:500]}")
+
+  def _timed(self, trial: optuna.Trial, history: History, seconds: float) -> None:
+    training = self.recipe.training
+    attrs = history.user_attrs(training.monitor_metric, training.monitor_direction,
+                               self.recipe.study.config.epochs)
+    attrs[SECONDS] = round(seconds, 3)
+    for key, value in attrs.items():
+      trial.set_user_attr(key, value)
+
+  def __call__(self, trial: optuna.Trial) -> float:
+    from orchard_jax.engine import run_trial
+    history, started, interrupt = History(), time.monotonic(), self.interrupt
     try:
       if interrupt is not None:
         interrupt.in_trial = True
         if interrupt.immediate:  # a SIGTERM came while the trial was being created
           raise KeyboardInterrupt
-      params = space.sample(trial, recipe.training)
-      trial.set_user_attr(CONFIG, resolved_config(recipe, params))
-      cfg = trial_config(recipe, source, params, output_dir=trials_dir, history=history)
+      cfg = self._sampled(trial, history)
       with engine_outcomes_muted():
         return run_trial(trial, cfg)
     except optuna.TrialPruned:
       raise
-    except KeyboardInterrupt:
-      trial.set_user_attr(INTERRUPTED, True)
-      raise
-    except Exception as e:
-      from orchard_jax.study.storage import is_transient
-      if ERROR not in trial.user_attrs and not is_transient(e):
-        trial.set_user_attr(ERROR, f"{type(e).__name__}: {' '.join(str(e).split())[:500]}")
+    except BaseException as e:
+      self._failed(trial, e)
       raise
     finally:
       if interrupt is not None:
         interrupt.in_trial = False
-      attrs = history.user_attrs(training.monitor_metric, training.monitor_direction,
-                                 recipe.study.config.epochs)
-      attrs[SECONDS] = round(time.monotonic() - started, 3)
-      for key, value in attrs.items():
-        trial.set_user_attr(key, value)
+      self._timed(trial, history, time.monotonic() - started)
 
-  return objective
+  def configure(self, trial: optuna.Trial) -> Any:
+    """The trial's TrialConfig for a cohort (its epochs are the cohort's; no History hooks)."""
+    if self.interrupt is not None and self.interrupt.immediate:
+      raise KeyboardInterrupt
+    return self._sampled(trial, None)
+
+  def record(self, trial: optuna.Trial, outcome: Any) -> None:
+    """What ``__call__`` stores of a trial, for one that ended in a cohort."""
+    if outcome.error is not None and outcome.state.name == "FAIL":
+      self._failed(trial, outcome.error)
+    self._timed(trial, History.from_logs(outcome.history), outcome.seconds)
+
+
+def _objective(recipe: Any, source: Any, space: Any, trials_dir: pathlib.Path,
+               interrupt: GracefulInterrupt | None = None) -> _Objective:
+  return _Objective(recipe, source, space, trials_dir, interrupt)
 
 
 def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None) -> int:

@@ -316,6 +316,62 @@ class _Worker:
         time.sleep(POLL_S)
 
 
+def run_in_cohorts(worker: "_Worker", runner: "TrialRunner", objective: Any,
+                   interrupt: GracefulInterrupt, cohort_size: int) -> None:
+  """The worker's loop with trials trained in cohorts (``optuna.cohort_size``).
+
+  Each free slot asks, under the study lock, as :meth:`_Worker.loop` does for
+  one trial; ``objective.configure`` and ``objective.record`` are a trial's
+  two ends (:class:`orchard_jax.study.runner._Objective`). Every trial beats
+  (database storages) from its ask to its tell.
+  """
+  from orchard_jax.engine.cohort import run_cohorts
+  from orchard_jax.study.callbacks import engine_outcomes_muted
+  study, beats, last = runner.joined.study, {}, ["run"]
+
+  def ask() -> optuna.Trial | None:
+    if interrupt.requested:
+      return None
+    worker.lock.acquire()
+    try:
+      step = last[0] = store(worker.next_step, "the study's next trial")
+      if step != "run":
+        return None
+      worker.ran += 1
+      trial = runner.begin()
+    finally:
+      worker.lock.release()
+    beat = contextlib.ExitStack()
+    beat.enter_context(_beating(study._storage, trial._trial_id))  # pylint: disable=protected-access
+    beats[trial.number] = beat
+    return trial
+
+  def tell(trial: optuna.Trial, outcome: Any) -> None:
+    beats.pop(trial.number).close()
+    try:
+      objective.record(trial, outcome)
+    except Exception as e:  # pylint: disable=broad-except
+      logger.warning("Trial %d's records could not be stored: %s", trial.number, e)
+    if outcome.error is not None and outcome.state == TrialState.FAIL:
+      runner._note_storage_fault(trial, outcome.error)  # pylint: disable=protected-access
+    runner.end(trial, outcome.state, outcome.value)
+
+  interrupt.in_trial = True  # SIGTERM stops the cohort now; its trials are retried
+  try:
+    with engine_outcomes_muted():
+      while not interrupt.requested:
+        if interrupt.immediate:
+          raise KeyboardInterrupt
+        run_cohorts(ask, objective.configure, tell, cohort_size)
+        if last[0] != "wait":
+          return
+        time.sleep(POLL_S)
+  finally:
+    interrupt.in_trial = False
+    for beat in beats.values():
+      beat.close()
+
+
 class TrialRunner:
   """Asks, runs and tells one trial at a time for a :class:`_Worker` (ask/tell, not optimize).
 
@@ -330,15 +386,10 @@ class TrialRunner:
     self.name, self.worker_id = name, worker_id
 
   def __call__(self) -> None:
-    study = self.joined.study
-    trial = store(study.ask, "a new trial")
-    # Tagged before the lock is released: a RUNNING trial is then always one whose process
-    # can be checked (a storage that fails between the two is retried meanwhile).
-    store(lambda: trial.set_user_attr(WORKER, self.name), f"trial {trial.number}'s worker")
-    store(lambda: trial.set_user_attr(WORKER_ID, self.worker_id), f"trial {trial.number}'s worker")
+    trial = self.begin()
     self.worker.lock.release()  # the trial exists and is ours: others may count it
     state, value, interrupted = None, None, None
-    with _beating(study._storage, trial._trial_id):  # pylint: disable=protected-access
+    with _beating(self.joined.study._storage, trial._trial_id):  # pylint: disable=protected-access
       try:
         value = self.objective(trial)
         state = TrialState.COMPLETE
@@ -349,6 +400,23 @@ class TrialRunner:
       except Exception as e:  # pylint: disable=broad-except
         state = TrialState.FAIL
         self._note_storage_fault(trial, e)
+    self.end(trial, state, value)
+    if interrupted is not None:
+      raise interrupted
+
+  def begin(self) -> optuna.Trial:
+    """Asks for a new trial and tags it with this worker (under the study lock)."""
+    study = self.joined.study
+    trial = store(study.ask, "a new trial")
+    # Tagged before the lock is released: a RUNNING trial is then always one whose process
+    # can be checked (a storage that fails between the two is retried meanwhile).
+    store(lambda: trial.set_user_attr(WORKER, self.name), f"trial {trial.number}'s worker")
+    store(lambda: trial.set_user_attr(WORKER_ID, self.worker_id), f"trial {trial.number}'s worker")
+    return trial
+
+  def end(self, trial: optuna.Trial, state: TrialState, value: float | None) -> None:
+    """Tells the trial's result, counts a failure streak and runs the study callbacks."""
+    study = self.joined.study
     what = f"trial {trial.number}'s result"
     if state == TrialState.COMPLETE:
       store(lambda: study.tell(trial, value), what)
@@ -361,8 +429,6 @@ class TrialRunner:
                    frozen.user_attrs.get(ERROR, "see the log"))
     for callback in self.callbacks:
       store(lambda: callback(study, frozen), f"trial {trial.number}'s outputs")
-    if interrupted is not None:
-      raise interrupted
 
   @staticmethod
   def _note_storage_fault(trial: optuna.Trial, e: Exception) -> None:
@@ -391,7 +457,12 @@ def drive(joined: Joined, worker: _Worker, objective: Callable[[optuna.Trial], f
   with contextlib.ExitStack() as stack:
     if joined.liveness is not None:
       stack.enter_context(Liveness(joined.liveness, worker_id))
-    worker.loop(TrialRunner(joined, worker, objective, callbacks, name, worker_id), interrupt)
+    runner = TrialRunner(joined, worker, objective, callbacks, name, worker_id)
+    cohort_size = worker.config.cohort_size
+    if cohort_size > 1 and hasattr(objective, "configure"):
+      run_in_cohorts(worker, runner, objective, interrupt, cohort_size)
+    else:
+      worker.loop(runner, interrupt)
 
 
 def exit_status(study: optuna.Study, recipe: Any, best: FrozenTrial | None, worker: _Worker | None,
