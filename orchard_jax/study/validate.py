@@ -175,10 +175,11 @@ _SHOWN = ("batch_size", "dropout", "optimizer_type", "criterion_type", "mixup_al
 def _check(recipe: Recipe, source: Any, params: Mapping[str, Any]) -> int:
   """Builds one configuration's model and abstract state and checks its logits; returns the
   training batch size it checked."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from orchard_jax.engine.state import state_from_config  # pylint: disable=import-outside-toplevel
-  from orchard_jax.engine.trial import trial_training_config  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel  # JAX and the engine: only once a recipe is read
+  import jax
+  import jax.numpy as jnp
+  from orchard_jax.engine.state import state_from_config
+  from orchard_jax.engine.trial import trial_training_config
 
   where = _named(params, recipe)
   cfg = trial_config(recipe, source, params, output_dir=None, history=History())

@@ -227,9 +227,10 @@ def test_the_largest_batch_size_of_the_search_space_is_checked(capsys, make_reci
                       overrides={"batch_size_low_res": [16, 32]})
   status, out, err = validate_in_process(capsys, path)
   assert (status, err) == (0, [])
-  assert out[0].endswith("2 search-space configurations checked (batch size 16/32), nothing trained")
-  status, out, err = validate_in_process(capsys, path,
-                                         "optuna.search_space_overrides.batch_size_low_res=[16, 64]")
+  assert out[0].endswith(
+      "2 search-space configurations checked (batch size 16/32), nothing trained")
+  wider = "optuna.search_space_overrides.batch_size_low_res=[16, 64]"
+  status, out, err = validate_in_process(capsys, path, wider)
   assert (status, out) == (2, [])
   assert err == [f"orchard-jax: error: model 'fn:{models_file}:small' with batch_size=64: the "
                  f"model cannot be applied to a training batch of shape (64, 8, 8, 1): "
