@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import optuna
+from jax.sharding import NamedSharding, PartitionSpec
 from optuna.trial import FrozenTrial, TrialState
 
 from orchard_jax.config import ConfigError, TrialConfig
@@ -51,7 +52,9 @@ from orchard_jax.core.metrics import SUM_KEYS, classification_metrics
 from orchard_jax.core.state import TrainState
 from orchard_jax.engine.callbacks import (BestState, LRSchedulerStep, OptunaReportPrune,
                                           storage_call)
-from orchard_jax.engine.epoch import (_batches, _check_input_shape, _committed, _packed,
+from orchard_jax.core.sharding import DATA_AXIS
+from orchard_jax.data.adapter import device_batches
+from orchard_jax.engine.epoch import (_check_input_shape, _committed, _packed,
                                       nonfinite_input_rows)
 from orchard_jax.engine.loop import EpochLoop, LoopResult, LoopRun, worst_value
 from orchard_jax.engine.trial import (TRIAL_CONFIG, _check_direction, _controller, _reseed,
@@ -242,10 +245,16 @@ class _Cohort:
     self.slots: list[_Member | None] = [*members, *[None] * (size - len(members))]
     # K copies of the first state, then each other member in its slot: the same two small
     # programs as every later refill, rather than one stacking program of K states
-    self.state = core_cohort.repeat(first.state, size)
+    mesh = _mesh(first.state)
+    # On several devices the member axis is split over them, and every device reads the whole
+    # batch: a batch-split vmapped convolution would all-gather the batch (openxla/xla#47945).
+    self.members_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    self.batch_sharding = (jax.sharding.SingleDeviceSharding(next(iter(first.state.step.devices())))
+                           if mesh is None else NamedSharding(mesh, PartitionSpec()))
+    self.state = self._split(core_cohort.repeat(first.state, size))
     first.state = None
     for i, m in enumerate(members[1:], start=1):
-      self.state = core_cohort.replace_member(self.state, i, m.state)
+      self.state = self._split(core_cohort.replace_member(self.state, i, m.state))
       m.state = None  # the cohort holds it now
     self.passes = 0
     for i, m in enumerate(members):
@@ -255,9 +264,15 @@ class _Cohort:
   def live(self) -> list[int]:
     return [i for i, m in enumerate(self.slots) if m is not None and m.live]
 
+  def _split(self, state: TrainState) -> TrainState:
+    """``state`` with its member axis split over the devices (as it is: a no-op copy-free put)."""
+    if self.members_sharding is None:
+      return state
+    return jax.device_put(state, self.members_sharding)
+
   def place(self, i: int, member: _Member) -> None:
     """Puts a started member into the free slot ``i`` (no recompile)."""
-    self.state = core_cohort.replace_member(self.state, i, member.state)
+    self.state = self._split(core_cohort.replace_member(self.state, i, member.state))
     member.state = None
     self.slots[i] = member
     storage_call(member.trial.set_user_attr, COHORT, {"size": self.size, "slot": i})
@@ -273,7 +288,8 @@ class _Cohort:
     self.state = core_cohort.with_mixup(core_cohort.with_learning_rates(self.state, lrs), mixups)
     cfg = self.cfg
     try:
-      self.state, losses = _train_pass(self.state, cfg.train_loader, self.passes, cfg.layout)
+      self.state, losses = _train_pass(self.state, cfg.train_loader, self.passes, cfg.layout,
+                                       self.batch_sharding)
     except DataError as e:  # the shared data: every member fails on it
       for i in live:
         self.slots[i].fail(e)
@@ -290,7 +306,8 @@ class _Cohort:
           self.slots[i].fail(error)
         return
     try:
-      metrics = _validation_pass(self.state, cfg.val_loader, self.passes, cfg.layout)
+      metrics = _validation_pass(self.state, cfg.val_loader, self.passes, cfg.layout,
+                                 self.batch_sharding)
     except DataError as e:
       for i in live:
         self.slots[i].fail(e)
@@ -324,11 +341,33 @@ class _MemberView:
     return self._get()[1]
 
 
-def _train_pass(cohort: TrainState, loader: Iterable, epoch: int,
-                layout: str) -> tuple[TrainState, np.ndarray]:
+def _mesh(state: TrainState) -> Any:
+  """The multi-device mesh ``state`` is replicated on, or None on one device."""
+  sharding = getattr(state.step, "sharding", None)
+  if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+    return sharding.mesh
+  return None
+
+
+def devices_of(state: TrainState) -> int:
+  """How many devices a cohort of ``state`` s splits its members over."""
+  mesh = _mesh(state)
+  return 1 if mesh is None else mesh.size
+
+
+def _shared_batches(cohort: TrainState, loader: Iterable, epoch: int, layout: str, role: str,
+                    sharding: Any):
+  """The batches every member reads, whole on every device."""
+  return contextlib.closing(device_batches(loader, num_classes=cohort.spec.num_classes,
+                                           layout=layout, epoch=epoch, sharding=sharding,
+                                           indexed=True, role=role))
+
+
+def _train_pass(cohort: TrainState, loader: Iterable, epoch: int, layout: str,
+                sharding: Any) -> tuple[TrainState, np.ndarray]:
   """One pass of every member over ``loader``; the members' mean losses, ``[K]``."""
   cohort, per_batch, first = _committed(cohort), [], True
-  with _batches(cohort, loader, epoch, layout, "training") as batches:
+  with _shared_batches(cohort, loader, epoch, layout, "training", sharding) as batches:
     for batch in batches:
       if first:
         _check_input_shape(cohort, batch, "training", epoch)
@@ -348,11 +387,11 @@ def _member_sums(per_batch: list[dict[str, jax.Array]]) -> dict[str, np.ndarray]
   return dict(zip(SUM_KEYS, totals))
 
 
-def _validation_pass(cohort: TrainState, loader: Iterable, epoch: int,
-                     layout: str) -> list[Any]:
+def _validation_pass(cohort: TrainState, loader: Iterable, epoch: int, layout: str,
+                     sharding: Any) -> list[Any]:
   """Every member's validation metrics (or the ``ValueError`` of its non-finite logits)."""
   per_batch, logits, labels, masks, first = [], [], [], [], True
-  with _batches(cohort, loader, epoch, layout, "validation") as batches:
+  with _shared_batches(cohort, loader, epoch, layout, "validation", sharding) as batches:
     for batch in batches:
       if first:
         _check_input_shape(cohort, batch, "validation", epoch)
@@ -400,6 +439,19 @@ def _solo(trial: optuna.Trial, cfg: TrialConfig) -> Outcome:
   except Exception as e:  # pylint: disable=broad-except
     return Outcome(TrialState.FAIL, error=e)
   return Outcome(TrialState.COMPLETE, value)
+
+
+def _slots(cohort_size: int, devices: int) -> int:
+  """A cohort's slots: ``cohort_size`` rounded up to a multiple of the devices it splits over."""
+  slots = -(-cohort_size // devices) * devices
+  if slots != cohort_size and slots not in _ROUNDED:
+    _ROUNDED.add(slots)
+    logger.warning("cohort_size %d on %d devices: cohorts of %d members, %d per device",
+                   cohort_size, devices, slots, slots // devices)
+  return slots
+
+
+_ROUNDED: set[int] = set()
 
 
 def _one_by_one(ask: Ask, configure: Configure, tell: Tell) -> int:
@@ -502,15 +554,17 @@ def run_cohorts(ask: Ask, configure: Configure, tell: Tell, cohort_size: int) ->
           break
         if not first.reseeded:  # it waited: the new cohort's order starts at its seed
           _reseed(first.cfg.train_loader, first.training.seed)
-        members = [first]
-        while len(members) < cohort_size:
+        split = devices_of(first.state)
+        members, slots = [first], _slots(cohort_size, split)
+        while len(members) < slots:
           m = take(first.key, False)
           if m is None:
             break
           members.append(m)
-        current = _Cohort(members, cohort_size)
-        logger.info("Cohort of %d: trials %s", len(members),
-                    ", ".join(str(m.trial.number) for m in members))
+        current = _Cohort(members, slots)
+        logger.info("Cohort of %d: trials %s%s", len(members),
+                    ", ".join(str(m.trial.number) for m in members),
+                    f" (members split over {split} devices)" if split > 1 else "")
       current.epoch()
       for i, m in enumerate(current.slots):
         if m is not None and not m.live:

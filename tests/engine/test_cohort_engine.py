@@ -205,3 +205,63 @@ def test_optimize_refuses_a_bad_cohort_size(make_cfg, bad):
   with pytest.raises(ValueError, match=f"cohort_size must be an int >= 1, got cohort_size={bad}"):
     optimize(study, configurator(make_cfg), n_trials=1, cohort_size=bad)
   assert not study.trials
+
+
+TWO_DEVICES = r"""
+import collections, json, sys
+import jax, optuna
+from tests.engine.conftest import batches, synthetic
+from orchard_jax.config import OptunaConfig, TrainingConfig, TrialConfig
+from orchard_jax.engine import run_trial
+from orchard_jax.engine import cohort as engine_cohort
+from orchard_jax.models import MiniCNN
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+compiles, specs = collections.Counter(), []
+def listener(event, duration, **kwargs):
+  if event == "/jax/core/compile/backend_compile_duration":
+    compiles[kwargs.get("fun_name")] += 1
+jax.monitoring.register_event_duration_secs_listener(listener)
+train_pass = engine_cohort._train_pass
+def spied(cohort, *args):
+  specs.append([str(leaf.sharding.spec) for leaf in jax.tree.leaves(cohort)])
+  return train_pass(cohort, *args)
+engine_cohort._train_pass = spied
+tr, va = synthetic(80, 0), synthetic(48, 1)
+def configure(trial, devices=None):
+  lr = trial.suggest_float("lr", 0.01, 0.3, log=True)
+  return TrialConfig(model=MiniCNN(num_classes=3, dropout=0.0), train_loader=batches(*tr),
+      val_loader=batches(*va), num_classes=3, log_interval=1, devices=devices,
+      training=TrainingConfig(batch_size=16, use_amp=False, use_tqdm=False, learning_rate=lr,
+                              mixup_alpha=0.0, scheduler_type="none", epochs=2,
+                              monitor_metric="loss", monitor_direction="minimize"),
+      optuna=OptunaConfig(epochs=2, enable_pruning=False, pruner_type="none", storage="memory"))
+rates = [0.02, 0.05, 0.1, 0.2]
+solo, cohort = (optuna.create_study(direction="minimize") for _ in range(2))
+for study in (solo, cohort):
+  for lr in rates:
+    study.enqueue_trial({"lr": lr})
+solo.optimize(lambda t: run_trial(t, configure(t, devices=1)), n_trials=len(rates))
+compiles.clear()
+engine_cohort.optimize(cohort, configure, n_trials=len(rates), cohort_size=2)
+print(json.dumps({"devices": jax.device_count(), "specs": specs, "compiles": compiles,
+                  "solo": [t.value for t in solo.trials],
+                  "cohort": [t.value for t in cohort.trials]}))
+"""
+
+
+def test_on_two_devices_members_are_split_over_them_and_match_single_device_runs():
+  import json, os, pathlib, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  root = pathlib.Path(__file__).resolve().parents[2]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+  proc = subprocess.run([sys.executable, "-c", TWO_DEVICES], env=env, cwd=root, text=True,
+                        capture_output=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["devices"] == 2
+  # every leaf of the cohort, every epoch, split over the devices along the member axis
+  assert out["specs"] and all(spec == "P('data',)" for epoch in out["specs"] for spec in epoch)
+  assert out["cohort"] == pytest.approx(out["solo"], abs=1e-3)
+  # two cohorts of 2 in turn (refilled after the first two finish): one program each
+  assert out["compiles"]["jit(_cohort_train_step)"] == 1, out["compiles"]
+  assert out["compiles"]["jit(_cohort_eval_step)"] == 1, out["compiles"]
