@@ -16,11 +16,17 @@ Cases (``--only`` picks some):
 * ``mini_cnn``: 4 MiniCNN trials on scikit-learn's digits (8x8, 1527
   training rows, batch 32, 6 epochs), K = 4;
 * ``mlp784``: 4 trials of an MLP 784-256-256-10 on 28x28 images (1024
-  training rows, batch 64, 3 epochs), K = 4.
+  training rows, batch 64, 3 epochs), K = 4;
+* ``conv``: 4 trials of a user's Linen CNN (two ``nn.Conv`` layers, 16 and 32
+  channels) on digits as ``mini_cnn``, K = 4.
+
+``--programs vmap`` or ``serial`` forces the cohort's programs
+(``ORCHARD_JAX_COHORT_PROGRAMS``; default ``auto``, the rule of
+:func:`orchard_jax.engine.cohort.programs`), to measure the rule itself.
 
 Run::
 
-  python benchmarks/cohort_trials.py [--repeats 3] [--only tabular mini_cnn]
+  python benchmarks/cohort_trials.py [--repeats 3] [--only tabular mini_cnn] [--programs vmap]
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CASES = {"tabular": (8, 8), "mini_cnn": (4, 4), "mlp784": (4, 4)}  # name: (trials, K)
+CASES = {"tabular": (8, 8), "mini_cnn": (4, 4), "mlp784": (4, 4), "conv": (4, 4)}  # (trials, K)
 
 CHILD = r'''
 import json, sys, time
@@ -56,14 +62,25 @@ if case == "tabular":
   split = int(0.8 * len(y))
   data = (x[:split], y[:split]), (x[split:], y[split:])
   model, classes, batch, epochs, shape = MLP(num_classes=2, hidden=(64, 64)), 2, 32, 10, (30,)
-elif case == "mini_cnn":
+elif case in ("mini_cnn", "conv"):
   from sklearn.datasets import load_digits
   x, y = load_digits(return_X_y=True)
   x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
   order = rng.permutation(len(y)); x, y = x[order], y[order]
   split = int(0.85 * len(y))
   data = (x[:split], y[:split]), (x[split:], y[split:])
-  model, classes, batch, epochs, shape = MiniCNN(num_classes=10), 10, 32, 6, (8, 8, 1)
+  if case == "mini_cnn":
+    model = MiniCNN(num_classes=10)
+  else:  # a user's Linen CNN: flax's own convolutions, which XLA:CPU groups under vmap
+    import flax.linen as nn
+    class ConvNet(nn.Module):
+      @nn.compact
+      def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(16, (3, 3))(x))
+        x = nn.relu(nn.Conv(32, (3, 3))(x))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+    model = orchard_jax.as_model(ConvNet())
+  classes, batch, epochs, shape = 10, 32, 6, (8, 8, 1)
 else:
   def images(m):
     labels = rng.integers(0, 10, m)
@@ -101,9 +118,9 @@ print(json.dumps({"cold": cold, "warm": time.perf_counter() - begun, "best": bes
 '''
 
 
-def child(case: str, n: int, k: int) -> dict:
+def child(case: str, n: int, k: int, programs: str) -> dict:
   env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-         "PYTHONPATH": str(ROOT)}
+         "PYTHONPATH": str(ROOT), "ORCHARD_JAX_COHORT_PROGRAMS": programs}
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   proc = subprocess.run([sys.executable, "-c", CHILD, case, str(n), str(k)], env=env,
                         capture_output=True, text=True, check=False)
@@ -116,15 +133,17 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--only", nargs="*", choices=sorted(CASES), default=list(CASES))
+  parser.add_argument("--programs", choices=("auto", "vmap", "serial"), default="auto")
   args = parser.parse_args()
+  print(f"cohort programs: {args.programs}")
   print(f"{'case':10} {'trials':>6} {'K':>3} {'cold: one by one':>17} {'cohort':>7} "
         f"{'ratio':>6} {'warm: one by one':>17} {'cohort':>7} {'ratio':>6}  best (1 by 1 / cohort)")
   for case in args.only:
     n, k = CASES[case]
     solo, cohort = [], []
     for _ in range(args.repeats):
-      solo.append(child(case, n, 1))
-      cohort.append(child(case, n, k))
+      solo.append(child(case, n, 1, args.programs))
+      cohort.append(child(case, n, k, args.programs))
     cells = []
     for key in ("cold", "warm"):
       s = statistics.median(r[key] for r in solo)

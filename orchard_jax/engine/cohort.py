@@ -36,11 +36,13 @@ import collections
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optuna
 from jax.sharding import NamedSharding, PartitionSpec
@@ -64,7 +66,7 @@ from orchard_jax.errors import DataError, EmptyLoaderError, NonFiniteInputError,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Outcome", "cohort_key", "optimize", "run_cohorts"]
+__all__ = ["Outcome", "cohort_key", "optimize", "programs", "run_cohorts"]
 
 COHORT = "cohort"  # the trial's user attribute: {"size": K, "slot": i}
 
@@ -251,11 +253,18 @@ class _Cohort:
     self.members_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     self.batch_sharding = (jax.sharding.SingleDeviceSharding(next(iter(first.state.step.devices())))
                            if mesh is None else NamedSharding(mesh, PartitionSpec()))
-    self.state = self._split(core_cohort.repeat(first.state, size))
-    first.state = None
-    for i, m in enumerate(members[1:], start=1):
-      self.state = self._split(core_cohort.replace_member(self.state, i, m.state))
-      m.state = None  # the cohort holds it now
+    self.serial_train, self.serial_eval = programs(first.state, mesh is not None)
+    self.states: list[TrainState | None] = [None] * size  # each member's own (serial_train)
+    self.state: TrainState | None = None                  # the stacked members (vmapped)
+    if self.serial_train:
+      for i, m in enumerate(members):
+        self.states[i], m.state = m.state, None
+    else:
+      self.state = self._split(core_cohort.repeat(first.state, size))
+      first.state = None
+      for i, m in enumerate(members[1:], start=1):
+        self.state = self._split(core_cohort.replace_member(self.state, i, m.state))
+        m.state = None  # the cohort holds it now
     self.passes = 0
     for i, m in enumerate(members):
       storage_call(m.trial.set_user_attr, COHORT, {"size": size, "slot": i})
@@ -272,7 +281,10 @@ class _Cohort:
 
   def place(self, i: int, member: _Member) -> None:
     """Puts a started member into the free slot ``i`` (no recompile)."""
-    self.state = self._split(core_cohort.replace_member(self.state, i, member.state))
+    if self.serial_train:
+      self.states[i] = member.state
+    else:
+      self.state = self._split(core_cohort.replace_member(self.state, i, member.state))
     member.state = None
     self.slots[i] = member
     storage_call(member.trial.set_user_attr, COHORT, {"size": self.size, "slot": i})
@@ -285,18 +297,26 @@ class _Cohort:
     for i in live:
       _, lr, mixup = self.slots[i].run.begin_epoch()
       lrs[i], mixups[i] = lr, mixup
-    self.state = core_cohort.with_mixup(core_cohort.with_learning_rates(self.state, lrs), mixups)
     cfg = self.cfg
     try:
-      self.state, losses = _train_pass(self.state, cfg.train_loader, self.passes, cfg.layout,
-                                       self.batch_sharding)
+      if self.serial_train:
+        for i in live:
+          self.states[i] = self.states[i].with_learning_rate(lrs[i]).with_mixup(mixups[i])
+        losses = _serial_train_pass(self.states, live, cfg.train_loader, self.passes, cfg.layout,
+                                    self.batch_sharding)
+      else:
+        self.state = core_cohort.with_mixup(core_cohort.with_learning_rates(self.state, lrs),
+                                            mixups)
+        self.state, losses = _train_pass(self.state, cfg.train_loader, self.passes, cfg.layout,
+                                         self.batch_sharding)
     except DataError as e:  # the shared data: every member fails on it
       for i in live:
         self.slots[i].fail(e)
       return
     bad_inputs = None
     if any(not math.isfinite(losses[i]) for i in live):
-      bad_inputs = nonfinite_input_rows(self.state, cfg.train_loader,
+      bad_inputs = nonfinite_input_rows(self.states[live[0]] if self.serial_train else self.state,
+                                        cfg.train_loader,
                                         self.passes, cfg.layout, "training")
       if bad_inputs:
         error = NonFiniteInputError(
@@ -306,8 +326,14 @@ class _Cohort:
           self.slots[i].fail(error)
         return
     try:
-      metrics = _validation_pass(self.state, cfg.val_loader, self.passes, cfg.layout,
-                                 self.batch_sharding)
+      if self.serial_eval:
+        states = (self.states if self.serial_train else
+                  {i: core_cohort.member(self.state, i) for i in live})
+        metrics = _serial_validation_pass(states, live, cfg.val_loader, self.passes, cfg.layout,
+                                          self.batch_sharding, self.size)
+      else:
+        metrics = _validation_pass(self.state, cfg.val_loader, self.passes, cfg.layout,
+                                   self.batch_sharding)
     except DataError as e:
       for i in live:
         self.slots[i].fail(e)
@@ -317,7 +343,8 @@ class _Cohort:
       loss = float(losses[i])
       if not math.isfinite(loss):
         loss = RuntimeError(f"Training diverged: loss={loss} at epoch {m.run.epoch}")
-      m.end_epoch(_MemberView(self.state, i), loss, metrics[i])
+      m.end_epoch(self.states[i] if self.serial_train else _MemberView(self.state, i), loss,
+                  metrics[i])
 
 
 class _MemberView:
@@ -408,19 +435,125 @@ def _validation_pass(cohort: TrainState, loader: Iterable, epoch: int, layout: s
   logits = np.concatenate(logits, axis=1).astype(np.float64)  # [K, N, C]
   labels = np.concatenate(labels, axis=1)[0]  # the batch's own, repeated per member
   mask = np.concatenate(masks, axis=1)[0]
-  results: list[Any] = []
-  for i in range(logits.shape[0]):
-    member = logits[i]
-    nonfinite = int((mask & ~np.isfinite(member).all(axis=1)).sum())
-    if nonfinite:
-      results.append(ValueError(f"{nonfinite} of {int(sums['count'][i])} validation rows have "
-                                f"non-finite logits"))
-      continue
-    probs = np.exp(member - member.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    results.append(classification_metrics(probs, labels, sums["loss_sum"][i], sums["count"][i],
-                                          mask=mask))
+  return [_member_metrics(logits[i], labels, mask, sums["loss_sum"][i], sums["count"][i])
+          for i in range(logits.shape[0])]
+
+
+def _member_metrics(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray, loss_sum: float,
+                    count: float) -> Any:
+  """One member's validation metrics, as ``evaluate`` computes them (or the ``ValueError`` of
+  its non-finite logits)."""
+  nonfinite = int((mask & ~np.isfinite(logits).all(axis=1)).sum())
+  if nonfinite:
+    return ValueError(f"{nonfinite} of {int(count)} validation rows have non-finite logits")
+  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+  probs /= probs.sum(axis=1, keepdims=True)
+  return classification_metrics(probs, labels, loss_sum, count, mask=mask)
+
+
+# A member stepped alone runs the solo program, as run_trial's epoch does: the same executable.
+
+def _serial_train_pass(states: list, live: list[int], loader: Iterable, epoch: int, layout: str,
+                       sharding: Any) -> np.ndarray:
+  """One shared pass over ``loader`` in which each live member takes its solo step on every
+  batch, in turn; ``states`` is updated in place. The members' mean losses, ``[K]`` (0 for a
+  free slot)."""
+  from orchard_jax.core.steps import train_step  # pylint: disable=import-outside-toplevel
+  from orchard_jax.engine.epoch import _compiled  # pylint: disable=import-outside-toplevel
+  per_member, step = {i: [] for i in live}, None
+  for i in live:
+    states[i] = _committed(states[i])
+  first = states[live[0]]
+  with _shared_batches(first, loader, epoch, layout, "training", sharding) as batches:
+    for batch in batches:
+      if step is None:
+        _check_input_shape(first, batch, "training", epoch)
+        step = _compiled(train_step, "train_step", first, batch)
+      for i in live:
+        states[i], sums = step(states[i], batch)
+        per_member[i].append(sums)
+  if step is None:
+    raise EmptyLoaderError(f"the training loader yielded no batch at epoch {epoch}")
+  fetched = jax.device_get({i: _packed(rows) for i, rows in per_member.items()})
+  losses = np.zeros(len(states))
+  for i, packed in fetched.items():
+    totals = np.concatenate(packed).astype(np.float64).sum(axis=0)
+    sums = dict(zip(SUM_KEYS, totals))
+    losses[i] = sums["loss_sum"] / max(sums["count"], 1.0)
+  return losses
+
+
+def _serial_validation_pass(states: Any, live: list[int], loader: Iterable, epoch: int,
+                            layout: str, sharding: Any, size: int) -> list[Any]:
+  """Each live member's validation metrics, its solo evaluation program on every batch of one
+  shared pass; None for a free slot."""
+  from orchard_jax.core.steps import eval_step  # pylint: disable=import-outside-toplevel
+  from orchard_jax.engine.epoch import _compiled  # pylint: disable=import-outside-toplevel
+  per_member = {i: ([], []) for i in live}  # sums, logits
+  labels, masks, step, first = [], [], None, states[live[0]]
+  with _shared_batches(first, loader, epoch, layout, "validation", sharding) as batches:
+    for batch in batches:
+      if step is None:
+        _check_input_shape(first, batch, "validation", epoch)
+        step = _compiled(eval_step, "eval_step", first, batch)
+      for i in live:
+        out = step(states[i], batch)
+        per_member[i][0].append({key: out[key] for key in SUM_KEYS})
+        per_member[i][1].append(out["logits"])
+      labels.append(out["label"])
+      masks.append(out["mask"])
+  if step is None:
+    raise EmptyLoaderError(f"the validation loader yielded no batch at epoch {epoch}")
+  fetched, labels, masks = jax.device_get((
+      {i: (_packed(sums), logits) for i, (sums, logits) in per_member.items()}, labels, masks))
+  labels, mask = np.concatenate(labels), np.concatenate(masks)
+  results: list[Any] = [None] * size
+  for i, (packed, logits) in fetched.items():
+    totals = dict(zip(SUM_KEYS, np.concatenate(packed).astype(np.float64).sum(axis=0)))
+    results[i] = _member_metrics(np.concatenate(logits).astype(np.float64), labels, mask,
+                                 totals["loss_sum"], totals["count"])
   return results
+
+
+PROGRAMS_ENV = "ORCHARD_JAX_COHORT_PROGRAMS"
+_PROGRAMS: dict[Any, tuple[bool, bool]] = {}
+
+
+def _has_xla_conv(state: TrainState, train: bool) -> bool:
+  """Whether the model's forward pass (training or evaluation mode) holds an XLA convolution;
+  traced once, on a batch of 2 (no compile, no computation)."""
+  spec = state.spec
+  sample = jax.ShapeDtypeStruct((2, *spec.input_shape), jnp.float32)
+  jaxpr = jax.make_jaxpr(
+      lambda params, model_state, x: spec.model.apply(params, model_state, x, train=train,
+                                                      rng=jax.random.key(0)))(
+      state.params, state.model_state, sample)
+  return "conv_general_dilated" in str(jaxpr)
+
+
+def programs(state: TrainState, several_devices: bool = False) -> tuple[bool, bool]:
+  """``(serial_train, serial_eval)``: which of a cohort's two programs step each member's solo
+  program in turn instead of one vmapped program.
+
+  The rule, from ``benchmarks/cohort_trials.py``: on XLA:CPU a program with an XLA
+  convolution steps its members in turn (vmapped over weights, a convolution becomes a grouped
+  one, about 6x slower per member there); every other program, and every program on other
+  backends or split over several devices, is vmapped. ``ORCHARD_JAX_COHORT_PROGRAMS=vmap`` or
+  ``serial`` forces one kind for both (``auto``, the default, is the rule).
+  """
+  forced = os.environ.get(PROGRAMS_ENV, "auto")
+  if forced not in ("auto", "vmap", "serial"):
+    raise ConfigError(f"{PROGRAMS_ENV} must be 'auto', 'vmap' or 'serial', got {forced!r}")
+  if several_devices or forced == "vmap":
+    return False, False
+  if forced == "serial":
+    return True, True
+  if jax.default_backend() != "cpu":
+    return False, False
+  if state.spec not in _PROGRAMS:
+    train = _has_xla_conv(state, train=True)
+    _PROGRAMS[state.spec] = (train, train or _has_xla_conv(state, train=False))
+  return _PROGRAMS[state.spec]
 
 
 # --------------------------------------------------------------- driving ---

@@ -265,3 +265,53 @@ def test_on_two_devices_members_are_split_over_them_and_match_single_device_runs
   # two cohorts of 2 in turn (refilled after the first two finish): one program each
   assert out["compiles"]["jit(_cohort_train_step)"] == 1, out["compiles"]
   assert out["compiles"]["jit(_cohort_eval_step)"] == 1, out["compiles"]
+
+
+class ConvNet(__import__("flax").linen.Module):
+  """A user's Linen CNN with flax's own (XLA) convolution."""
+
+  @__import__("flax").linen.compact
+  def __call__(self, x, train: bool = False):
+    nn = __import__("flax").linen
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    return nn.Dense(NUM_CLASSES)(x.reshape((x.shape[0], -1)))
+
+
+def test_the_program_rule_steps_xla_convolutions_member_by_member_on_cpu(make_cfg, monkeypatch):
+  from orchard_jax.engine.cohort import PROGRAMS_ENV, programs  # pylint: disable=import-outside-toplevel
+  from orchard_jax.engine.trial import initial_state  # pylint: disable=import-outside-toplevel
+  from orchard_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from orchard_jax.models import as_model  # pylint: disable=import-outside-toplevel
+  state = lambda model: initial_state(make_cfg(model=model, input_shape=(8, 8, 1)))
+  assert programs(state(MLP(num_classes=NUM_CLASSES, hidden=(16,)))) == (False, False)
+  # MiniCNN trains with im2col on XLA:CPU (vmapped); its evaluation's first convolution is XLA's
+  assert programs(state(MiniCNN(num_classes=NUM_CLASSES))) == (False, True)
+  conv = state(as_model(ConvNet()))
+  assert programs(conv) == (True, True)
+  assert programs(conv, several_devices=True) == (False, False)
+  monkeypatch.setenv(PROGRAMS_ENV, "vmap")
+  assert programs(conv) == (False, False)
+  monkeypatch.setenv(PROGRAMS_ENV, "grouped")
+  with pytest.raises(ConfigError, match="^ORCHARD_JAX_COHORT_PROGRAMS must be 'auto', 'vmap' or "
+                                        "'serial', got 'grouped'$"):
+    programs(conv)
+
+
+@pytest.mark.parametrize("kind", ["serial", "auto"])
+def test_members_stepped_in_turn_are_their_solo_trials_bit_for_bit(make_cfg, monkeypatch, kind,
+                                                                   xla_compiles):
+  # serial forced on an MLP; auto on a user's CNN with XLA convolutions (the rule's choice)
+  from orchard_jax.engine.cohort import PROGRAMS_ENV  # pylint: disable=import-outside-toplevel
+  from orchard_jax.models import as_model  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv(PROGRAMS_ENV, kind)
+  model = MLP(num_classes=NUM_CLASSES, hidden=(16,)) if kind == "serial" else as_model(ConvNet())
+  configure = configurator(make_cfg, model=model, scheduler_type="plateau", scheduler_patience=1,
+                           mixup_alpha=0.2, mixup_epochs=2)
+  params = [{"learning_rate": lr, "mixup_alpha": 0.1} for lr in (0.02, 0.05, 0.1)]
+  solo, cohort_study = studies(params)
+  solo.optimize(lambda t: run_trial(t, configure(t)), n_trials=len(params))
+  with xla_compiles() as seen:
+    optimize(cohort_study, configure, n_trials=len(params), cohort_size=2)
+  for a, b in zip(solo.trials, cohort_study.trials):
+    assert b.intermediate_values == a.intermediate_values and b.value == a.value
+  assert not [name for name in seen.by_name if "cohort" in name], seen.by_name
