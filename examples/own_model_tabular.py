@@ -4,7 +4,10 @@ scikit-learn's breast_cancer ships with scikit-learn (569 rows, 30 features,
 2 classes), so this runs without a network. The README's "Your model and your
 data" section shows this file whole; CI runs it.
 
-    python examples/own_model_tabular.py [--n-trials 8] [--epochs 10]
+    python examples/own_model_tabular.py [--n-trials 8] [--epochs 10] [--cohort-size 1]
+
+With ``--cohort-size 8`` the trials train 8 at a time in one vmapped program
+(``orchard_jax.optimize``), each still reported, pruned and stored on its own.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from orchard_jax import OptunaConfig, TrainingConfig, TrialConfig, run_trial
+from orchard_jax import OptunaConfig, TrainingConfig, TrialConfig, optimize, run_trial
 from orchard_jax.data import make_loader
 
 
@@ -54,6 +57,7 @@ def main(argv=None) -> float:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--n-trials", type=int, default=8)
   parser.add_argument("--epochs", type=int, default=10, help="epochs per trial (>= 2)")
+  parser.add_argument("--cohort-size", type=int, default=1, help="trials trained together")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -64,18 +68,20 @@ def main(argv=None) -> float:
                         monitor_metric="auc", monitor_direction="maximize")
   study_cfg = OptunaConfig(epochs=args.epochs, pruning_warmup_epochs=min(3, args.epochs - 1))
 
-  def objective(trial: optuna.Trial) -> float:
+  def configure(trial: optuna.Trial) -> TrialConfig:
     training = base.replace(
         learning_rate=trial.suggest_float("learning_rate", 1e-3, 3e-2, log=True),
         weight_decay=trial.suggest_float("weight_decay", 1e-5, 1e-2, log=True),
         label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.1))
-    return run_trial(trial, TrialConfig(model=model, train_loader=train_loader,
-                                        val_loader=val_loader, num_classes=2,
-                                        training=training, optuna=study_cfg))
+    return TrialConfig(model=model, train_loader=train_loader, val_loader=val_loader,
+                       num_classes=2, training=training, optuna=study_cfg)
 
   study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0),
                               pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
-  study.optimize(objective, n_trials=args.n_trials)
+  if args.cohort_size == 1:  # one trial at a time, in your own objective
+    study.optimize(lambda trial: run_trial(trial, configure(trial)), n_trials=args.n_trials)
+  else:  # cohort_size trials at a time, in one vmapped program
+    optimize(study, configure, n_trials=args.n_trials, cohort_size=args.cohort_size)
   best = study.best_trial
   print(f"best trial #{best.number}: validation auc {best.value:.4f}")
   print("best params: " + ", ".join(f"{k}={v:.3g}" for k, v in best.params.items()))

@@ -51,3 +51,14 @@ def test_the_example_runs_a_short_study_of_its_own_linen_module(tmp_path):
                      r"class weights off$", proc.stderr, re.M)
   assert lines == ["0", "1"], proc.stderr[-3000:]
   assert "\r" not in proc.stderr  # no progress bar in a redirected log (use_tqdm defaults on)
+
+
+def test_the_example_trains_its_trials_in_a_cohort(tmp_path):
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, str(EXAMPLE), "--n-trials", "3", "--epochs", "3",
+                         "--cohort-size", "2"], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Cohort of 2: trials 0, 1" in proc.stderr, proc.stderr[-3000:]
+  best = re.search(r"^best trial #(\d+): validation auc ([0-9.]+)$", proc.stdout, re.M)
+  assert best and float(best.group(2)) >= 0.95, proc.stdout
