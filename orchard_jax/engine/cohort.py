@@ -625,6 +625,7 @@ def run_cohorts(ask: Ask, configure: Configure, tell: Tell, cohort_size: int) ->
   if cohort_size == 1:  # run_trial's own path, bit for bit
     return _one_by_one(ask, configure, tell)
   waiting: collections.deque[_Member] = collections.deque()
+  forming: list[_Member] = []  # taken for a cohort not yet formed
   told, spent = 0, False
   current: _Cohort | None = None
 
@@ -644,6 +645,9 @@ def run_cohorts(ask: Ask, configure: Configure, tell: Tell, cohort_size: int) ->
         return None
       try:
         cfg = configure(trial)
+      except KeyboardInterrupt as e:
+        tell(trial, Outcome(TrialState.FAIL, error=e))
+        raise
       except optuna.TrialPruned:
         tell(trial, Outcome(TrialState.PRUNED))
         told += 1
@@ -653,7 +657,12 @@ def run_cohorts(ask: Ask, configure: Configure, tell: Tell, cohort_size: int) ->
         told += 1
         continue
       m = _Member(trial, cfg)
-      m.start(reseed, input_shape)
+      try:
+        m.start(reseed, input_shape)
+      except BaseException as e:  # an interrupt while it starts: told, not left RUNNING
+        m.outcome = Outcome(TrialState.FAIL, error=e)
+        finish(m)
+        raise
       if not m.live:
         finish(m)
         continue
@@ -688,16 +697,18 @@ def run_cohorts(ask: Ask, configure: Configure, tell: Tell, cohort_size: int) ->
         if not first.reseeded:  # it waited: the new cohort's order starts at its seed
           _reseed(first.cfg.train_loader, first.training.seed)
         split = devices_of(first.state)
-        members, slots = [first], _slots(cohort_size, split)
-        while len(members) < slots:
+        forming.append(first)
+        slots = _slots(cohort_size, split)
+        while len(forming) < slots:
           m = take(first.key, False)
           if m is None:
             break
-          members.append(m)
-        current = _Cohort(members, slots)
-        logger.info("Cohort of %d: trials %s%s", len(members),
-                    ", ".join(str(m.trial.number) for m in members),
+          forming.append(m)
+        current = _Cohort(forming, slots)
+        logger.info("Cohort of %d: trials %s%s", len(forming),
+                    ", ".join(str(m.trial.number) for m in forming),
                     f" (members split over {split} devices)" if split > 1 else "")
+        forming = []
       current.epoch()
       for i, m in enumerate(current.slots):
         if m is not None and not m.live:
@@ -710,8 +721,8 @@ def run_cohorts(ask: Ask, configure: Configure, tell: Tell, cohort_size: int) ->
             break
           current.place(i, new)
   except BaseException as e:
-    members = ([m for m in current.slots if m is not None and m.live] if current else [])
-    for m in [*members, *waiting]:
+    held = [*(current.slots if current else ()), *forming, *waiting]
+    for m in {id(m): m for m in held if m is not None and m.live}.values():
       m.outcome = Outcome(TrialState.FAIL, error=e)
       with contextlib.suppress(Exception):
         finish(m)

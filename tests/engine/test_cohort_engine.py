@@ -315,3 +315,18 @@ def test_members_stepped_in_turn_are_their_solo_trials_bit_for_bit(make_cfg, mon
   for a, b in zip(solo.trials, cohort_study.trials):
     assert b.intermediate_values == a.intermediate_values and b.value == a.value
   assert not [name for name in seen.by_name if "cohort" in name], seen.by_name
+
+
+def test_an_interrupt_while_a_cohort_forms_tells_every_asked_trial(make_cfg):
+  configure = configurator(make_cfg)
+
+  def interrupted(trial):
+    if trial.number == 1:
+      raise KeyboardInterrupt
+    return configure(trial)
+
+  study = optuna.create_study(direction="minimize")
+  with pytest.raises(KeyboardInterrupt):
+    optimize(study, interrupted, n_trials=4, cohort_size=2)
+  # trial 0 was started and waiting for its cohort; trial 1 was being configured
+  assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
