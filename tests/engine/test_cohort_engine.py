@@ -85,13 +85,14 @@ def test_mlp_members_match_their_solo_trials_with_mixup_and_the_plateau_schedule
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_minicnn_members_match_their_solo_trials(make_cfg, optimizer):
+def test_minicnn_members_match_their_solo_trials_with_mixup_and_the_plateau_schedule(make_cfg, optimizer):
   model = MiniCNN(num_classes=NUM_CLASSES, dropout=0.0)
   configure = configurator(make_cfg, model=model, optimizer_type=optimizer,
-                           scheduler_type="plateau", scheduler_patience=1)
+                           scheduler_type="plateau", scheduler_patience=1, mixup_alpha=0.2,
+                           mixup_epochs=2)
   rates = (0.02, 0.1) if optimizer == "sgd" else (0.001, 0.01)
-  solo, cohort = solo_and_cohort(configure, [{"learning_rate": lr} for lr in rates],
-                                 cohort_size=2)
+  solo, cohort = solo_and_cohort(configure, [{"learning_rate": lr, "mixup_alpha": a}
+                                             for lr, a in zip(rates, (0.1, 0.3))], cohort_size=2)
   assert_members_match(solo, cohort)
 
 

@@ -81,3 +81,37 @@ def test_sigterm_stops_a_cohort_its_trials_are_retried_and_the_rerun_completes(w
   trials = load(url, "cohort_term")
   retries = check_exact(trials, 4)
   assert sorted(r.user_attrs[RETRY_OF] for r in retries) == [0, 1]
+
+
+def test_a_killed_cohort_is_retried_whole_and_the_rerun_completes(workdir, warm_env, command):
+  path = fault_recipe(workdir, "cohort_kill", n_trials=4, epochs=30, cohort_size=2)
+  proc, seen = start(command, ["run", path], warm_env, workdir), []
+  wait_for(proc, "T1 E2/30", seen)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  url = f"sqlite:///{workdir / 'cohort_kill' / 'study.db'}"
+  assert sorted(t.number for t in load(url, "cohort_kill")
+                if t.state == TrialState.RUNNING) == [0, 1]
+  rerun = run(command, ["run", path], warm_env, workdir)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  trials = load(url, "cohort_kill")
+  retries = check_exact(trials, 4)
+  assert sorted(r.user_attrs[RETRY_OF] for r in retries) == [0, 1]
+  rows = {r["number"]: r for r in csv.DictReader(open(workdir / "cohort_kill" / "trials.csv"))}
+  assert [rows[n]["error"] for n in ("0", "1")] == ["lost: its process (run) died"] * 2
+
+
+def test_run_and_a_worker_in_cohorts_on_postgresql_share_the_budget_exactly(postgres, workdir,
+                                                                            warm_env, command):
+  url = postgres.create_database()
+  path = fault_recipe(workdir, "pg_cohorts", n_trials=6, epochs=6, storage=url, cohort_size=2)
+  owner, seen = start(command, ["run", path], warm_env, workdir), []
+  helper = start(command, ["worker", path, "--name", "helper", "--no-outputs"], warm_env,
+                 workdir)
+  done, helped = finish(owner, seen), finish(helper, [])
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert helped.returncode == 0, helped.stderr[-3000:]
+  trials = load(url, "pg_cohorts")
+  check_exact(trials, 6)
+  assert all(t.state == TrialState.COMPLETE for t in trials)
+  assert all(t.user_attrs[COHORT]["size"] == 2 for t in trials)
