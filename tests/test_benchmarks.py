@@ -89,3 +89,24 @@ def test_a_spent_budget_skips_the_remaining_cases_without_failing():
   assert "[mini_cnn float32] budget of 0s spent" in proc.stdout
   assert "[mini_cnn bfloat16] budget of 0s spent" in proc.stdout
   assert "0 results, 0 failed cases, 2 skipped" in proc.stdout
+
+
+def test_gpu_cohort_quick_run_reports_per_member_samples_per_s_and_the_ratio_to_k1(tmp_path):
+  """benchmarks/gpu_cohort.py --quick (K = 1, 2 MiniCNN cohorts, batch 32, 3 steps): about 10 s."""
+  path = tmp_path / "cohort.json"
+  env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()}
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_cohort.py"), "--quick",
+                         "--json", str(path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  for name in ("cohort K=1", "solo train_step", "cohort K=2"):
+    pattern = (rf"^{name}\s+step\s+[0-9.]+ ms \| per member samples/s\s+[0-9.]+ "
+               rf".*member-samples/s, [0-9.]+x K=1")
+    assert re.search(pattern, proc.stdout, re.M), f"no line for {name}:\n{proc.stdout}"
+  data = json.loads(path.read_text())
+  assert data["environment"]["backend"] == "cpu" and data["failures"] == []
+  got = {r["name"]: r for r in data["results"]}
+  assert sorted(got) == ["cohort K=1", "cohort K=2", "solo train_step"]
+  assert got["cohort K=1"]["ratio_to_k1"] == 1.0
+  assert all(r["member_samples_per_s_median"] > 0 and r["finite"] for r in got.values())
+  assert got["cohort K=2"]["final_loss_min"] != got["cohort K=2"]["final_loss_max"]  # own seeds, rates
