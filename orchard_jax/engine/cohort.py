@@ -515,6 +515,50 @@ def _serial_validation_pass(states: Any, live: list[int], loader: Iterable, epoc
   return results
 
 
+def compile_cohort_steps(state: TrainState, train_loader: Iterable, val_loader: Iterable, *,
+                         layout: str, cohort_size: int) -> None:
+  """Compiles the programs a cohort of ``cohort_size`` members of ``state``'s structure runs,
+  without training anything a study keeps (for compiling ahead, :mod:`orchard_jax.study.ahead`).
+
+  Those of a cohort's formation and refill, its training and evaluation steps (vmapped, or each
+  member's solo program where :func:`programs` says so) on the first batch of each loader, the
+  packing of an epoch's sums and a best-state copy. ``state`` is donated.
+  """
+  from orchard_jax.core.steps import eval_step  # pylint: disable=import-outside-toplevel
+  from orchard_jax.engine.epoch import _compiled, compile_steps  # pylint: disable=import-outside-toplevel
+  mesh = _mesh(state)
+  serial_train, serial_eval = programs(state, mesh is not None)
+  if serial_train or mesh is not None:  # the solo programs; a split cohort compiles at its start
+    compile_steps(state, train_loader, val_loader, layout=layout)
+    return
+  slots = _slots(cohort_size, 1)
+  sharding = jax.sharding.SingleDeviceSharding(next(iter(state.step.devices())))
+  cohort = core_cohort.repeat(state, slots)
+  cohort = core_cohort.replace_member(cohort, slots - 1, state)
+  cohort = core_cohort.with_mixup(
+      core_cohort.with_learning_rates(cohort, np.zeros(slots, np.float32)), np.zeros(slots, bool))
+  for loader, role in ((train_loader, "training"), (val_loader, "validation")):
+    with _shared_batches(cohort, loader, 1, layout, role, sharding) as batches:
+      batch = next(batches, None)
+    if batch is None:
+      continue
+    try:
+      count = max(len(loader), 1)
+    except TypeError:
+      count = 1
+    if role == "training":
+      cohort, sums = core_cohort.cohort_train_step(_committed(cohort), batch)
+    elif serial_eval:
+      solo = core_cohort.member(cohort, 0)
+      out = _compiled(eval_step, "eval_step", solo, batch)(solo, batch)
+      sums = {key: out[key] for key in SUM_KEYS}
+    else:
+      out = core_cohort.cohort_eval_step(cohort, batch)
+      sums = {key: out[key] for key in SUM_KEYS}
+    jax.block_until_ready(_packed([sums] * count))
+  jax.block_until_ready(core_cohort.member_arrays(cohort, 0))
+
+
 PROGRAMS_ENV = "ORCHARD_JAX_COHORT_PROGRAMS"
 _PROGRAMS: dict[Any, tuple[bool, bool]] = {}
 

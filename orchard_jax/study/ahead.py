@@ -89,8 +89,13 @@ class CompileAhead:
     try:
       cfg = trial_config(recipe, source, {}, output_dir=None, history=History())
       training = trial_training_config(cfg)
-      compile_steps(initial_state(cfg, training), cfg.train_loader, cfg.val_loader,
-                    layout=cfg.layout)
+      state, cohort_size = initial_state(cfg, training), recipe.study.config.cohort_size
+      if cohort_size > 1:  # the first cohort's programs, not a solo trial's
+        from orchard_jax.engine.cohort import compile_cohort_steps
+        compile_cohort_steps(state, cfg.train_loader, cfg.val_loader, layout=cfg.layout,
+                             cohort_size=cohort_size)
+      else:
+        compile_steps(state, cfg.train_loader, cfg.val_loader, layout=cfg.layout)
     except Exception as e:  # pylint: disable=broad-except  # the first trial meets it again
       self.error = e
       logger.debug("Compiling ahead failed (%s: %s); the first trial compiles", type(e).__name__, e)

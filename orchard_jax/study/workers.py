@@ -362,10 +362,11 @@ def run_in_cohorts(worker: "_Worker", runner: "TrialRunner", objective: Any,
       while not interrupt.requested:
         if interrupt.immediate:
           raise KeyboardInterrupt
-        run_cohorts(ask, objective.configure, tell, cohort_size)
+        told = run_cohorts(ask, objective.configure, tell, cohort_size)
         if last[0] != "wait":
           return
-        time.sleep(POLL_S)
+        if not told:  # others' trials may still need a retry; after our own, look again at once
+          time.sleep(POLL_S)
   finally:
     interrupt.in_trial = False
     for beat in beats.values():

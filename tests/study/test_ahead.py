@@ -70,6 +70,22 @@ def test_the_study_compiles_every_program_ahead_and_its_trials_compile_none(tmp_
   assert set(compiles.threads) == {"orchard_jax-compile-ahead"}
 
 
+def test_a_study_in_cohorts_compiles_its_cohort_programs_ahead_and_its_trials_none(
+    tmp_path, xla_compiles):
+  # 5 trials in cohorts of 2: formation, refills, steps, packing, best copies -- all ahead
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  recipe = tiny_recipe(tmp_path)
+  recipe = dataclasses.replace(recipe, study=dataclasses.replace(
+      recipe.study, config=recipe.study.config.replace(cohort_size=2, n_trials=5)))
+  fresh_caches()
+  with xla_compiles() as compiles:
+    run(tmp_path, recipe)
+  assert compiles.by_name["jit(_cohort_train_step)"] == 1, compiles.by_name
+  assert set(compiles.threads) == {"orchard_jax-compile-ahead"}, [
+      (name, thread) for name, thread in zip(compiles.by_name, compiles.threads)]
+  assert len(values(tmp_path)) == 5
+
+
 def test_compiling_ahead_changes_no_result(tmp_path, monkeypatch, xla_compiles):
   fresh_caches()
   run(tmp_path / "ahead")
