@@ -126,8 +126,8 @@ def open_study(recipe: Any, url: str | None, storage: Any = None, *, join: bool 
 
 
 # Keys that may change between runs of one study without changing what it searches.
-_RUN_KEYS = ("n_trials", "timeout", "n_jobs", "load_if_exists", "show_progress_bar",
-             "save_plots", "save_best_config")
+_RUN_KEYS = ("n_trials", "timeout", "n_jobs", "cohort_size", "load_if_exists",
+             "show_progress_bar", "save_plots", "save_best_config")
 
 
 def _warn_if_changed(recipe: Any, previous: pathlib.Path) -> None:
