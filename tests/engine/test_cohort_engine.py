@@ -88,7 +88,7 @@ def test_mlp_members_match_their_solo_trials_with_mixup_and_the_plateau_schedule
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_minicnn_members_match_their_solo_trials_with_mixup_and_the_plateau_schedule(make_cfg, optimizer):
+def test_minicnn_members_match_their_solo_trials_with_mixup_and_plateau(make_cfg, optimizer):
   model = MiniCNN(num_classes=NUM_CLASSES, dropout=0.0)
   configure = configurator(make_cfg, model=model, optimizer_type=optimizer,
                            scheduler_type="plateau", scheduler_patience=1, mixup_alpha=0.2,
