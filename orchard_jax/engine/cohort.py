@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -50,19 +51,22 @@ from optuna.trial import FrozenTrial, TrialState
 
 from orchard_jax.config import ConfigError, TrialConfig
 from orchard_jax.core import cohort as core_cohort
-from orchard_jax.core.metrics import SUM_KEYS, classification_metrics
+from orchard_jax.core.metrics import SUM_KEYS
+from orchard_jax.core.steps import eval_step, train_step
 from orchard_jax.core.state import TrainState
-from orchard_jax.engine.callbacks import (BestState, LRSchedulerStep, OptunaReportPrune,
-                                          storage_call)
+from orchard_jax.engine.callbacks import LRSchedulerStep, storage_call
 from orchard_jax.core.sharding import DATA_AXIS
 from orchard_jax.data.adapter import device_batches
-from orchard_jax.engine.epoch import (_check_input_shape, _committed, _packed,
-                                      nonfinite_input_rows)
-from orchard_jax.engine.loop import EpochLoop, LoopResult, LoopRun, worst_value
-from orchard_jax.engine.trial import (TRIAL_CONFIG, _check_direction, _controller, _reseed,
-                                      best_state_dir, checked_state, run_trial, settings_line,
-                                      trial_record, trial_training_config)
-from orchard_jax.errors import DataError, EmptyLoaderError, NonFiniteInputError, SetupError
+from orchard_jax.engine.epoch import (_check_input_shape, _committed, _compiled, _packed, _sums,
+                                      compile_steps, logits_metrics, nonfinite_input_rows,
+                                      nonfinite_rows)
+from orchard_jax.engine.loop import LoopResult, LoopRun, worst_value
+from orchard_jax.engine.trial import (TRIAL_CONFIG, _check_direction, _controller, _epoch_loop,
+                                      _reseed, checked_state, run_trial, settings_line,
+                                      trial_callbacks, trial_completed, trial_record,
+                                      trial_training_config, warn_tta)
+from orchard_jax.errors import (DataError, EmptyLoaderError, NonFiniteInputError, SetupError,
+                                StorageFault)
 
 logger = logging.getLogger(__name__)
 
@@ -88,16 +92,13 @@ class Outcome(NamedTuple):
 
 
 def cohort_key(cfg: TrialConfig, state: TrainState) -> Any:
-  """What trials must share to train in one cohort, or None for a trial that cannot join one.
+  """What trials must share to train in one cohort.
 
   The state's static structure (its ``spec``: model, optimizer kind,
   precision, criterion, MixUp on or off...; its tree and every leaf's shape
   and dtype) and the data a member reads: batch size, data seed, layout and
-  devices. A trial with its own ``train_epoch_fn`` or ``validate_fn`` cannot
-  be vmapped: it trains alone.
+  devices.
   """
-  if cfg.train_epoch_fn is not None or cfg.validate_fn is not None:
-    return None
   leaves, tree = jax.tree.flatten(state)
   shapes = tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
   training = cfg.training
@@ -122,7 +123,7 @@ class _Member:
     self.started = time.monotonic()
     self.reseeded, self.best = False, None
 
-  # Each step below is guarded as run_trial guards a trial: see _end.
+  # Each step below is guarded as run_trial guards a trial: see _guard.
 
   def start(self, reseed: bool, input_shape: tuple[int, ...] | None = None) -> None:
     """Checks, records and builds the trial's state (``reseed``: restart its loader's order;
@@ -140,22 +141,12 @@ class _Member:
       storage_call(self.trial.set_user_attr, TRIAL_CONFIG, trial_record(cfg))
       logger.info("Trial %d: %s", number, settings_line(training))
       controller = _controller(training)
-      self.best = BestState(None if cfg.output_dir is None else
-                            best_state_dir(cfg.output_dir, number),
-                            metric_name=training.monitor_metric, trial_number=number)
-      report = OptunaReportPrune(self.trial, enable_pruning=cfg.optuna.enable_pruning,
-                                 warmup_epochs=cfg.optuna.pruning_warmup_epochs,
-                                 metric_name=training.monitor_metric)
-      loop = EpochLoop(epochs=training.epochs, train_fn=_not_called, validate_fn=self._validated,
-                       lr_for_epoch=controller.lr_for_epoch,
-                       monitor_metric=training.monitor_metric,
-                       direction=training.monitor_direction, mixup_epochs=training.mixup_epochs,
-                       fallback=cfg.fallback_metrics, log_interval=cfg.log_interval,
-                       label=f"T{number}")
+      self.best, report = trial_callbacks(self.trial, cfg, training)
+      # run_trial's loop, its epochs trained by the cohort and validated from the cohort's pass
+      loop = dataclasses.replace(_epoch_loop(cfg, training, controller, f"T{number}"),
+                                 train_fn=_not_called, validate_fn=self._validated)
       self.run = LoopRun(loop, [report, LRSchedulerStep(controller), self.best])
-      if training.use_tta:
-        logger.warning("use_tta=True: test-time augmentation is not implemented in orchard_jax; "
-                       "validation runs without it")
+      warn_tta(training)
       self.state = checked_state(cfg, training, reseed=reseed)
       self.key = cohort_key(cfg, self.state)
 
@@ -182,12 +173,7 @@ class _Member:
         self._finished(result)
 
   def _finished(self, result: LoopResult) -> None:
-    number, training = self.trial.number, self.training
-    if self.best.write_error is not None:  # the trial keeps its value; its checkpoint is missing
-      storage_call(self.trial.set_user_attr, "checkpoint_error", self.best.write_error)
-    logger.info("Trial %d completed", number)
-    logger.info("  Best %-13s: %.6f", training.monitor_metric.upper(), result.best)
-    logger.info("  %-18s: %.4f", "Final Loss", result.final_train_loss)
+    trial_completed(self.trial, self.training, self.best, result)
     self.outcome = Outcome(TrialState.COMPLETE, result.best, None, result)
 
   def fail(self, error: BaseException) -> None:
@@ -200,7 +186,6 @@ class _Member:
     """run_trial's outcomes: pruned; a storage fault (FAIL, retried by the runner); bad data,
     setup and configuration errors (FAIL, recorded); any other failure recorded and, unless
     ``reraise_errors``, the worst value."""
-    from orchard_jax.errors import StorageFault  # pylint: disable=import-outside-toplevel
     number = self.trial.number
     try:
       yield
@@ -211,23 +196,21 @@ class _Member:
     except (DataError, SetupError, ConfigError) as e:
       kind = "bad data" if isinstance(e, DataError) else "its setup"
       logger.error("Trial %d failed on %s: %s: %s", number, kind, type(e).__name__, e)
-      self._record_error(e)
+      self._failed(e, fail=True)
     except Exception as e:  # pylint: disable=broad-except
       logger.error("Trial %d failed: %s: %s", number, type(e).__name__, e)
-      self._record_error(e)
-      if self.outcome is None and not self.cfg.reraise_errors:
-        self.outcome = Outcome(TrialState.COMPLETE, worst_value(self.training.monitor_direction),
-                               e)
+      self._failed(e, fail=self.cfg.reraise_errors)
 
-  def _record_error(self, e: BaseException) -> None:
+  def _failed(self, e: BaseException, fail: bool) -> None:
+    """Records ``e`` as the trial's error; ends it FAIL, or with the worst value (a storage
+    fault while recording: FAIL with the fault)."""
     try:
       storage_call(self.trial.set_user_attr, "error", f"{type(e).__name__}: {e}")
     except Exception as fault:  # pylint: disable=broad-except
       self.outcome = Outcome(TrialState.FAIL, error=fault)
       return
-    if self.outcome is None and (self.cfg.reraise_errors or isinstance(
-        e, (DataError, SetupError, ConfigError))):
-      self.outcome = Outcome(TrialState.FAIL, error=e)
+    self.outcome = (Outcome(TrialState.FAIL, error=e) if fail else
+                    Outcome(TrialState.COMPLETE, worst_value(self.training.monitor_direction), e))
 
 
 def _not_called(state: TrainState, epoch: int):
@@ -443,12 +426,10 @@ def _member_metrics(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray, lo
                     count: float) -> Any:
   """One member's validation metrics, as ``evaluate`` computes them (or the ``ValueError`` of
   its non-finite logits)."""
-  nonfinite = int((mask & ~np.isfinite(logits).all(axis=1)).sum())
+  nonfinite = nonfinite_rows(logits, mask)
   if nonfinite:
     return ValueError(f"{nonfinite} of {int(count)} validation rows have non-finite logits")
-  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-  probs /= probs.sum(axis=1, keepdims=True)
-  return classification_metrics(probs, labels, loss_sum, count, mask=mask)
+  return logits_metrics(logits, labels, mask, loss_sum, count)
 
 
 # A member stepped alone runs the solo program, as run_trial's epoch does: the same executable.
@@ -458,8 +439,6 @@ def _serial_train_pass(states: list, live: list[int], loader: Iterable, epoch: i
   """One shared pass over ``loader`` in which each live member takes its solo step on every
   batch, in turn; ``states`` is updated in place. The members' mean losses, ``[K]`` (0 for a
   free slot)."""
-  from orchard_jax.core.steps import train_step  # pylint: disable=import-outside-toplevel
-  from orchard_jax.engine.epoch import _compiled  # pylint: disable=import-outside-toplevel
   per_member, step = {i: [] for i in live}, None
   for i in live:
     states[i] = _committed(states[i])
@@ -477,8 +456,7 @@ def _serial_train_pass(states: list, live: list[int], loader: Iterable, epoch: i
   fetched = jax.device_get({i: _packed(rows) for i, rows in per_member.items()})
   losses = np.zeros(len(states))
   for i, packed in fetched.items():
-    totals = np.concatenate(packed).astype(np.float64).sum(axis=0)
-    sums = dict(zip(SUM_KEYS, totals))
+    sums = _sums(packed)
     losses[i] = sums["loss_sum"] / max(sums["count"], 1.0)
   return losses
 
@@ -487,8 +465,6 @@ def _serial_validation_pass(states: Any, live: list[int], loader: Iterable, epoc
                             layout: str, sharding: Any, size: int) -> list[Any]:
   """Each live member's validation metrics, its solo evaluation program on every batch of one
   shared pass; None for a free slot."""
-  from orchard_jax.core.steps import eval_step  # pylint: disable=import-outside-toplevel
-  from orchard_jax.engine.epoch import _compiled  # pylint: disable=import-outside-toplevel
   per_member = {i: ([], []) for i in live}  # sums, logits
   labels, masks, step, first = [], [], None, states[live[0]]
   with _shared_batches(first, loader, epoch, layout, "validation", sharding) as batches:
@@ -509,7 +485,7 @@ def _serial_validation_pass(states: Any, live: list[int], loader: Iterable, epoc
   labels, mask = np.concatenate(labels), np.concatenate(masks)
   results: list[Any] = [None] * size
   for i, (packed, logits) in fetched.items():
-    totals = dict(zip(SUM_KEYS, np.concatenate(packed).astype(np.float64).sum(axis=0)))
+    totals = _sums(packed)
     results[i] = _member_metrics(np.concatenate(logits).astype(np.float64), labels, mask,
                                  totals["loss_sum"], totals["count"])
   return results
@@ -524,8 +500,6 @@ def compile_cohort_steps(state: TrainState, train_loader: Iterable, val_loader: 
   member's solo program where :func:`programs` says so) on the first batch of each loader, the
   packing of an epoch's sums and a best-state copy. ``state`` is donated.
   """
-  from orchard_jax.core.steps import eval_step  # pylint: disable=import-outside-toplevel
-  from orchard_jax.engine.epoch import _compiled, compile_steps  # pylint: disable=import-outside-toplevel
   mesh = _mesh(state)
   serial_train, serial_eval = programs(state, mesh is not None)
   if serial_train or mesh is not None:  # the solo programs; a split cohort compiles at its start
@@ -673,15 +647,18 @@ def run_cohorts(ask: Ask, configure: Configure, tell: Tell, cohort_size: int) ->
   told, spent = 0, False
   current: _Cohort | None = None
 
-  def finish(m: _Member) -> None:
+  def close(trial: optuna.Trial, outcome: Outcome) -> None:
     nonlocal told
-    history = tuple(m.run.history) if m.run is not None else ()
-    tell(m.trial, m.outcome._replace(history=history, seconds=time.monotonic() - m.started))
+    tell(trial, outcome)
     told += 1
+
+  def finish(m: _Member) -> None:
+    history = tuple(m.run.history) if m.run is not None else ()
+    close(m.trial, m.outcome._replace(history=history, seconds=time.monotonic() - m.started))
 
   def started(reseed: bool, input_shape: Any) -> _Member | None:
     """A new trial, configured and started, or None when the budget is spent."""
-    nonlocal spent, told
+    nonlocal spent
     while not spent:
       trial = ask()
       if trial is None:
@@ -693,12 +670,13 @@ def run_cohorts(ask: Ask, configure: Configure, tell: Tell, cohort_size: int) ->
         tell(trial, Outcome(TrialState.FAIL, error=e))
         raise
       except optuna.TrialPruned:
-        tell(trial, Outcome(TrialState.PRUNED))
-        told += 1
+        close(trial, Outcome(TrialState.PRUNED))
         continue
       except Exception as e:  # pylint: disable=broad-except
-        tell(trial, Outcome(TrialState.FAIL, error=e))
-        told += 1
+        close(trial, Outcome(TrialState.FAIL, error=e))
+        continue
+      if cfg.train_epoch_fn is not None or cfg.validate_fn is not None:
+        close(trial, _solo(trial, cfg))  # its own epoch functions cannot be vmapped: alone
         continue
       m = _Member(trial, cfg)
       try:
@@ -709,10 +687,6 @@ def run_cohorts(ask: Ask, configure: Configure, tell: Tell, cohort_size: int) ->
         raise
       if not m.live:
         finish(m)
-        continue
-      if m.key is None:  # its own epoch functions: alone
-        tell(trial, _solo(trial, cfg))
-        told += 1
         continue
       return m
     return None

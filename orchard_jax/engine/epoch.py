@@ -291,12 +291,23 @@ def evaluate(state: TrainState, loader: Iterable, *, epoch: int | None = None,
                                                   masks))  # the pass's one host sync
   sums = _sums(packed)
   logits, mask = np.concatenate(logits).astype(np.float64), np.concatenate(masks)
-  nonfinite = int((mask & ~np.isfinite(logits).all(axis=1)).sum())
+  nonfinite = nonfinite_rows(logits, mask)
   if nonfinite:
     inputs = nonfinite_input_rows(state, loader, epoch, layout, "validation")
     raise ValueError(f"{nonfinite} of {int(sums['count'])} validation rows have non-finite logits"
                      + (f" ({inputs} have NaN or Inf inputs)" if inputs else ""))
+  return logits_metrics(logits, np.concatenate(labels), mask, sums["loss_sum"], sums["count"])
+
+
+def nonfinite_rows(logits: np.ndarray, mask: np.ndarray) -> int:
+  """Unpadded rows of ``[N, C]`` host ``logits`` that hold a NaN or Inf."""
+  return int((mask & ~np.isfinite(logits).all(axis=1)).sum())
+
+
+def logits_metrics(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray, loss_sum: float,
+                   count: float) -> dict[str, float]:
+  """The validation metrics of finite float64 ``[N, C]`` host logits (softmax, then
+  :func:`~orchard_jax.core.metrics.classification_metrics`)."""
   probs = np.exp(logits - logits.max(axis=1, keepdims=True))
   probs /= probs.sum(axis=1, keepdims=True)
-  return classification_metrics(probs, np.concatenate(labels), sums["loss_sum"], sums["count"],
-                                mask=mask)
+  return classification_metrics(probs, labels, loss_sum, count, mask=mask)

@@ -289,13 +289,39 @@ def _run(cfg: TrialConfig, training: TrainingConfig, label: str, *, best: BestSt
          report: Callback | None = None, early: Callback | None = None) -> LoopResult:
   """Builds the state, the LR controller and the loop; runs it with the callbacks
   in the reference's order: report/prune, LR step, early stopping, best state."""
-  if training.use_tta:
-    logger.warning("use_tta=True: test-time augmentation is not implemented in orchard_jax; "
-                   "validation runs without it")
+  warn_tta(training)
   controller = _controller(training)
   state = checked_state(cfg, training)
   callbacks = [c for c in (report, LRSchedulerStep(controller), early, best) if c is not None]
   return run_loop(state, _epoch_loop(cfg, training, controller, label), callbacks)
+
+
+def warn_tta(training: TrainingConfig) -> None:
+  if training.use_tta:
+    logger.warning("use_tta=True: test-time augmentation is not implemented in orchard_jax; "
+                   "validation runs without it")
+
+
+def trial_callbacks(trial: optuna.Trial, cfg: TrialConfig,
+                    training: TrainingConfig) -> tuple[BestState, OptunaReportPrune]:
+  """A trial's best-state keeper (writing to ``best_state_dir``) and its report/prune hook."""
+  number = trial.number
+  best = BestState(None if cfg.output_dir is None else best_state_dir(cfg.output_dir, number),
+                   metric_name=training.monitor_metric, trial_number=number)
+  report = OptunaReportPrune(trial, enable_pruning=cfg.optuna.enable_pruning,
+                             warmup_epochs=cfg.optuna.pruning_warmup_epochs,
+                             metric_name=training.monitor_metric)
+  return best, report
+
+
+def trial_completed(trial: optuna.Trial, training: TrainingConfig, best: BestState,
+                    result: LoopResult) -> None:
+  """Records a missing checkpoint's cause and logs a trial's end."""
+  if best.write_error is not None:  # the trial keeps its value; its checkpoint is missing
+    storage_call(trial.set_user_attr, "checkpoint_error", best.write_error)
+  logger.info("Trial %d completed", trial.number)
+  logger.info("  Best %-13s: %.6f", training.monitor_metric.upper(), result.best)
+  logger.info("  %-18s: %.4f", "Final Loss", result.final_train_loss)
 
 
 def _check_direction(trial: optuna.Trial, cfg: TrialConfig) -> None:
@@ -333,17 +359,9 @@ class TrialTrainingExecutor:
     cfg, number = self.cfg, trial.number
     training = trial_training_config(cfg)
     logger.info("Trial %d: %s", number, settings_line(training))
-    best = BestState(None if cfg.output_dir is None else best_state_dir(cfg.output_dir, number),
-                     metric_name=training.monitor_metric, trial_number=number)
-    report = OptunaReportPrune(trial, enable_pruning=cfg.optuna.enable_pruning,
-                               warmup_epochs=cfg.optuna.pruning_warmup_epochs,
-                               metric_name=training.monitor_metric)
+    best, report = trial_callbacks(trial, cfg, training)
     result = _run(cfg, training, f"T{number}", best=best, report=report)
-    if best.write_error is not None:  # the trial keeps its value; its checkpoint is missing
-      storage_call(trial.set_user_attr, "checkpoint_error", best.write_error)
-    logger.info("Trial %d completed", number)
-    logger.info("  Best %-13s: %.6f", training.monitor_metric.upper(), result.best)
-    logger.info("  %-18s: %.4f", "Final Loss", result.final_train_loss)
+    trial_completed(trial, training, best, result)
     return result.best
 
 

@@ -336,3 +336,24 @@ def test_an_interrupt_while_a_cohort_forms_tells_every_asked_trial(make_cfg):
     optimize(study, interrupted, n_trials=4, cohort_size=2)
   # trial 0 was started and waiting for its cohort; trial 1 was being configured
   assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+
+
+def test_a_trial_with_its_own_epoch_functions_trains_alone_through_run_trial(make_cfg):
+  from orchard_jax.engine import train_epoch  # pylint: disable=import-outside-toplevel
+  configure = configurator(make_cfg)
+  calls = []
+
+  def own_train(state, loader, *, epoch, layout):
+    calls.append(epoch)
+    return train_epoch(state, loader, epoch=epoch, layout=layout)
+
+  def configure_own(trial):
+    cfg = configure(trial)
+    return cfg.replace(train_epoch_fn=own_train) if trial.number == 1 else cfg
+
+  params = [{"learning_rate": lr} for lr in (0.05, 0.1, 0.2)]
+  solo, cohort = solo_and_cohort(configure_own, params, cohort_size=2)
+  assert_members_match(solo, cohort)
+  assert calls == [1, 2, 3] * 2  # its solo run, then its run beside the cohort: its own epochs
+  assert COHORT not in cohort[1].user_attrs
+  assert cohort[0].user_attrs[COHORT] == {"size": 2, "slot": 0}
