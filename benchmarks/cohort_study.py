@@ -40,40 +40,21 @@ import pathlib
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+# study_vs_torch runs the command the same way: its command, its timing and its log-line prefix
+from study_vs_torch import LOGGED, orchard_command, timed  # noqa: E402
 ARCHS = ("mlp", "mini_cnn")
 SIDES = {"solo": 1, "cohort": 4}  # name: optuna.cohort_size
 RECIPE_WARMUP = 3                 # the bundled recipe's optuna.pruning_warmup_epochs
 # arch: (largest cohort/solo wall ratio, how far below solo's best the cohort's may be or None)
 TARGETS = {"mlp": (0.6, 0.01), "mini_cnn": (0.9, None)}
-# A log line: bare, or "WARNING:jax._src...:" once a root handler exists (importing
-# orbax.checkpoint installs one).
-LOGGED = re.compile(r"^(?:[A-Z]+:[\w.]+:)?(.*)$")
 COHORT_LINE = re.compile(r"Cohort of (\d+): trials ([\d, ]+)")
 XLA_LINE = re.compile(r"^Finished XLA compilation of .* in ([0-9.]+) sec")
-
-
-def orchard_command() -> list[str]:
-  script = shutil.which("orchard-jax", path=os.path.dirname(sys.executable))
-  return [script] if script else [sys.executable, "-m", "orchard_jax.cli"]
-
-
-def timed(cmd: list[str], env: dict[str, str],
-          what: str) -> tuple[float, datetime.datetime, str, str]:
-  """Wall seconds, the local start time (as trials.csv's times), stdout and stderr."""
-  started, start = datetime.datetime.now(), time.perf_counter()
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-  seconds = time.perf_counter() - start
-  if proc.returncode != 0:
-    sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-    raise SystemExit(f"{what} failed with exit status {proc.returncode}: {' '.join(cmd)}")
-  return seconds, started, proc.stdout, proc.stderr
 
 
 def parse_log(text: str) -> dict:
@@ -134,7 +115,8 @@ def run_side(arch: str, side: str, args: argparse.Namespace, work: pathlib.Path)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the CLI skips its own setting when this is set
   if args.log_compiles:
     env["JAX_LOG_COMPILES"] = "1"
-  seconds, started, stdout, stderr = timed(cmd, env, f"orchard-jax ({arch} {side})")
+  started = datetime.datetime.now()  # local time, as trials.csv's
+  seconds, stdout, stderr = timed(cmd, env, f"orchard-jax ({arch} {side})")
   (work / f"{arch}_{side}.log").write_text(stdout + stderr)
   return {"wall_s": seconds, **read_trials(out, started, seconds),
           **parse_log(stdout + "\n" + stderr)}

@@ -83,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _recipe_arguments(parser: Any) -> None:
+  """RECIPE and --set, as ``run`` reads them."""
+  parser.add_argument("recipe", nargs="?", metavar="RECIPE",
+                      help="YAML recipe (default: the bundled recipe)")
+  parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a recipe value (repeatable), as for run")
+
+
 def _worker_parser(commands: Any) -> None:
   worker = commands.add_parser(
       "worker", help="join a study in a shared database and run its trials",
@@ -92,14 +100,11 @@ def _worker_parser(commands: Any) -> None:
                   "CUDA_VISIBLE_DEVICES). A worker that dies mid-trial stops beating; after the "
                   "grace period its trial is marked FAIL and a live worker retries it. SIGTERM "
                   "stops at once (the trial is retried elsewhere), exit status 143.")
-  worker.add_argument("recipe", nargs="?", metavar="RECIPE",
-                      help="YAML recipe (default: the bundled recipe)")
+  _recipe_arguments(worker)
   worker.add_argument("--storage", metavar="URL",
                       help="the shared study storage: postgresql://user:password@host:5432/db, "
                            "mysql+pymysql://..., sqlite:///path or journal:///path (default: "
                            "optuna.storage, which must then be one of those)")
-  worker.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a recipe value (repeatable), as for run")
   worker.add_argument("--output", metavar="DIR",
                       help="this worker's run folder: trial checkpoints and, at the end, the "
                            "study's outputs (default as for run)")
@@ -131,10 +136,7 @@ def _validate_parser(commands: Any) -> None:
                   "on an input shaped like the data and gives logits of shape (batch, "
                   "num_classes) (traced with jax.eval_shape: nothing is compiled). Exit status "
                   "0 when it is valid, 2 with the problem in one line.")
-  validate.add_argument("recipe", nargs="?", metavar="RECIPE",
-                        help="YAML recipe (default: the bundled recipe)")
-  validate.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value (repeatable), as for run")
+  _recipe_arguments(validate)
   validate.add_argument("--debug", action="store_true",
                         help="show Python tracebacks of unexpected errors")
   validate.set_defaults(func=_validate)

@@ -24,14 +24,6 @@ NO_SPACE = "[Errno 28] No space left on device"
 STORAGE_LOGGER = "orchard_jax.study.storage"
 
 
-@pytest.fixture(autouse=True)
-def _quiet_optuna():
-  verbosity = optuna.logging.get_verbosity()
-  optuna.logging.set_verbosity(optuna.logging.WARNING)
-  yield
-  optuna.logging.set_verbosity(verbosity)
-
-
 def journal_url(folder: pathlib.Path) -> str:
   return storage_url("sqlite", folder, several=True)  # journal:///<folder>/study.journal
 
