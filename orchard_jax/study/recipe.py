@@ -325,7 +325,8 @@ def _study(data: Any, training: TrainingConfig) -> StudySpec:
     raise RecipeError(f"optuna.search_space_overrides must be a mapping with string keys, got "
                       f"{c.show(ranges)}")
   spec = StudySpec.from_dict({**own, "config": config,
-                              "overrides": parse_overrides(ranges or {}, training)})
+                              "overrides": parse_overrides(ranges or {}, training,
+                                                              config.search_space_preset)})
   if spec.model_pool is not None:
     if not spec.enable_model_search:
       raise RecipeError("optuna.model_pool requires optuna.enable_model_search: true")

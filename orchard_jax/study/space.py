@@ -26,14 +26,18 @@ model_name             the registry's pool for the input   with ``enable_model_s
 ``optuna.search_space_overrides`` changes a range: a mapping merges into the
 default (``learning_rate: {low: 1e-3}`` keeps ``high`` and ``log``), a list
 makes the parameter a choice among its values, and ``null`` takes it out of
-the search (the recipe's own value is used). Overriding a parameter outside
-the preset does not add it.
+the search (the recipe's own value is used). A range given for a parameter
+outside the preset adds it to the search (after the preset's parameters, in
+the table's order): nothing a recipe lists goes unsearched. ``focal_gamma``
+and ``label_smoothing`` given so are refused when the trial's loss can never
+be the one they apply to.
 
 Deviations from the reference: ``dropout`` is sampled on a 0.1 grid
 (``step: null`` makes it continuous), because dropout is part of the compiled
 model and each distinct value compiles anew; the augmentation ranges
-(``rotation_angle``, ``jitter_val``, ``min_scale``) are accepted and ignored,
-since orchard_jax has no augmentation; ``min_lr`` is capped to the trial's
+(``rotation_angle``, ``jitter_val``, ``min_scale``) are refused with a range
+(``null`` is accepted), since orchard_jax has no augmentation yet, and the
+``full`` preset does not search them; ``min_lr`` is capped to the trial's
 ``learning_rate``.
 """
 
@@ -116,7 +120,7 @@ DEFAULTS: Mapping[str, Dist] = MappingProxyType({
     "batch_size_low_res": (16, 32, 48, 64),
     "batch_size_high_res": (8, 12, 16),
 })
-IGNORED = ("rotation_angle", "jitter_val", "min_scale")  # augmentation: not implemented
+AUGMENTATION = ("rotation_angle", "jitter_val", "min_scale")  # not implemented yet: refused
 _WHERE = "optuna.search_space_overrides"
 # Smallest input side of each model, for model search when the registry does not say.
 _MIN_INPUT_SIDE = MappingProxyType({"mlp": 1, "mini_cnn": 4, "resnet_18": 8,
@@ -138,10 +142,22 @@ class Overrides:
   choices, or None (not searched).
   """
   ranges: Mapping[str, Dist | None] = dataclasses.field(default_factory=lambda: DEFAULTS)
+  given: frozenset[str] = frozenset()  # the parameters the recipe gives a range (not null)
+
+  def searched(self, preset: str) -> tuple[str, ...]:
+    """The parameters a study with this preset samples, in sampling order: the preset's, then
+    those the recipe gives a range outside it; without those it takes out (``null``)."""
+    given = {"batch_size" if key.startswith("batch_size_") else key for key in self.given}
+    names = (*PRESETS[preset], *(n for n in FULL if n in given and n not in PRESETS[preset]))
+    return tuple(n for n in names if n == "batch_size" or self.ranges[n] is not None)
 
   def to_dict(self) -> dict[str, Any]:
+    """The overrides as a recipe writes them: the ranges given and those taken out (``null``);
+    a preset's parameter searched with its default range is the preset's."""
     out = {}
     for key, dist in self.ranges.items():
+      if key not in self.given and dist is not None:
+        continue
       out[key] = (dataclasses.asdict(dist) if isinstance(dist, (FloatRange, IntRange))
                   else None if dist is None else list(dist))
     return out
@@ -208,12 +224,36 @@ def _check_values(where: str, key: str, dist: Dist, training: TrainingConfig) ->
                         f"{str(e).replace('TrainingConfig.', 'training.')}") from None
 
 
-def parse_overrides(data: Mapping[str, Any], training: TrainingConfig) -> Overrides:
-  """Validates ``optuna.search_space_overrides`` against ``training``'s field ranges."""
-  c.refuse_unknown(_WHERE, data, [*DEFAULTS, *IGNORED])
+def _refuse_augmentation(key: str, value: Any) -> None:
+  if value is not None:
+    raise RecipeError(f"{_WHERE}.{key}: augmentation is not implemented yet in orchard_jax, so "
+                      f"{key} cannot be searched; remove it or set it to null (searchable: "
+                      f"{', '.join(DEFAULTS)})")
+
+
+def _conditional(overrides: Overrides, preset: str, training: TrainingConfig) -> None:
+  """Refuses ``focal_gamma``/``label_smoothing`` given a range when no trial can use them: each is
+  sampled only with its loss (focal, cross-entropy), sampled or the recipe's."""
+  names = overrides.searched(preset)
+  criteria = (overrides.ranges["criterion_type"] if "criterion_type" in names
+              else (training.criterion_type,))
+  for key, loss in (("focal_gamma", "focal"), ("label_smoothing", "cross_entropy")):
+    if key in overrides.given and key in names and loss not in criteria:
+      raise RecipeError(f"{_WHERE}.{key} is searched only with criterion_type {loss!r}, but "
+                        f"every trial's criterion_type is one of {list(criteria)}; search "
+                        f"criterion_type with {loss!r} among its choices, set "
+                        f"training.criterion_type: {loss}, or remove {key}")
+
+
+def parse_overrides(data: Mapping[str, Any], training: TrainingConfig,
+                    preset: str | None = None) -> Overrides:
+  """Validates ``optuna.search_space_overrides`` against ``training``'s field ranges; with the
+  study's ``preset``, also that every range given can be sampled (see the module docstring)."""
+  c.refuse_unknown(_WHERE, data, [*DEFAULTS, *AUGMENTATION])
   ranges = dict(DEFAULTS)
   for key, value in data.items():
-    if key in IGNORED:
+    if key in AUGMENTATION:
+      _refuse_augmentation(key, value)
       continue
     where = f"{_WHERE}.{key}"
     if value is None:
@@ -228,7 +268,11 @@ def parse_overrides(data: Mapping[str, Any], training: TrainingConfig) -> Overri
   for key, dist in ranges.items():
     if dist is not None:
       _check_values(f"{_WHERE}.{key}", key, dist, training)
-  return Overrides(MappingProxyType(ranges))
+  given = frozenset(k for k, v in data.items() if k in DEFAULTS and v is not None)
+  overrides = Overrides(MappingProxyType(ranges), given)
+  if preset is not None:
+    _conditional(overrides, preset, training)
+  return overrides
 
 
 # ----------------------------------------------------------------- models --
@@ -322,7 +366,7 @@ def build_space(study: Any, input_shape: tuple[int, ...], architecture: str) -> 
   """
   side = input_side(input_shape) or 0
   dists = {}
-  for name in PRESETS[study.config.search_space_preset]:
+  for name in study.overrides.searched(study.config.search_space_preset):
     key = name if name != "batch_size" else (
         "batch_size_high_res" if side >= HIGH_RES else "batch_size_low_res")
     if study.overrides.ranges[key] is not None:

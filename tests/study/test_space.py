@@ -70,14 +70,56 @@ def test_list_override_makes_a_choice_and_null_removes_the_parameter():
   assert sample(space)["learning_rate"] in (0.1, 0.01)
 
 
-def test_override_outside_the_preset_is_not_searched():
-  space = build_space(study_spec("quick", {"mixup_alpha": {"high": 0.3}}), (8, 8, 1), "mlp")
-  assert "mixup_alpha" not in space.dists
+def test_override_outside_the_preset_adds_it_to_the_search_after_the_preset():
+  overrides = {"label_smoothing": {"low": 0.0, "high": 0.1}, "mixup_alpha": {"high": 0.3}}
+  space = build_space(study_spec("quick", overrides), (8, 8, 1), "mlp")
+  assert tuple(space.dists) == (*QUICK, "label_smoothing", "mixup_alpha")  # FULL's order
+  assert space.dists["label_smoothing"] == FloatRange(0.0, 0.1)
+  assert space.dists["mixup_alpha"] == FloatRange(0.0, 0.3)
+  params = sample(space)
+  assert 0.0 <= params["label_smoothing"] <= 0.1 and 0.0 <= params["mixup_alpha"] <= 0.3
 
 
-def test_augmentation_ranges_are_accepted_and_ignored():
-  overrides = parse_overrides({"rotation_angle": {"low": 0, "high": 15}}, TRAINING)
-  assert "rotation_angle" not in overrides.ranges
+def test_null_outside_the_preset_adds_nothing():
+  space = build_space(study_spec("quick", {"mixup_alpha": None}), (8, 8, 1), "mlp")
+  assert tuple(space.dists) == QUICK
+
+
+@pytest.mark.parametrize("key", ["rotation_angle", "jitter_val", "min_scale"])
+def test_augmentation_ranges_are_refused_as_not_implemented_yet(key):
+  with pytest.raises(RecipeError) as info:
+    parse_overrides({key: {"low": 0, "high": 15}}, TRAINING)
+  message = str(info.value)
+  assert message.startswith(f"optuna.search_space_overrides.{key}: augmentation is not "
+                            f"implemented yet") and "\n" not in message
+  assert "searchable: optimizer_type, learning_rate" in message
+  assert parse_overrides({key: None}, TRAINING).ranges == DEFAULTS  # null: not searched, as said
+
+
+@pytest.mark.parametrize("training, overrides, key", [
+    (TRAINING, {"focal_gamma": {"low": 1.0}}, "focal_gamma"),
+    (TRAINING.replace(criterion_type="focal"), {"label_smoothing": {"high": 0.1}},
+     "label_smoothing"),
+    (TRAINING, {"focal_gamma": {"low": 1.0}, "criterion_type": ["cross_entropy"]}, "focal_gamma"),
+])
+def test_a_loss_parameter_no_trial_can_use_is_refused(training, overrides, key):
+  with pytest.raises(RecipeError, match=f"search_space_overrides.{key} is searched only with "):
+    parse_overrides(overrides, training, "quick")
+
+
+def test_a_loss_parameter_with_its_loss_searched_is_accepted():
+  spec = StudySpec(config=OptunaConfig(search_space_preset="quick"), overrides=parse_overrides(
+      {"focal_gamma": {"low": 1.0}, "criterion_type": ["cross_entropy", "focal"]}, TRAINING,
+      "quick"))
+  space = build_space(spec, (8, 8, 1), "mlp")
+  assert tuple(space.dists)[-2:] == ("criterion_type", "focal_gamma")
+
+
+def test_overrides_write_only_what_the_recipe_gives():
+  overrides = parse_overrides({"label_smoothing": {"high": 0.1}, "dropout": None}, TRAINING)
+  assert overrides.to_dict() == {"label_smoothing": {"low": 0.0, "high": 0.1, "log": False,
+                                                     "step": None}, "dropout": None}
+  assert parse_overrides(overrides.to_dict(), TRAINING) == overrides
 
 
 @pytest.mark.parametrize("overrides, message", [
