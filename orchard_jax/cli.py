@@ -262,11 +262,14 @@ def _run(args: argparse.Namespace) -> int:
     logger.info("Training %s on %s -> %s", recipe.architecture.name, _describe(source), run_dir)
     return run_training(recipe, source, run_dir)
   from orchard_jax.study.runner import run_study, storage_url
+  from orchard_jax.study.space import build_space
   config = recipe.study.config
-  logger.info("Study %r: %d trials of %d epochs, %s preset, %s sampler, pruning %s, on %s -> %s",
-              config.study_name, config.n_trials, config.epochs, config.search_space_preset,
-              config.sampler_type, config.pruner_type if config.enable_pruning else "off",
-              _describe(source), run_dir)
+  space = build_space(recipe.study, source.input_shape, recipe.architecture.name)
+  logger.info("Study %r: %d trials of %d epochs, %s preset, %s sampler, pruning %s, on %s -> %s; "
+              "searching %s", config.study_name, config.n_trials, config.epochs,
+              config.search_space_preset, config.sampler_type,
+              config.pruner_type if config.enable_pruning else "off", _describe(source), run_dir,
+              space.describe())
   url = storage_url(config.storage, run_dir)
   if url is not None and url.startswith(("sqlite:", "journal:")):
     logger.info("Storage %s (optuna-dashboard %s)", url, url.replace("journal://", ""))

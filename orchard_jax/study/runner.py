@@ -47,7 +47,7 @@ import optuna
 import yaml
 
 from orchard_jax.study.ahead import CompileAhead
-from orchard_jax.study.build import History, architecture_for, model_for, trial_config
+from orchard_jax.study.build import History, trial_config
 from orchard_jax.study.callbacks import (GracefulInterrupt, KeepBestCheckpoint, Progress,
                                          engine_outcomes_muted)
 from orchard_jax.study.checks import RecipeError
@@ -56,6 +56,7 @@ from orchard_jax.study.outputs import (CONFIG, ERROR, INTERRUPTED, SECONDS, impo
                                       name_metric, resolved_config, write_study_outputs)
 from orchard_jax.study.space import build_space
 from orchard_jax.study.storage import Heartbeat, StudyLock, masked, open_storage, storage_url
+from orchard_jax.study.validate import validate
 from orchard_jax.study.workers import (drive, exit_status, finished_count, join_study, new_worker,
                                        requeue_unfinished, retried_numbers)
 
@@ -245,11 +246,12 @@ def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None) 
   out = out or sys.stdout
   config, training = recipe.study.config, recipe.training
   space = build_space(recipe.study, source.input_shape, recipe.architecture.name)
-  for name in space.model_pool or ():  # every candidate must build before any trial runs
-    model_for(architecture_for(recipe, {"model_name": name}), source)
   url = storage_url(config.storage, run_dir)
   # The first trial's programs compile while the study opens; every way out waits for them.
   with CompileAhead(recipe, source, space) as ahead:
+    # validate's checks, traced only: every candidate model and boundary configuration builds
+    # and gives (batch, num_classes) logits, or the run stops in one line before any trial.
+    validate(recipe, source)
     # A storage that cannot be opened stops before any write.
     joined = join_study(recipe, url, Heartbeat(), "optuna.storage", join=False)
     study = joined.study

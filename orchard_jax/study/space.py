@@ -354,6 +354,22 @@ class SearchSpace:
       params["model_name"] = trial.suggest_categorical("model_name", list(self.model_pool))
     return params
 
+  def describe(self) -> str:
+    """The parameters searched, briefly: ``learning_rate 0.001..0.3 log, batch_size 16|32``."""
+    parts = [f"{name} {_brief(dist)}" for name, dist in self.dists.items()]
+    if self.model_pool:
+      parts.append(f"model_name {_brief(self.model_pool)}")
+    return ", ".join(parts) or "nothing"
+
+
+def _brief(dist: Dist) -> str:
+  if isinstance(dist, FloatRange):
+    return (f"{dist.low:g}..{dist.high:g}" + (" log" if dist.log else "")
+            + ("" if dist.step is None else f" step {dist.step:g}"))
+  if isinstance(dist, IntRange):
+    return f"{dist.low}..{dist.high}" + ("" if dist.step == 1 else f" step {dist.step}")
+  return "|".join(map(str, dist))
+
 
 def build_space(study: Any, input_shape: tuple[int, ...], architecture: str) -> SearchSpace:
   """The search space of a :class:`~orchard_jax.study.recipe.StudySpec` for this input.

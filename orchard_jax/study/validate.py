@@ -21,7 +21,10 @@ boundary configurations, with shapes only:
    shaped like the data: its logits must be ``(batch, num_classes)``.
 
 Nothing is trained, compiled or written: no run folder, no study storage, no
-compilation cache. Every problem is a one-line
+compilation cache. ``orchard-jax run`` makes the same checks (steps 3 and 4,
+on the source it loaded) before it opens the study's storage, while the first
+trial's programs compile (:mod:`orchard_jax.study.ahead`): a recipe that
+validate refuses starts no trial. Every problem is a one-line
 :class:`~orchard_jax.study.checks.RecipeError` (a ``ConfigError``) naming the
 configuration; an error raised in the user's model code ends with its file
 and line, and is the error's ``user_error``.
@@ -82,11 +85,13 @@ def validate_recipe(path: str | os.PathLike | None = None, sets: Sequence[str] =
   return validate(load_recipe(path, sets))
 
 
-def validate(recipe: Recipe) -> Validation:
+def validate(recipe: Recipe, source: Any = None) -> Validation:
   """Checks a parsed recipe's data, search space and models without training (see the module
-  docstring); returns what was checked."""
+  docstring); returns what was checked. ``source``, the recipe's data source already loaded
+  (``orchard-jax run`` checks so before its first trial), skips step 2."""
   training = recipe.training
-  source = load_source(recipe.dataset, batch_size=training.batch_size, seed=training.seed)
+  if source is None:
+    source = load_source(recipe.dataset, batch_size=training.batch_size, seed=training.seed)
   if recipe.study is None:
     configurations = [{}]
     models = (recipe.architecture.name,)

@@ -166,6 +166,28 @@ def test_a_model_that_cannot_take_the_input_exits_2_in_one_line_and_writes_nothi
   assert files_under(tmp_path) == ["home"] and not (workdir / "validate_fixed").exists()
 
 
+@pytest.mark.parametrize("model, sets", [
+    ("wide", []),  # one logit too many in every configuration
+    ("small", ["optuna.search_space_overrides.batch_size_low_res=[16, 64]"]),  # only at 64
+])
+def test_run_refuses_what_validate_refuses_before_any_trial(model, sets, command, make_recipe,
+                                                            workdir, models_file, tmp_path,
+                                                            capsys, monkeypatch):
+  name = f"run_refused_{model}"
+  path = write_recipe(make_recipe, workdir, name, dataset={"eval_batch_size": 32},
+                      architecture=function(models_file, model))
+  args = [x for s in sets for x in ("--set", s)]
+  proc = subprocess.run([*command, "run", str(path), *args], env=env_of(tmp_path), cwd=tmp_path,
+                        capture_output=True, text=True, timeout=TIMEOUT)
+  monkeypatch.chdir(tmp_path)
+  status, out, validated = validate_in_process(capsys, path, *sets)
+  assert status == 2 and len(validated) == 1
+  assert (proc.returncode, proc.stderr.splitlines()[-1:]) == (2, validated), proc.stderr[-3000:]
+  assert proc.stdout == "" and "Trial" not in proc.stderr
+  # no trial was created: the study's storage (in its run folder) was not even opened
+  assert not (workdir / name).exists()
+
+
 # ------------------------------------------------- the command, in process --
 
 
