@@ -4,8 +4,9 @@ A cohort is a :class:`TrainState` whose every array leaf has a leading axis
 of size ``K``, one row per member (trial); its static part, the ``spec``, is
 the members' common one. :func:`cohort_train_step` and
 :func:`cohort_eval_step` are the solo steps of :mod:`orchard_jax.core.steps`
-under ``jax.vmap`` over that axis, with the batch shared: every member reads
-the same batch, and each keeps its own parameters, optimizer state and
+under ``jax.vmap`` over that axis, with the batch shared (every member reads
+the same batch) or, for device-resident images, each member's own rows of
+them (a training batch's index per member), and each keeps its own parameters, optimizer state and
 hyperparameters (learning rate, momentum, weight decay, clipping, label
 smoothing, MixUp alpha and switch, focal gamma, class weights), RNG key,
 BatchNorm statistics and loss scale. Member ``i`` of a cohort after a step
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from orchard_jax.core import optim, steps
-from orchard_jax.core.batches import Batch
+from orchard_jax.core.batches import Batch, IndexedBatch
 from orchard_jax.core.state import StepSpec, TrainState, placed_like
 
 __all__ = ["cohort_eval_step", "cohort_train_step", "member", "member_arrays", "repeat",
@@ -239,9 +240,17 @@ def with_mixup(cohort: TrainState, enabled) -> TrainState:
   return cohort.replace(hparams=cohort.hparams._replace(mixup_on=new))
 
 
+def _batch_axes(batch: Batch):
+  """The batch's ``in_axes``: shared (None), or, for an :class:`IndexedBatch` whose ``index`` is
+  ``[K, chunk, B]``, each member's own rows (its index, labels and counts on axis 0)."""
+  if isinstance(batch, IndexedBatch) and jnp.ndim(batch.index) == 3:
+    return IndexedBatch(None, 0, 0, 0, None)
+  return None
+
+
 def _cohort_train_step(cohort: TrainState, batch: Batch):
   _check_cohort(cohort)
-  return jax.vmap(steps._train_step, in_axes=(0, None))(cohort, batch)
+  return jax.vmap(steps._train_step, in_axes=(0, _batch_axes(batch)))(cohort, batch)
 
 
 def _cohort_eval_step(cohort: TrainState, batch: Batch):
@@ -253,7 +262,10 @@ cohort_train_step = jax.jit(_cohort_train_step, donate_argnums=0)
 cohort_train_step.__doc__ = """One optimizer step of every member on the same batch; the cohort is donated.
 
 ``batch`` is a dict or an :class:`~orchard_jax.core.batches.IndexedBatch`,
-as for :func:`~orchard_jax.core.steps.train_step`, shared by all members.
+as for :func:`~orchard_jax.core.steps.train_step`, shared by all members; or
+an ``IndexedBatch`` whose ``index``, ``label`` and ``count`` have a leading
+member axis (``[K, chunk, B]``, ``[K, chunk, B]``, ``[K, chunk]``): member
+``i`` then reads its own rows of the shared images.
 Returns the new cohort and the solo step's metrics with a leading member
 axis (``{"loss_sum", "correct", "count"}``, float32 ``[K]``). Compiled once
 per (spec, K, batch shape).

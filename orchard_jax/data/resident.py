@@ -35,7 +35,7 @@ from orchard_jax.core.state import default_device
 from orchard_jax.data import gather
 from orchard_jax.errors import DataError
 
-__all__ = ["CHUNK", "MAX_BYTES", "batches", "fits"]
+__all__ = ["CHUNK", "MAX_BYTES", "batches", "fits", "member_batches"]
 
 MAX_BYTES = 512 * 2**20  # float32 NHWC images kept on the device, at most
 CHUNK = 64  # batches whose indices are read, checked and copied to the device together
@@ -99,6 +99,46 @@ def _read(sampler: Iterator, first: int, where: Callable, loader_error: Callable
   return rows
 
 
+def _dataset(loader: Any, layout: str, convert_images: Callable, where: Any, device: Any):
+  """``(device images, host labels, class ids, Subset index maps)`` of ``loader``'s dataset."""
+  torch = sys.modules["torch"]
+  (images, labels), chain = gather.tensor_source(loader.dataset)
+  device_images = _device_images(images, layout, convert_images, where, device)
+  labels = labels.detach()
+  host_labels = (labels.float() if labels.dtype == torch.bfloat16 else labels).numpy()
+  class_ids = host_labels[:, 0] if host_labels.ndim == 2 and host_labels.shape[1] == 1 \
+      else host_labels
+  return device_images, host_labels, class_ids, [np.asarray(m) for m in chain]
+
+
+def _chunk(rows: list, first: int, full: int, data: tuple, num_classes: int,
+           convert_labels: Callable, where: Callable) -> tuple[np.ndarray, ...]:
+  """Host ``(index, ids, counts)`` of up to :data:`CHUNK` index lists, checked (a bad label or
+  batch size raises, naming its batch)."""
+  _, host_labels, class_ids, chain = data
+  index, counts = np.full((CHUNK, full), len(class_ids), np.int64), np.zeros(CHUNK, np.int32)
+  for r, row in enumerate(rows):
+    if not 0 < len(row) <= full:
+      at = where(first + r)
+      raise DataError(f"{at.data('batch')} has {len(row)} samples {at.at}; a batch needs "
+                      f"between 1 and the full batch size B={full}")
+    index[r, :len(row)], counts[r] = row, len(row)
+  valid = np.arange(full) < counts[:, None]
+  flat = index[valid]
+  for mapping in chain:  # outermost Subset first
+    flat = mapping[flat]
+  index[valid] = flat
+  # Dtype and shape errors are the dataset's: reported at the chunk's first batch.
+  convert_labels(host_labels[index[0, :counts[0]]], int(counts[0]), num_classes, where(first))
+  ids = np.where(valid, class_ids[np.where(valid, index, 0)], 0)
+  bad = (ids < 0) | (ids >= num_classes)
+  if bad.any():
+    r = int(np.argmax(bad.any(axis=1)))
+    convert_labels(host_labels[index[r, :counts[r]]], int(counts[r]), num_classes,
+                   where(first + r))  # raises, naming the batch
+  return index.astype(np.int32), ids.astype(np.int32), counts
+
+
 def batches(loader: Any, *, num_classes: int, layout: str,
             convert_images: Callable, convert_labels: Callable, where: Callable[[int | None], Any],
             loader_error: Callable, indexed: bool = False, device: Any = None
@@ -115,16 +155,9 @@ def batches(loader: Any, *, num_classes: int, layout: str,
   becomes. Every array of a batch is committed to ``device`` (None: the
   default device).
   """
-  torch = sys.modules["torch"]
   if device is None:
     device = default_device()
-  (images, labels), chain = gather.tensor_source(loader.dataset)
-  device_images = _device_images(images, layout, convert_images, where(None), device)
-  labels = labels.detach()
-  host_labels = (labels.float() if labels.dtype == torch.bfloat16 else labels).numpy()
-  class_ids = host_labels[:, 0] if host_labels.ndim == 2 and host_labels.shape[1] == 1 \
-      else host_labels
-  chain = [np.asarray(m) for m in chain]
+  data = _dataset(loader, layout, convert_images, where(None), device)
   row_ids = _row_ids(device)
   try:
     sampler = gather.epoch_sampler(loader)
@@ -133,29 +166,40 @@ def batches(loader: Any, *, num_classes: int, layout: str,
   full, first = loader.batch_size, 0
   while rows := _read(sampler, first, where, loader_error):
     full = full or len(rows[0]) or 1
-    index, counts = np.full((CHUNK, full), len(class_ids), np.int64), np.zeros(CHUNK, np.int32)
-    for r, row in enumerate(rows):
-      if not 0 < len(row) <= full:
-        at = where(first + r)
-        raise DataError(f"{at.data('batch')} has {len(row)} samples {at.at}; a batch needs "
-                        f"between 1 and the full batch size B={full}")
-      index[r, :len(row)], counts[r] = row, len(row)
-    valid = np.arange(full) < counts[:, None]
-    flat = index[valid]
-    for mapping in chain:  # outermost Subset first
-      flat = mapping[flat]
-    index[valid] = flat
-    # Dtype and shape errors are the dataset's: reported at the chunk's first batch.
-    convert_labels(host_labels[index[0, :counts[0]]], int(counts[0]), num_classes, where(first))
-    ids = np.where(valid, class_ids[np.where(valid, index, 0)], 0)
-    bad = (ids < 0) | (ids >= num_classes)
-    if bad.any():
-      r = int(np.argmax(bad.any(axis=1)))
-      convert_labels(host_labels[index[r, :counts[r]]], int(counts[r]), num_classes,
-                     where(first + r))  # raises, naming the batch
-    index_d, ids_d, counts_d = jax.device_put((index.astype(np.int32), ids.astype(np.int32),
-                                               counts), device)
+    chunk = jax.device_put(_chunk(rows, first, full, data, num_classes, convert_labels, where),
+                           device)
     for row in row_ids[:len(rows)]:
-      batch = IndexedBatch(device_images, index_d, ids_d, counts_d, row)
+      batch = IndexedBatch(data[0], *chunk, row)
       yield batch if indexed else _assemble(batch)
     first += len(rows)
+
+
+def member_batches(loader: Any, orders: list, *, num_classes: int, layout: str,
+                   convert_images: Callable, convert_labels: Callable, wheres: list,
+                   stacked: bool, device: Any) -> Iterator[IndexedBatch | tuple]:
+  """One pass in which member ``i`` of a cohort reads its own batches, ``orders[i]`` (its epoch's
+  index lists, all of one length; None for a free slot), of ``loader``'s dataset.
+
+  ``stacked``: each step's batch is one :class:`IndexedBatch` whose ``index``, ``label`` and
+  ``count`` have a leading member axis (a free slot reads the first member's rows), for the
+  vmapped step; else a tuple of each member's own solo batch (None for a free slot). Checks and
+  messages are :func:`batches`'s, ``wheres[i]`` placing member ``i``'s.
+  """
+  live = [i for i, order in enumerate(orders) if order is not None]
+  data = _dataset(loader, layout, convert_images, wheres[live[0]](None), device)
+  row_ids, count = _row_ids(device), len(orders[live[0]])
+  full = loader.batch_size or max(len(orders[live[0]][0]) if count else 1, 1)
+  for first in range(0, count, CHUNK):
+    chunks = {i: _chunk(orders[i][first:first + CHUNK], first, full, data, num_classes,
+                        convert_labels, wheres[i]) for i in live}
+    rows = row_ids[:min(CHUNK, count - first)]
+    if stacked:
+      every = [chunks.get(i, chunks[live[0]]) for i in range(len(orders))]
+      chunk = jax.device_put(tuple(np.stack(arrays) for arrays in zip(*every)), device)
+      for row in rows:
+        yield IndexedBatch(data[0], *chunk, row)
+    else:
+      own = {i: jax.device_put(c, device) for i, c in chunks.items()}
+      for row in rows:
+        yield tuple(IndexedBatch(data[0], *own[i], row) if i in own else None
+                    for i in range(len(orders)))
