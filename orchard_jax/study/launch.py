@@ -55,7 +55,7 @@ from orchard_jax.study.liveness import RunFolderLock, die_with_parent, reap_dead
 from orchard_jax.study.outputs import write_study_outputs
 from orchard_jax.study.runner import _warn_if_changed, finished_count
 from orchard_jax.study.storage import storage_url, study_lock
-from orchard_jax.study.workers import (EXIT_SHORT, budget_used, join_study, new_worker,
+from orchard_jax.study.workers import (EXIT_SHORT, budget_used, join_study, locked, new_worker,
                                        requeue_unfinished)
 
 logger = logging.getLogger(__name__)
@@ -128,13 +128,14 @@ def _worker_count(requested: int | None, platform: str, available: int) -> int:
 def reclaim(joined: Any, lock: Any) -> list[int]:
   """Under the study lock: fails the running trials of dead workers, enqueues their
   parameters again (and those of interrupted trials); returns the numbers failed."""
-  lock.acquire()
-  try:
+  def reap() -> list[int]:
     numbers = reap_dead(joined.study, joined.liveness)
     requeue_unfinished(joined.study)
+    return numbers
+  try:
+    return locked(lock, reap, "the trials of dead workers")
   finally:
     lock.release()
-  return numbers
 
 
 class _Forward(StopSignals):

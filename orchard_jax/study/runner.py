@@ -297,7 +297,14 @@ class ThreadedLock(StudyLock):
 
   def _acquire(self) -> None:
     self.local.acquire()
-    self.inner.acquire()
+    try:
+      self.inner.acquire()
+    except BaseException:  # a database lock that failed is retried by this thread
+      self.local.release()
+      raise
+
+  def confirm(self) -> None:
+    self.inner.confirm()
 
   def _release(self) -> None:
     self.inner.release()

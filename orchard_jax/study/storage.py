@@ -79,9 +79,9 @@ from orchard_jax.study.checks import RecipeError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Heartbeat", "JOURNAL", "SQLITE_BUSY_TIMEOUT_S", "StudyLock", "is_transient", "masked",
-           "open_storage", "repair_journal", "retried_trial_number", "root_cause", "storage_url",
-           "study_lock"]
+__all__ = ["DatabaseLock", "Heartbeat", "JOURNAL", "SQLITE_BUSY_TIMEOUT_S", "StudyLock",
+           "ask_trial", "is_transient", "masked", "open_storage", "repair_journal",
+           "retried_trial_number", "root_cause", "storage_url", "study_lock"]
 
 JOURNAL = "journal:"
 DB_FILE, JOURNAL_FILE = "study.db", "study.journal"
@@ -91,6 +91,8 @@ CONNECT_TIMEOUT_S = 10
 SQLITE_BUSY_TIMEOUT_S = 60.0
 # Retries of a first connection that raced another worker creating Optuna's tables.
 _CREATE_ATTEMPTS = 3
+# Optuna's warning on each ask of a study whose storage has a heartbeat, outside Study.optimize.
+_OPTIMIZE_ONLY = "Heartbeat of storage is supposed to be used with Study.optimize"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +171,15 @@ def _retry_callback(max_retry: int | None) -> Any:
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     return cls(max_retry=max_retry)
+
+
+def ask_trial(study: optuna.Study) -> optuna.Trial:
+  """``study.ask()`` for a loop of our own (ask and tell, not ``Study.optimize``), without
+  Optuna's warning that a storage's heartbeat is meant for ``Study.optimize``: the loop
+  records the heartbeat itself. The filter holds for this call only."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=_OPTIMIZE_ONLY, category=UserWarning)
+    return study.ask()
 
 
 def retried_trial_number(trial: Any) -> int | None:
@@ -489,7 +500,9 @@ class StudyLock:
   """A lock over one study, shared by every worker of it, on any machine.
 
   ``acquire`` blocks; ``release`` is idempotent, so a worker may release it
-  early (as soon as its trial exists) and again in a ``finally``.
+  early (as soon as its trial exists) and again in a ``finally``. ``confirm``
+  raises a :class:`~orchard_jax.errors.StorageFault` when a lock taken is no
+  longer held (a database lock dies with its connection).
   """
 
   held = False
@@ -502,6 +515,9 @@ class StudyLock:
     if self.held:
       self.held = False
       self._release()
+
+  def confirm(self) -> None:
+    pass
 
   def _acquire(self) -> None:
     pass
@@ -529,29 +545,67 @@ class FileLock(StudyLock):
 class DatabaseLock(StudyLock):
   """A PostgreSQL advisory lock or a MySQL named lock, on a connection of its own.
 
-  The server releases it if the worker dies, with its connection.
+  The lock belongs to the server's session: the server releases it when the
+  worker dies, and when the connection breaks (a restart, a failover). So the
+  connection is the engine pool's, checked out only while the lock is held
+  (the pool's pre-ping replaces one that a restart broke, before the lock is
+  asked for); an ``acquire`` that fails drops its connection, and the
+  caller's retry (:func:`orchard_jax.study.workers.store`) takes the lock
+  afresh on a new one. ``release`` never fails: when the unlock cannot be
+  said, the connection is closed, and the lock ends with its session.
+  ``confirm`` asks the server whether this session still holds the lock.
   """
 
-  _SQL = {"postgresql": ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"),
-          "mysql": ("SELECT GET_LOCK(:name, -1)", "SELECT RELEASE_LOCK(:name)")}
+  _SQL = {"postgresql": ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)",
+                         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                         "AND pid = pg_backend_pid() AND classid = 0 AND objid::bigint = :key "
+                         "AND objsubid = 1"),
+          "mysql": ("SELECT GET_LOCK(:name, -1)", "SELECT RELEASE_LOCK(:name)",
+                    "SELECT IS_USED_LOCK(:name) = CONNECTION_ID()")}
 
   def __init__(self, engine: Any, study_name: str):
     self.engine, self._connection = engine, None
     key = zlib.crc32(f"orchard_jax/{study_name}".encode())
     self._params = {"key": key, "name": f"orchard_jax/{key}"}
-    self._lock, self._unlock = self._SQL[engine.dialect.name]
+    self._lock, self._unlock, self._holds = self._SQL[engine.dialect.name]
 
-  def _execute(self, sql: str) -> None:
+  def _execute(self, sql: str) -> Any:
     import sqlalchemy
-    if self._connection is None:
-      self._connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-    self._connection.execute(sqlalchemy.text(sql), self._params)
+    return self._connection.execute(sqlalchemy.text(sql), self._params).scalar()
+
+  def _drop(self) -> None:
+    """Closes the lock's connection for good (never back to the pool): its session ends, and
+    with it any lock it held."""
+    connection, self._connection = self._connection, None
+    if connection is not None:
+      with contextlib.suppress(Exception):
+        connection.invalidate()
+      with contextlib.suppress(Exception):
+        connection.close()
 
   def _acquire(self) -> None:
-    self._execute(self._lock)
+    self._drop()  # never a second lock on a session that may hold one
+    try:
+      self._connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+      self._execute(self._lock)
+    except BaseException:
+      self._drop()
+      raise
 
   def _release(self) -> None:
-    self._execute(self._unlock)
+    try:
+      self._execute(self._unlock)
+    except Exception:  # pylint: disable=broad-except
+      self._drop()  # a broken connection took the lock with it; a live one ends its session
+      return
+    connection, self._connection = self._connection, None
+    connection.close()  # back to the pool, holding nothing
+
+  def confirm(self) -> None:
+    from orchard_jax.errors import StorageFault
+    held = self.held and self._connection is not None and self._execute(self._holds)
+    if not held:
+      raise StorageFault("the study lock was lost with its database session")
 
 
 def _backend(storage: Any) -> Any:

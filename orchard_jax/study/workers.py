@@ -55,19 +55,20 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from orchard_jax.errors import StorageFault
+from orchard_jax.hostmem import trim_between_trials
 from orchard_jax.study.callbacks import (FailureStreak, GracefulInterrupt, KeepBestCheckpoint,
                                          Progress, StudyEarlyStopping, threshold_for)
 from orchard_jax.study.liveness import WORKER_ID, Liveness, new_worker_id, reap_dead
 from orchard_jax.study.outputs import (ERROR, INTERRUPTED, LOST, RETRY_OF, STORAGE_FAULT,
                                        best_trial, write_study_outputs)
-from orchard_jax.study.storage import (Heartbeat, JOURNAL, StudyLock, journal_path, open_storage,
-                                       study_lock)
+from orchard_jax.study.storage import (Heartbeat, JOURNAL, StudyLock, ask_trial, journal_path,
+                                       open_storage, study_lock)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EXIT_SHORT", "WORKER", "Joined", "budget_used", "default_name", "drive",
-           "exit_status", "finished_count", "join_study", "new_worker", "requeue_unfinished",
-           "retried_numbers", "run_worker"]
+           "exit_status", "finished_count", "join_study", "locked", "new_worker",
+           "requeue_unfinished", "retried_numbers", "run_worker"]
 
 WORKER = "worker"  # trial user attribute: the name of the process that ran it
 POLL_S = 1.0
@@ -156,6 +157,28 @@ def store(action: Callable[[], Any], what: str, patience: float | None = None) -
                        "%.0f s", what, root_cause(e), patience)
         warned = True
       time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+
+
+def locked(lock: StudyLock, action: Callable[[], Any], what: str) -> Any:
+  """``action()`` holding the study ``lock``, returned with the lock still held.
+
+  Taking the lock, ``action`` and the lock's :meth:`~StudyLock.confirm` are
+  one attempt, retried as :func:`store` retries a write: an attempt that fails
+  lets the lock go (a database lock whose connection broke is gone already)
+  and the next takes it afresh. So a restart or failover of a database server
+  within the patience is waited out, and what ``action`` decided was decided
+  under a lock held throughout.
+  """
+  def attempt() -> Any:
+    lock.acquire()
+    try:
+      result = action()
+      lock.confirm()
+    except BaseException:
+      lock.release()
+      raise
+    return result
+  return store(attempt, what)
 
 
 @contextlib.contextmanager
@@ -298,13 +321,16 @@ class _Worker:
                                                      t.user_attrs) for t in trials)
     return "wait" if running and (self.heartbeat or self.liveness is not None) else "done"
 
+  def decide(self) -> str:
+    """:meth:`next_step` under the study lock, which it returns held (:func:`locked`)."""
+    return locked(self.lock, self.next_step, "the study's next trial")
+
   def loop(self, run_one: Callable[[], None], interrupt: GracefulInterrupt) -> None:
     """Until done: under the lock, decide; ``run_one()`` releases the lock once its trial
     exists."""
     while not interrupt.requested:
-      self.lock.acquire()
+      step = self.decide()
       try:
-        step = store(self.next_step, "the study's next trial")
         if step == "run":
           self.ran += 1
           run_one()
@@ -332,9 +358,8 @@ def run_in_cohorts(worker: "_Worker", runner: "TrialRunner", objective: Any,
   def ask() -> optuna.Trial | None:
     if interrupt.requested:
       return None
-    worker.lock.acquire()
+    step = last[0] = worker.decide()
     try:
-      step = last[0] = store(worker.next_step, "the study's next trial")
       if step != "run":
         return None
       worker.ran += 1
@@ -349,9 +374,10 @@ def run_in_cohorts(worker: "_Worker", runner: "TrialRunner", objective: Any,
   def tell(trial: optuna.Trial, outcome: Any) -> None:
     beats.pop(trial.number).close()
     try:
-      objective.record(trial, outcome)
+      store(lambda: objective.record(trial, outcome), f"trial {trial.number}'s records")
     except Exception as e:  # pylint: disable=broad-except
-      logger.warning("Trial %d's records could not be stored: %s", trial.number, e)
+      from orchard_jax.study.storage import root_cause
+      logger.warning("Trial %d's records could not be stored: %s", trial.number, root_cause(e))
     if outcome.error is not None and outcome.state == TrialState.FAIL:
       runner._note_storage_fault(trial, outcome.error)  # pylint: disable=protected-access
     runner.end(trial, outcome.state, outcome.value)
@@ -408,7 +434,7 @@ class TrialRunner:
   def begin(self) -> optuna.Trial:
     """Asks for a new trial and tags it with this worker (under the study lock)."""
     study = self.joined.study
-    trial = store(study.ask, "a new trial")
+    trial = store(lambda: ask_trial(study), "a new trial")
     # Tagged before the lock is released: a RUNNING trial is then always one whose process
     # can be checked (a storage that fails between the two is retried meanwhile).
     store(lambda: trial.set_user_attr(WORKER, self.name), f"trial {trial.number}'s worker")
@@ -430,6 +456,7 @@ class TrialRunner:
                    frozen.user_attrs.get(ERROR, "see the log"))
     for callback in self.callbacks:
       store(lambda: callback(study, frozen), f"trial {trial.number}'s outputs")
+    trim_between_trials()  # memory was found short: the trial's freed memory goes back
 
   @staticmethod
   def _note_storage_fault(trial: optuna.Trial, e: Exception) -> None:

@@ -49,10 +49,11 @@ def _free_port() -> int:
 
 
 class Postgres:
-  """A running server: ``url(db)``, ``create_database()``, ``port``."""
+  """A running server: ``url(db)``, ``create_database()``, ``port``; ``stop(mode)`` and
+  ``start()`` take it down and bring it back (``pg_ctl``), for the faults of a restart."""
 
-  def __init__(self, port: int):
-    self.port = port
+  def __init__(self, port: int, pg_ctl: list[str] | None = None, start_options=()):
+    self.port, self._pg_ctl, self._start_options = port, pg_ctl, list(start_options)
 
   def url(self, database: str, password: str = PASSWORD, port: int | None = None) -> str:
     return f"postgresql://{USER}:{password}@127.0.0.1:{port or self.port}/{database}"
@@ -69,9 +70,25 @@ class Postgres:
     connection.close()
     return self.url(name)
 
+  def stop(self, mode: str = "fast") -> None:
+    """``pg_ctl stop -m <mode>``: ``fast`` ends every session, ``immediate`` kills the server."""
+    self._run("-m", mode, "-w", "stop")
 
-@pytest.fixture(scope="session")
-def postgres():
+  def start(self) -> None:
+    self._run(*self._start_options, "-w", "start")
+
+  def _run(self, *args: str) -> None:
+    proc = subprocess.run([*self._pg_ctl, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"pg_ctl {' '.join(args)}: {proc.stdout}{proc.stderr}"
+
+
+def _server(root: pathlib.Path, *, durable: bool = False):
+  """A fresh cluster in ``root``, started; yields its :class:`Postgres`, stops it at the end.
+
+  Not ``durable``: commits return before their WAL is written (fast, for servers that only
+  stop at the end); ``durable``: a commit survives ``pg_ctl stop -m immediate``, as on a
+  production server.
+  """
   binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
   if not binaries:
     _missing("PostgreSQL is not installed (/usr/lib/postgresql/*/bin/initdb): "
@@ -81,7 +98,6 @@ def postgres():
   except ImportError:
     _missing("psycopg2 is not installed: pip install 'orchard_jax[postgres]'")
   bindir = pathlib.Path(binaries[-1]).parent
-  root = pathlib.Path(tempfile.mkdtemp(prefix="orchard_pg_"))
   runas: list[str] = []
   if os.geteuid() == 0:  # PostgreSQL refuses root; the Debian package creates 'postgres'
     try:
@@ -106,14 +122,28 @@ def postgres():
   run(str(bindir / "initdb"), "-D", str(data), "-U", USER, f"--pwfile={pwfile}",
       "--auth=scram-sha-256", "--no-sync", "-E", "UTF8")
   options = (f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
-             f"-c synchronous_commit=off -c full_page_writes=off")
-  run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "start")
+             f"-c synchronous_commit={'on' if durable else 'off'} -c full_page_writes=off")
+  pg_ctl = [str(bindir / "pg_ctl"), "-D", str(data)]
+  start_options = ["-o", options, "-l", str(log)]
+  run(*pg_ctl, *start_options, "-w", "start")
   try:
-    yield Postgres(port)
+    yield Postgres(port, [*runas, *pg_ctl], start_options)
   finally:
-    subprocess.run([*runas, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
-                    "stop"], capture_output=True, timeout=60)
+    subprocess.run([*runas, *pg_ctl, "-m", "immediate", "-w", "stop"], capture_output=True,
+                   timeout=60)
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+  yield from _server(pathlib.Path(tempfile.mkdtemp(prefix="orchard_pg_")))
+
+
+@pytest.fixture(scope="module")
+def postgres_to_restart():
+  """A server of the module's own, which its tests stop and start again (the session's
+  ``postgres`` stays up for every other test); durable, so that a crash loses no commit."""
+  yield from _server(pathlib.Path(tempfile.mkdtemp(prefix="orchard_pg_")), durable=True)
 
 
 @pytest.fixture(autouse=True)
