@@ -29,9 +29,15 @@ its state build, then its training step, then its evaluation step: the
 second process's steps load while its state is built and its first epoch
 runs.
 
-A file that cannot be read or loaded is ignored (with a warning) and the
-program compiled again. Files are pickles: keep the directory private, as you
-would JAX's own cache.
+Each file starts with the SHA-256 of its content, checked before anything
+in it is unpickled or handed to XLA: a damaged executable (a flipped bit, a
+torn write) would otherwise crash the process with SIGSEGV or SIGILL when it
+runs. A file that fails the check, or cannot be read or loaded, is one
+warning; the program is compiled again and the file rewritten. Files are
+written through :mod:`orchard_jax.fileio` (a temporary sibling and a rename),
+so a failed write leaves nothing behind, and what killed processes left is
+swept when a process first uses the directory. Files are pickles: keep the
+directory private, as you would JAX's own cache.
 """
 
 from __future__ import annotations
@@ -47,18 +53,22 @@ import os
 import pathlib
 import pickle
 import platform
-import tempfile
 import threading
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
+from orchard_jax import fileio
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["cache_dir", "clear", "compiled", "set_cache_dir", "stats"]
 
-FORMAT = 1
+FORMAT = 2  # 2: a checksum before the pickle
+_MAGIC = b"orchard_jax executable\n"
+_DIGEST = 32  # bytes of a SHA-256
+_LEGACY_TEMPORARY = ".tmp-"  # what writers before FORMAT 2 named their temporaries
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, np.dtype)
 _TRUSTED_CODE = ("orchard_jax.", "flax.", "jax.", "jaxlib.", "optax.", "numpy", "ml_dtypes")
@@ -71,6 +81,7 @@ _ahead: dict[pathlib.Path, tuple[list, concurrent.futures.Future]] = {}  # path 
 _asked: set[pathlib.Path] = set()  # files this process has loaded, written or started loading
 _last: list[pathlib.Path] = []  # the file this process used last
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
+_swept: set[pathlib.Path] = set()  # directories whose stale temporaries this process removed
 
 
 def set_cache_dir(path: str | os.PathLike | None) -> None:
@@ -97,7 +108,8 @@ def stats(name: str | None = None) -> dict[str, int]:
 
 
 def clear() -> None:
-  """Forgets the in-memory executables and zeroes :func:`stats` (files stay)."""
+  """Forgets the in-memory executables and zeroes :func:`stats` (files stay; the directory is
+  swept of stale temporaries again at its next use)."""
   with _lock:
     pending = [future for _, future in _ahead.values()]
     _memory.clear()
@@ -105,6 +117,7 @@ def clear() -> None:
     _ahead.clear()
     _asked.clear()
     _last.clear()
+    _swept.clear()
   concurrent.futures.wait(pending)
 
 
@@ -155,6 +168,7 @@ def compiled(jitted: Any, args: tuple, *, name: str, static: tuple = (),
   path = _path(name, static, tree, sig, model)
   result = None
   if path is not None:
+    _sweep(path.parent)
     devices = _devices(sig)
     _load_successors(path, devices)  # they load while this one does
     with _lock:
@@ -231,10 +245,7 @@ def _follows(path: pathlib.Path) -> None:
   if path.name in names:
     return
   try:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", delete=False,
-                                     encoding="utf-8") as f:
-      f.write("\n".join(names + [path.name]) + "\n")
-    os.replace(f.name, _next_file(previous))
+    fileio.atomic_write_text(_next_file(previous), "\n".join(names + [path.name]) + "\n", 0o600)
   except OSError as e:
     logger.warning("orchard_jax: cannot write %s (%s)", _next_file(previous), e)
 
@@ -293,11 +304,17 @@ def _path(name: str, static: tuple, tree: Any, sig: tuple, model: Any) -> pathli
 def _load(path: pathlib.Path, devices: list) -> jax.stages.Compiled | None:
   from jax.experimental import serialize_executable  # pylint: disable=import-outside-toplevel
   try:
-    payload = path.read_bytes()
+    data = path.read_bytes()
   except FileNotFoundError:
     return None
   except OSError as e:
     logger.warning("orchard_jax: cannot read cached executable %s (%s); compiling", path, e)
+    return None
+  try:
+    payload = _unseal(data)
+  except ValueError as e:
+    logger.warning("orchard_jax: cannot load cached executable %s: it is damaged (%s); "
+                   "compiling it again", path, e)
     return None
   try:
     blob, in_tree, out_tree = pickle.loads(payload)
@@ -315,13 +332,40 @@ def _save(path: pathlib.Path, result: jax.stages.Compiled, name: str) -> None:
   try:
     payload = pickle.dumps(serialize_executable.serialize(result))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as f:
-      f.write(payload)
-    os.replace(f.name, path)  # atomic: concurrent workers never read half a file
+    # atomic: concurrent workers never read half a file; a failed write leaves no temporary
+    fileio.atomic_write_bytes(path, _seal(payload), 0o600)
     _stats["saved", name] += 1
   except Exception as e:  # pylint: disable=broad-except
     logger.warning("orchard_jax: cannot write cached executable %s (%s: %s)", path,
                    type(e).__name__, e)
+
+
+def _seal(payload: bytes) -> bytes:
+  """``payload`` behind a header and its SHA-256, which :func:`_unseal` checks."""
+  return _MAGIC + hashlib.sha256(payload).digest() + payload
+
+
+def _unseal(data: bytes) -> bytes:
+  """The payload of a file :func:`_seal` wrote; ValueError if it is not whole and unchanged."""
+  start = len(_MAGIC) + _DIGEST
+  if not data.startswith(_MAGIC) or len(data) < start:
+    raise ValueError(f"no checksum: {len(data)} bytes that do not start with a SHA-256 header")
+  payload = data[start:]
+  if hashlib.sha256(payload).digest() != data[len(_MAGIC):start]:
+    raise ValueError(f"its {len(payload)} bytes do not match their SHA-256")
+  return payload
+
+
+def _sweep(directory: pathlib.Path) -> None:
+  """Once per process and directory: removes the temporaries killed writers left there."""
+  with _lock:
+    if directory in _swept:
+      return
+    _swept.add(directory)
+  removed = fileio.sweep_temporaries(directory, _LEGACY_TEMPORARY)
+  if removed:
+    logger.info("orchard_jax: removed %d temporary files of interrupted writes from %s", removed,
+                directory)
 
 
 def _portable(model: Any) -> bool:

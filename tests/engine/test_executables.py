@@ -4,9 +4,11 @@ import json
 import logging
 import os
 import pathlib
+import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import flax.linen as nn
 import jax
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from orchard_jax import MLP, create_train_state, evaluate, train_epoch
+from orchard_jax import MLP, create_train_state, evaluate, fileio, train_epoch
 from orchard_jax.engine import executables
 from orchard_jax.models import as_model
 
@@ -24,7 +26,7 @@ CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np
     import jax
-    from orchard_jax import MLP, create_train_state, evaluate, train_epoch
+    from orchard_jax import MLP, create_train_state, evaluate, fileio, train_epoch
     from orchard_jax.engine import executables
     executables.set_cache_dir(None if sys.argv[1] == "-" else sys.argv[1])
     if len(sys.argv) > 2:  # JAX's own persistent cache too
@@ -45,15 +47,20 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _child(cache_dir, jax_cache_dir=None):
+def _run_child(cache_dir, jax_cache_dir=None, prelude=""):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   extra = [] if jax_cache_dir is None else [str(jax_cache_dir)]
-  out = subprocess.run([sys.executable, "-c", CHILD, str(cache_dir), *extra], capture_output=True,
-                       text=True, env=env, cwd=ROOT, timeout=300)
+  return subprocess.run([sys.executable, "-c", prelude + CHILD, str(cache_dir), *extra],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def _child(cache_dir, jax_cache_dir=None):
+  """The child's RESULT, with its stderr under "stderr"."""
+  out = _run_child(cache_dir, jax_cache_dir)
   assert out.returncode == 0, out.stderr[-3000:]
   line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT"):])
+  return {**json.loads(line[len("RESULT"):]), "stderr": out.stderr}
 
 
 def test_a_second_process_loads_every_step_without_compiling_and_trains_identically(tmp_path):
@@ -208,3 +215,115 @@ def test_a_successor_list_naming_missing_or_foreign_files_is_ignored(cache):
   state, _ = train_epoch(make(), _data(), layout="NHWC")
   assert executables.stats("train_step") == {"compiled": 0, "loaded": 1, "saved": 0, "ahead": 1}
   assert executables.stats("init")["loaded"] == 1
+
+
+# ------------------------------------------------------------ damaged and torn files --
+
+
+def _flip_machine_code(path, count=16):
+  """Flips ``count`` bytes at the start of the largest code section (``.text``/``.ltext``) of
+  the ELF objects inside a cached executable, in place: the file's container (header, pickle)
+  stays intact, as after a flipped disk block. Returns the offset."""
+  data = bytearray(path.read_bytes())
+  best, start = None, 0
+  while (elf := data.find(b"\x7fELF", start)) >= 0:
+    start = elf + 4
+    header = bytes(data[elf:])
+    table = struct.unpack_from("<Q", header, 0x28)[0]
+    entry, count_sections, names = struct.unpack_from("<HHH", header, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", header, table + k * entry)
+                for k in range(count_sections)]
+    strings = sections[names][4]
+    for name, _, _, _, offset, size in sections:
+      label = header[strings + name:header.index(b"\0", strings + name)]
+      if label in (b".text", b".ltext") and (best is None or size > best[1]):
+        best = (elf + offset, size)
+  assert best is not None and best[1] > 2 * count, "no code section found"
+  start = best[0]  # the entry of the largest function: run whenever the program runs
+  data[start:start + count] = bytes(b ^ 0xFF for b in data[start:start + count])
+  path.write_bytes(bytes(data))
+  return start
+
+
+# The loader of FORMAT 1, without the check: strips the header and hands the bytes to XLA.
+UNCHECKED = (
+    "from orchard_jax.engine import executables\n"
+    "executables._unseal = lambda data: data[len(executables._MAGIC) + executables._DIGEST:]\n")
+
+
+def test_a_damaged_executable_is_one_warning_a_compile_and_a_rewrite_never_a_crash(tmp_path):
+  first = _child(tmp_path)
+  (path,) = tmp_path.glob("train_step-*.exe")
+  _flip_machine_code(path)
+
+  unchecked = _run_child(tmp_path, prelude=UNCHECKED)  # the damage is real: it kills a process
+  assert unchecked.returncode < 0, (unchecked.stdout[:300], unchecked.stderr[-2000:])
+
+  second = _child(tmp_path)
+  warnings = [l for l in second["stderr"].splitlines() if "cannot load" in l]
+  assert len(warnings) == 1 and str(path) in warnings[0], second["stderr"][-3000:]
+  assert "it is damaged" in warnings[0] and "SHA-256" in warnings[0]
+  assert second["stats"]["train_step"] == {"compiled": 1, "loaded": 0, "saved": 1, "ahead": 0}
+  assert second["params"] == first["params"] and second["loss"] == first["loss"]
+  executables._unseal(path.read_bytes())  # rewritten whole
+
+  third = _child(tmp_path)
+  assert "cannot load" not in third["stderr"] and "damaged" not in third["stderr"]
+  assert third["stats"]["train_step"] == {"compiled": 0, "loaded": 1, "saved": 0, "ahead": 1}
+  assert third["params"] == first["params"]
+
+
+@pytest.mark.parametrize("keep, why", [(20, "no checksum"), (None, "do not match their SHA-256")])
+def test_a_torn_executable_is_reported_compiled_and_rewritten(cache, caplog, keep, why):
+  make = lambda: create_train_state(MLP(num_classes=3, hidden=(3,)), input_shape=(5, 5, 1),
+                                    num_classes=3)
+  want, _ = train_epoch(make(), _data(), layout="NHWC")
+  want = jax.device_get(want.params)
+  (path,) = cache.glob("train_step-*.exe")
+  whole = path.read_bytes()
+  path.write_bytes(whole[:len(whole) // 2 if keep is None else keep])
+  executables.clear()
+  with caplog.at_level(logging.WARNING, logger="orchard_jax.engine.executables"):
+    got, _ = train_epoch(make(), _data(), layout="NHWC")
+  (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert str(path) in warning and why in warning
+  assert executables.stats("train_step") == {"compiled": 1, "loaded": 0, "saved": 1, "ahead": 0}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.params), want)
+  assert len(executables._unseal(path.read_bytes())) == len(whole) - len(executables._MAGIC) - 32
+
+
+# ------------------------------------------------------------------ temporary files --
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmpfs, disk_filler, caplog):
+  folder = tmpfs("1m")
+  disk_filler(folder, leave=16384)  # room for the successor lists, not for an executable
+  executables.clear()
+  executables.set_cache_dir(folder)
+  try:
+    with caplog.at_level(logging.WARNING, logger="orchard_jax.engine.executables"):
+      state = create_train_state(MLP(num_classes=3, hidden=(5,)), input_shape=(5, 5, 1),
+                                 num_classes=3)
+      train_epoch(state, _data(), layout="NHWC")
+    assert executables.stats()["saved"] == 0
+  finally:
+    executables.set_cache_dir(None)
+    executables.clear()
+  assert "cannot write cached executable" in caplog.text and "No space left" in caplog.text
+  assert [p.name for p in folder.iterdir() if "tmp" in p.name] == []
+  assert not list(folder.glob("*.exe"))
+
+
+def test_temporaries_of_killed_writers_are_swept_when_the_cache_opens(cache):
+  old = time.time() - 2 * fileio.STALE_AFTER_S
+  legacy = cache / ".tmp-k2j4x9a1"  # what a writer before the checksum left
+  killed = cache / ".train_step-0.exe.tmp-999999-0badf00d"
+  young = cache / ".train_step-1.exe.tmp-999998-0badf00d"  # a writer may not have locked it yet
+  for path in (legacy, killed, young):
+    path.write_bytes(b"partial")
+  for path in (legacy, killed):
+    os.utime(path, (old, old))
+  state = create_train_state(MLP(num_classes=3, hidden=(2,)), input_shape=(5, 5, 1),
+                             num_classes=3)
+  train_epoch(state, _data(), layout="NHWC")
+  assert sorted(p.name for p in cache.iterdir() if "tmp" in p.name) == [young.name]
