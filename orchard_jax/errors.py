@@ -24,6 +24,10 @@
   monitored metric is not among the validation's metrics
   (:class:`MissingMetricError`, also a ``KeyError``). ``run_trial`` raises it
   whatever ``reraise_errors`` says, as it does a :class:`DataError`.
+* :class:`ValidationFailedError` -- every validation of a run failed (a
+  ``RuntimeError``): no epoch gave a value of its own, only the fallback
+  metrics, so the run has no value to store. ``run_trial`` raises it whatever
+  ``reraise_errors`` says: the trial is FAIL, with the last failure's reason.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import os
 import re
 import sqlite3
 
-__all__ = ["DRIVER_MODULES", "cause_chain", "os_error_code", "root_cause", "DataError", "EmptyLoaderError", "LoaderError", "NonFiniteInputError", "StorageFault", "SetupError", "MissingMetricError"]
+__all__ = ["DRIVER_MODULES", "cause_chain", "os_error_code", "root_cause", "DataError", "EmptyLoaderError", "LoaderError", "NonFiniteInputError", "StorageFault", "SetupError", "MissingMetricError", "ValidationFailedError"]
 
 
 class DataError(Exception):
@@ -59,6 +63,10 @@ class SetupError(Exception):
   """The model or the monitored metric cannot work as given: it would fail every trial."""
 
 
+class ValidationFailedError(RuntimeError):
+  """Every validation of a run failed: it has no value of its own, only fallback metrics."""
+
+
 class MissingMetricError(SetupError, KeyError):
   """The monitored metric is not among the validation metrics (a ``KeyError``, as the reference's)."""
 
@@ -74,18 +82,9 @@ DRIVER_MODULES = ("psycopg2", "psycopg", "pymysql", "MySQLdb", "mysql")
 OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
 
 
-def _is_driver_error(e: BaseException) -> bool:
-  return any(cls.__module__.split(".")[0] in DRIVER_MODULES for cls in type(e).__mro__)
-
-
 def cause_chain(e: BaseException) -> list[BaseException]:
   """``e`` and its causes, outermost first: SQLAlchemy's ``.orig`` (the driver's
-  error), else ``__cause__``, else ``__context__`` unless ``raise ... from None``.
-
-  A database driver's error ends the chain: what it was raised *during* is
-  SQLAlchemy's own handling (the pool's pre-ping ``InvalidatePoolError()`` while
-  it reconnects), not a cause.
-  """
+  error), else ``__cause__``, else ``__context__`` unless ``raise ... from None``."""
   chain: list[BaseException] = []
   current: BaseException | None = e
   while current is not None and all(current is not seen for seen in chain):
@@ -95,10 +94,8 @@ def cause_chain(e: BaseException) -> list[BaseException]:
       current = orig
     elif current.__cause__ is not None:
       current = current.__cause__
-    elif current.__suppress_context__ or _is_driver_error(current):
-      current = None
     else:
-      current = current.__context__
+      current = None if current.__suppress_context__ else current.__context__
   return chain
 
 
@@ -114,7 +111,8 @@ def _describe(e: BaseException) -> str:
   if code is not None:
     return f"[Errno {code}] {os.strerror(code)}"
   text = str(e)
-  if isinstance(e, (OSError, sqlite3.Error)) or _is_driver_error(e):
+  if isinstance(e, (OSError, sqlite3.Error)) or any(
+      cls.__module__.split(".")[0] in DRIVER_MODULES for cls in type(e).__mro__):
     return text or type(e).__name__
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 

@@ -29,14 +29,15 @@ Bad data raise :class:`~orchard_jax.errors.DataError`, never a
 
 Non-finite validation logits are a failed validation instead (a
 ``ValueError``, as the reference's scikit-learn metrics raise on NaN): the
-loop's fallback and three-strike rule apply.
+loop's fallback and three-strike rule apply, and a run whose every
+validation failed ends with :class:`~orchard_jax.errors.ValidationFailedError`
+(see :mod:`orchard_jax.engine.loop`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Iterable
 
 import jax
@@ -51,6 +52,7 @@ from orchard_jax.core.state import TrainState
 from orchard_jax.core.steps import eval_step, train_step
 from orchard_jax.data.adapter import Where, device_batches
 from orchard_jax.engine import executables
+from orchard_jax.engine.loop import diverged
 from orchard_jax.errors import DataError, EmptyLoaderError, NonFiniteInputError
 
 logger = logging.getLogger(__name__)
@@ -246,12 +248,13 @@ def train_epoch(state: TrainState, loader: Iterable, *, epoch: int | None = None
     raise EmptyLoaderError(f"the training loader yielded no batch{_at(epoch)}")
   sums = _sums(jax.device_get(_packed(per_batch)))  # the epoch's one host sync
   loss = sums["loss_sum"] / max(sums["count"], 1.0)
-  if not math.isfinite(loss):
+  divergence = diverged(loss, epoch)
+  if divergence is not None:
     bad = nonfinite_input_rows(state, loader, epoch, layout, "training")
     if bad:
       raise NonFiniteInputError(f"training inputs: {bad} row{'s' if bad != 1 else ''} with NaN "
                                 f"or Inf{_at(epoch)}; fix the data (this is not divergence)")
-    raise RuntimeError(f"Training diverged: loss={loss} at epoch {epoch}")
+    raise divergence
   return state, loss
 
 

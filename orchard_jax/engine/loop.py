@@ -4,7 +4,9 @@ Each epoch, in this order (the reference's trial loop, UPSTREAM.md):
 
 1. write the epoch's learning rate into the state and switch MixUp on iff
    ``epoch <= mixup_epochs`` (both are arrays: nothing recompiles);
-2. train one epoch;
+2. train one epoch; a NaN or Inf loss, whatever training function gave it,
+   is divergence: ``RuntimeError("Training diverged: loss=nan at epoch 2")``
+   (:func:`diverged`, the one place of that check and message);
 3. validate; a ``RuntimeError`` or ``ValueError`` -- raised by the validation
    function *or by fetching its results to the host*, where XLA runtime errors
    surface -- is logged and the epoch uses a fresh copy of the fallback
@@ -13,11 +15,17 @@ Each epoch, in this order (the reference's trial loop, UPSTREAM.md):
    failed validation: it ends the run at once, with the data's message;
 4. extract the monitored metric (a missing key raises
    :class:`~orchard_jax.errors.MissingMetricError`, a ``KeyError``);
-5. track the best value, direction-aware, ignoring NaN;
+5. track the best value, direction-aware, ignoring NaN and the fallback's
+   values (a failed epoch never sets the best: the run's value always comes
+   from a validation that ran);
 6. run the epoch-end callbacks in order (Optuna report and prune, LR
    scheduler step, early stopping, best-state keeping); any of them may stop
    the run;
-7. log at every ``log_interval``-th epoch, the last one, and a stopping one.
+7. log at every ``log_interval``-th epoch, the last one, and a stopping one;
+8. a run that ends (its last epoch, or stopped by a callback) with every
+   validation failed raises
+   :class:`~orchard_jax.errors.ValidationFailedError`: ``"every validation
+   failed (2 of 2 epochs): ValueError: ..."`` -- it has no value of its own.
 
 The progress bar (``progress``) is drawn only when ``sys.stderr`` is a
 terminal: in a redirected log its ``\\r`` updates would be noise.
@@ -38,7 +46,7 @@ import jax
 from tqdm.auto import tqdm
 
 from orchard_jax.core.state import TrainState
-from orchard_jax.errors import MissingMetricError
+from orchard_jax.errors import MissingMetricError, ValidationFailedError
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +150,14 @@ def worst_value(direction: str) -> float:
   return -math.inf if direction == "maximize" else math.inf
 
 
+def diverged(loss: float, epoch: int | None) -> RuntimeError | None:
+  """The divergence error of a NaN or Inf epoch ``loss`` (the reference's message), else
+  None: ``RuntimeError("Training diverged: loss=nan at epoch 3")``."""
+  if math.isfinite(loss):
+    return None
+  return RuntimeError(f"Training diverged: loss={loss} at epoch {epoch}")
+
+
 def update_best(best: float, value: float, direction: str) -> tuple[float, bool]:
   """``(new_best, improved)``: strict improvement; a NaN value never improves."""
   if math.isnan(value):
@@ -160,8 +176,9 @@ def fallback_metrics(task_fallback: Mapping[str, float] | None,
 
 
 def validate_with_fallback(loop: EpochLoop, state: TrainState, epoch: int,
-                           failures: int) -> tuple[dict[str, float], int, bool]:
-  """Validates one epoch; returns ``(metrics, consecutive_failures, failed)``.
+                           failures: int) -> tuple[dict[str, float], int, Exception | None]:
+  """Validates one epoch; returns ``(metrics, consecutive_failures, error)``: ``error`` is
+  the failure that made ``metrics`` the fallback's copy, None when the validation ran.
 
   Raises:
     RuntimeError: on the third consecutive failure.
@@ -176,8 +193,8 @@ def validate_with_fallback(loop: EpochLoop, state: TrainState, epoch: int,
     if failures >= MAX_CONSECUTIVE_VAL_FAILURES:
       raise RuntimeError(
           f"Validation failed {failures} consecutive times, aborting trial") from e
-    return dict(loop.fallback), failures, True
-  return metrics, 0, False
+    return dict(loop.fallback), failures, e
+  return metrics, 0, None
 
 
 def monitored_value(metrics: Mapping[str, float], name: str) -> float:
@@ -230,18 +247,34 @@ class LoopRun:
     return self.epoch, self._lr, self._mixup
 
   def end_epoch(self, state: TrainState, train_loss: float) -> EpochLog:
-    """Validates the trained ``state``, updates the best, runs the callbacks and logs."""
+    """Checks the epoch's loss, validates the trained ``state``, updates the best, runs the
+    callbacks and logs.
+
+    Raises:
+      RuntimeError: the loss is NaN or Inf (:func:`diverged`), or validation failed three
+        consecutive times.
+      orchard_jax.errors.ValidationFailedError: the run ended with every validation failed.
+    """
     loop, epoch = self.loop, self.epoch
-    metrics, self.failures, failed = validate_with_fallback(loop, state, epoch, self.failures)
+    train_loss = float(train_loss)  # a training function's device scalar: the epoch's one fetch
+    divergence = diverged(train_loss, epoch)
+    if divergence is not None:
+      raise divergence
+    metrics, self.failures, error = validate_with_fallback(loop, state, epoch, self.failures)
     value = monitored_value(metrics, loop.monitor_metric)
-    self.best, improved = update_best(self.best, value, loop.direction)
+    improved = False
+    if error is None:  # the fallback's value is no measurement: it never becomes the best
+      self.best, improved = update_best(self.best, value, loop.direction)
     self.best_epoch = epoch if improved else self.best_epoch
     log = EpochLog(epoch, loop.epochs, self._lr, self._mixup, train_loss, metrics, value,
-                   self.best, improved, failed)
+                   self.best, improved, error is not None)
     self.history.append(log)
     self.stop = _run_callbacks(self.callbacks, log, state)
     if epoch % loop.log_interval == 0 or epoch == loop.epochs or self.stop:
       _log_epoch(loop, log)
+    if self.done and self.failures == epoch:  # no epoch of the run was validated
+      raise ValidationFailedError(f"every validation failed ({epoch} of {epoch} epochs): "
+                                  f"{type(error).__name__}: {error}")
     return log
 
   def finish(self, state: TrainState) -> LoopResult:
@@ -266,9 +299,12 @@ def run_loop(state: TrainState, loop: EpochLoop,
     A :class:`LoopResult`; ``best`` is the best monitored value, NaN ignored.
 
   Raises:
-    RuntimeError: training diverged, or validation failed three consecutive
-      times. ``orchard_jax.errors.MissingMetricError`` (a ``KeyError``): the
-      monitored metric is missing.
+    RuntimeError: training diverged (a NaN or Inf loss from ``loop.train_fn``,
+      whatever it is), or validation failed three consecutive times.
+      ``orchard_jax.errors.ValidationFailedError`` (a ``RuntimeError``): the
+      run ended with every validation failed (fewer than three epochs, or
+      stopped by a callback). ``orchard_jax.errors.MissingMetricError`` (a
+      ``KeyError``): the monitored metric is missing.
       ``orchard_jax.errors.DataError``: bad training or validation data.
       Whatever a callback raises (e.g. ``optuna.TrialPruned``).
   """
@@ -280,7 +316,7 @@ def run_loop(state: TrainState, loop: EpochLoop,
       state = state.with_learning_rate(lr).with_mixup(mixup)
       state, train_loss = loop.train_fn(state, epoch)
       log = run.end_epoch(state, train_loss)
-      bar.set_postfix({"train_loss": f"{train_loss:.4f}",
+      bar.set_postfix({"train_loss": f"{log.train_loss:.4f}",
                        f"val_{loop.monitor_metric}": f"{log.value:.4f}",
                        "best": f"{log.best:.4f}"})
       bar.update()

@@ -22,7 +22,8 @@ structure, with ``jax.eval_shape``, when the state is built), a monitored
 metric the validation does not produce, bad data -- propagates out of
 :func:`run_trial` whatever ``reraise_errors`` says, so Optuna marks the trial
 FAIL and the user sees the error at trial 0. Run-time failures (divergence,
-three failed validations) return the worst value, as the reference does.
+three failed validations) return the worst value, as the reference does; a
+trial whose every validation failed has no value of its own and is FAIL.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ from orchard_jax.engine.epoch import evaluate, train_epoch
 from orchard_jax.engine.loop import (Callback, EpochLog, EpochLoop, LoopResult, run_loop,
                                      worst_value)
 from orchard_jax.engine.state import state_from_config
-from orchard_jax.errors import DataError, EmptyLoaderError, SetupError, StorageFault
+from orchard_jax.errors import (DataError, EmptyLoaderError, SetupError, StorageFault,
+                                ValidationFailedError)
 
 logger = logging.getLogger(__name__)
 
@@ -400,11 +402,13 @@ def run_trial(trial: optuna.Trial, cfg: TrialConfig) -> float:
   epochs, label smoothing 0.0, class weights off``.
 
   Returns:
-    The best value (direction-aware, NaN ignored). If the trial fails at run
-    time (the loss diverged, validation failed three consecutive times, or
-    anything not listed under Raises), the failure is logged, stored as
-    ``trial.user_attrs["error"]`` (``"<Type>: <message>"``) and the worst
-    value is returned: ``-inf`` when maximizing, ``+inf`` when minimizing.
+    The best value (direction-aware, NaN and the fallback's values ignored).
+    If the trial fails at run time (the loss diverged -- a NaN or Inf loss of
+    any training epoch function, ``cfg.train_epoch_fn``'s too --, validation
+    failed three consecutive times, or anything not listed under Raises),
+    the failure is logged, stored as ``trial.user_attrs["error"]``
+    (``"<Type>: <message>"``) and the worst value is returned: ``-inf`` when
+    maximizing, ``+inf`` when minimizing.
 
   Raises:
     optuna.TrialPruned: when the pruner stops the trial.
@@ -425,6 +429,11 @@ def run_trial(trial: optuna.Trial, cfg: TrialConfig) -> float:
       return (``MissingMetricError``, a ``KeyError``). Logged and stored as
       ``trial.user_attrs["error"]`` first, like ``DataError``.
     orchard_jax.config.ConfigError: likewise, a configuration error.
+    orchard_jax.errors.ValidationFailedError: likewise, the trial ended (in
+      fewer than three epochs, or stopped early) with every validation failed:
+      its only values were the fallback's, so it stores FAIL with ``"every
+      validation failed (2 of 2 epochs): <last failure>"`` rather than the
+      fallback's value (the reference would store it; see ``docs/differences.md``).
     Exception: any other failure, when ``cfg.reraise_errors`` (Optuna then
       marks the trial FAIL).
     ValueError: before training, if the study's direction disagrees with
@@ -447,7 +456,7 @@ def run_trial(trial: optuna.Trial, cfg: TrialConfig) -> float:
   except Exception as e:  # one bad trial must not crash the study
     logger.error("Trial %d failed: %s: %s", trial.number, type(e).__name__, e)
     storage_call(trial.set_user_attr, "error", f"{type(e).__name__}: {e}")
-    if cfg.reraise_errors:
+    if cfg.reraise_errors or isinstance(e, ValidationFailedError):  # no value of its own
       raise
     return worst_value(cfg.training.monitor_direction)
 
@@ -459,7 +468,10 @@ def fit(cfg: TrialConfig) -> FitResult:
   new best. With ``cfg.output_dir`` the best state is written to
   ``best_state_dir(cfg.output_dir)``; if that write fails (a full disk) the
   result keeps its values, with a warning and ``checkpoint_dir`` None.
-  Exceptions of the training propagate.
+  Exceptions of the training propagate: divergence, three consecutive failed
+  validations (``RuntimeError``), and a run that ends with every validation
+  failed (:class:`~orchard_jax.errors.ValidationFailedError`), as
+  :func:`run_trial` fails a trial: the fallback's value is never a result.
   """
   training = cfg.training
   directory = None if cfg.output_dir is None else best_state_dir(cfg.output_dir)

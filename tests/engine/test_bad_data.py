@@ -3,12 +3,15 @@
 Deterministic bad data (labels, shapes, empty loaders, a loader that raises,
 non-finite training inputs) raise DataError, which fails the trial whatever
 ``reraise_errors`` says. Non-finite validation logits are a failed validation
-instead: the fallback and the three-strike rule apply, as in the reference.
+instead: the fallback and the three-strike rule apply, as in the reference;
+but a trial whose every validation failed is FAIL with the reason, never the
+fallback's value.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import optuna
@@ -16,7 +19,8 @@ import pytest
 import torch
 
 from orchard_jax.engine import fit, run_trial
-from orchard_jax.errors import DataError, EmptyLoaderError, LoaderError, NonFiniteInputError
+from orchard_jax.errors import (DataError, EmptyLoaderError, LoaderError, NonFiniteInputError,
+                                ValidationFailedError)
 
 FAIL, COMPLETE = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
 
@@ -136,6 +140,40 @@ def test_all_nan_validation_images_fail_three_times_and_abort(val_data, make_cfg
   for strike in (1, 2, 3):
     assert (f"Validation failed (x{strike}) at epoch {strike}: 48 of 48 validation rows have "
             f"non-finite logits (48 have NaN or Inf inputs)") in caplog.text
+
+
+NAN_ROWS = "ValueError: 48 of 48 validation rows have non-finite logits (48 have NaN or Inf inputs)"
+
+
+@pytest.mark.parametrize("reraise_errors", [False, True])
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_short_trial_whose_every_validation_failed_is_fail_not_the_fallback_value(
+    val_data, make_cfg, study_factory, caplog, tmp_path, epochs, reraise_errors):
+  images, labels = val_data
+  images[:] = np.nan
+  cfg = make_cfg(val_loader=batches(images, labels), optuna={"epochs": epochs},
+                 reraise_errors=reraise_errors, output_dir=tmp_path / "trials")
+  storage = f"sqlite:///{tmp_path / 'study.db'}"
+  study = study_factory(storage=storage)
+  optimize(study, cfg, raises=ValidationFailedError)
+  (trial,) = optuna.load_study(study_name=study.study_name, storage=storage).trials
+  assert trial.state == FAIL and trial.value is None  # not COMPLETE with the fallback's 0.0
+  reason = f"every validation failed ({epochs} of {epochs} epochs): {NAN_ROWS}"
+  assert trial.user_attrs["error"] == f"ValidationFailedError: {reason}"
+  assert f"Trial 0 failed: ValidationFailedError: {reason}" in caplog.text
+  assert not (tmp_path / "trials" / "trial_0").exists()  # no checkpoint of a fallback epoch
+
+
+def test_fit_whose_every_validation_failed_raises_the_reason_not_the_fallback(val_data, make_cfg):
+  images, labels = val_data
+  images[:] = np.nan
+  cfg = make_cfg(val_loader=batches(images, labels), training={"epochs": 2})
+  with pytest.raises(ValidationFailedError,
+                     match=rf"^every validation failed \(2 of 2 epochs\): {re.escape(NAN_ROWS)}$"):
+    fit(cfg)
+  # stopped early (patience 1) after one failed epoch: no value either
+  with pytest.raises(ValidationFailedError, match=r"^every validation failed \(1 of 1 epochs\)"):
+    fit(cfg.replace(training=cfg.training.replace(epochs=5, patience=1)))
 
 
 def test_a_tenth_of_nan_validation_rows_in_one_epoch_uses_the_fallback_and_is_logged(

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from orchard_jax.engine import run_trial
 from orchard_jax.engine.cohort import COHORT, optimize
+from orchard_jax.errors import ValidationFailedError
 from orchard_jax.models import MLP, MiniCNN
 
 from tests.engine.conftest import batches, synthetic  # noqa: E402  (the engine tests' data)
@@ -146,10 +147,10 @@ def test_a_diverging_member_fails_alone_and_the_others_match_their_solo_runs(mak
   x, y = synthetic(80, seed=0)
   vx, vy = synthetic(48, seed=1)
   configure = configurator(make_cfg, momentum=0.99, grad_clip=0.0)
+  train, val = batches(x * 100, y), batches(vx * 100, vy)  # one data: the trials share a cohort
 
   def configure_scaled(trial):
-    return configure(trial).replace(train_loader=batches(x * 100, y),
-                                    val_loader=batches(vx * 100, vy))
+    return configure(trial).replace(train_loader=train, val_loader=val)
 
   params = [{"learning_rate": lr} for lr in (0.01, 0.9, 0.02)]
   solo, cohort = solo_and_cohort(configure_scaled, params, cohort_size=3)
@@ -203,6 +204,28 @@ def test_bad_shared_data_fails_every_member_with_the_datas_message(make_cfg, tra
   assert [t.state for t in study.trials] == [TrialState.FAIL] * 2
   assert all(t.user_attrs["error"].startswith("NonFiniteInputError: training inputs: 1 row")
              for t in study.trials)
+
+
+def test_members_whose_every_validation_failed_are_fail_as_their_solo_trials(make_cfg):
+  vx, vy = synthetic(48, seed=1)
+  nan_loader = batches(np.full_like(vx, np.nan), vy)
+  configure = configurator(make_cfg)
+
+  def configure_nan(trial):  # 2 epochs of all-NaN validation images: only fallback values
+    cfg = configure(trial)
+    return cfg.replace(val_loader=nan_loader, optuna=cfg.optuna.replace(epochs=2))
+
+  solo, cohort = studies([{"learning_rate": lr} for lr in RATES[:2]])
+  with pytest.raises(ValidationFailedError):
+    solo.optimize(lambda t: run_trial(t, configure_nan(t)), n_trials=1)
+  optimize(cohort, configure_nan, n_trials=2, cohort_size=2)
+  assert [(t.state, t.value) for t in cohort.trials] == [(TrialState.FAIL, None)] * 2
+  assert all(COHORT in t.user_attrs for t in cohort.trials)  # members, not solo trials
+  reason = ("ValidationFailedError: every validation failed (2 of 2 epochs): ValueError: 48 of "
+            "48 validation rows have non-finite logits")
+  assert solo.trials[0].state == TrialState.FAIL
+  assert [t.user_attrs["error"][:len(reason)] for t in (solo.trials[0], *cohort.trials)] == (
+      [reason] * 3)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -11,6 +12,7 @@ import pytest
 from orchard_jax.core.state import create_train_state
 from orchard_jax.engine.loop import (Callback, EpochLoop, fallback_metrics, run_loop,
                                      update_best, worst_value)
+from orchard_jax.errors import ValidationFailedError
 from orchard_jax.models import MLP
 
 NAN = float("nan")
@@ -123,6 +125,32 @@ def test_successful_validation_resets_the_failure_counter(state):
 def test_third_consecutive_validation_failure_aborts(state):
   with pytest.raises(RuntimeError, match="^Validation failed 3 consecutive times, aborting trial$"):
     run_loop(state, make_loop(validate=failing_at({2, 3, 4}), epochs=5))
+
+
+def test_a_failed_epoch_s_fallback_value_never_becomes_the_best(state):
+  # the reference would take the fallback's 0.95 as the best; it measured nothing
+  loop = make_loop(validate=failing_at({2}, values=[0.5, None, 0.6]), epochs=3,
+                   fallback={"auc": 0.95})
+  result = run_loop(state, loop)
+  assert [log.value for log in result.history] == [0.5, 0.95, 0.6]
+  assert (result.best, result.best_epoch) == (0.6, 3)
+  assert [log.improved for log in result.history] == [True, False, True]
+
+
+def test_a_run_stopped_with_every_validation_failed_has_no_value(state):
+  with pytest.raises(ValidationFailedError,
+                     match=r"^every validation failed \(2 of 2 epochs\): RuntimeError: boom at 2$"):
+    run_loop(state, make_loop(validate=failing_at({1, 2, 3}), epochs=5), [Recorder(stop_at=2)])
+
+
+@pytest.mark.parametrize("loss, shown", [(NAN, "nan"), (math.inf, "inf")])
+def test_any_training_function_s_nonfinite_loss_is_divergence(state, loss, shown):
+  loop = make_loop([0.5, 0.6, 0.7])
+  loop = dataclasses.replace(loop, train_fn=lambda s, e: (s, loss if e == 2 else 0.5))
+  recorder = Recorder()
+  with pytest.raises(RuntimeError, match=rf"^Training diverged: loss={shown} at epoch 2$"):
+    run_loop(state, loop, [recorder])
+  assert [log.epoch for log in recorder.logs] == [1]  # epoch 2 never validated nor reported
 
 
 def test_value_errors_also_fall_back(state):

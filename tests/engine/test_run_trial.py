@@ -7,6 +7,7 @@ import io
 import logging
 import math
 
+import jax
 import numpy as np
 import optuna
 import pytest
@@ -124,6 +125,29 @@ def test_a_diverging_learning_rate_fails_with_the_divergence_message(make_cfg, s
   assert run_trial(study.ask(), cfg) == -math.inf
   assert study.trials[0].user_attrs["error"].startswith("RuntimeError: Training diverged: loss=")
   assert "Trial 0 failed: RuntimeError: Training diverged" in caplog.text
+
+
+@pytest.mark.parametrize("bad, shown", [(NAN, "nan"), (math.inf, "inf"), (-math.inf, "-inf")])
+@pytest.mark.parametrize("as_array", [False, True], ids=["float", "device_scalar"])
+def test_a_train_epoch_fn_s_nonfinite_loss_is_divergence_as_the_built_in_s(
+    make_cfg, study_factory, caplog, tmp_path, bad, shown, as_array):
+  from orchard_jax.engine import train_epoch
+
+  def own_epoch(state, loader, *, epoch, layout):  # the task's own training epoch
+    state, loss = train_epoch(state, loader, epoch=epoch, layout=layout)
+    loss = bad if epoch == 2 else loss
+    return state, (jax.numpy.asarray(loss) if as_array else loss)
+
+  storage = f"sqlite:///{tmp_path / 'study.db'}"
+  study = study_factory(storage=storage)
+  cfg = make_cfg(optuna={"epochs": 3}, train_epoch_fn=own_epoch)
+  study.optimize(lambda trial: run_trial(trial, cfg), n_trials=1)
+  (trial,) = optuna.load_study(study_name=study.study_name, storage=storage).trials
+  # as the built-in epoch's divergence: the worst value, with the reference's message
+  assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == -math.inf
+  assert trial.user_attrs["error"] == f"RuntimeError: Training diverged: loss={shown} at epoch 2"
+  assert list(trial.intermediate_values) == [1]  # epoch 2 was neither validated nor reported
+  assert f"Trial 0 failed: RuntimeError: Training diverged: loss={shown} at epoch 2" in caplog.text
 
 
 def test_study_and_config_directions_must_agree(make_cfg, study_factory):
