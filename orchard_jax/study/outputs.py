@@ -216,11 +216,25 @@ def _relative(path: str | None, base: pathlib.Path) -> str | None:
   return relative.as_posix() if ups <= RELATIVE_UP_MAX else path
 
 
+def _working_directory_module(module: str) -> str | None:
+  """The absolute file of ``module`` when it was imported from the working directory (not
+  installed): a recipe elsewhere finds it only by its file."""
+  from orchard_jax.study.recipe import module_file  # pylint: disable=import-outside-toplevel
+  loaded = sys.modules.get(module)
+  file = module_file(pathlib.Path.cwd(), module) if loaded is not None else None
+  same = file is not None and os.path.realpath(getattr(loaded, "__file__", None) or "") == \
+      os.path.realpath(file)
+  return os.path.abspath(file) if same else None
+
+
 def _relative_entry(entry: str | None, base: pathlib.Path) -> str | None:
-  """A ``'path/file.py:function'`` entry with an absolute file relative to ``base``."""
+  """A ``'path/file.py:function'`` entry with an absolute file relative to ``base``; a module
+  of the working directory's as its file, so (see :func:`_working_directory_module`)."""
   if not entry:
     return entry
   target, _, attr = entry.rpartition(":")
+  if not os.path.isabs(target) and not target.endswith(".py") and "/" not in target:
+    target = _working_directory_module(target) or target
   return f"{_relative(target, base)}:{attr}" if os.path.isabs(target) else entry
 
 

@@ -462,22 +462,49 @@ def _joined(folder: pathlib.Path, path: Any, *, found: bool = True) -> Any:
   return joined if not found or os.path.exists(joined) else path
 
 
+def module_file(folder: pathlib.Path, module: str) -> str | None:
+  """The file of module ``'pkg.mod'`` in ``folder`` (``pkg/mod.py`` or ``pkg/mod/__init__.py``),
+  or None when it is not there."""
+  parts = module.split(".")
+  if not all(part.isidentifier() for part in parts):
+    return None
+  base = folder.joinpath(*parts)
+  for path in (base.parent / f"{parts[-1]}.py", base / "__init__.py"):
+    if path.is_file():
+      return os.path.normpath(path)
+  return None
+
+
 def _joined_entry(folder: pathlib.Path, entry: Any) -> Any:
-  """A ``'path/file.py:function'`` entry from ``folder``; a module's ``'pkg.mod:fn'`` as is."""
+  """A ``'path/file.py:function'`` entry from ``folder`` (when the file is there); a module's
+  ``'pkg.mod:fn'`` found in ``folder`` as its file there, which is imported as that module
+  (:func:`orchard_jax.study.sources.resolve_function`); else the entry as it is."""
   if not isinstance(entry, str) or ":" not in entry:
     return entry
   target, _, attr = entry.rpartition(":")
   if target.endswith(".py") or "/" in target or os.sep in target:
     return f"{_joined(folder, target)}:{attr}"
-  return entry
+  file = module_file(folder, target)
+  return entry if file is None else f"{file}:{attr}"
+
+
+def _joined_pool(folder: pathlib.Path, pool: Any) -> Any:
+  """``optuna.model_pool``'s ``'fn:...'`` entries from ``folder``, as ``architecture.function``."""
+  if not isinstance(pool, list):
+    return pool
+  return [FUNCTION_PREFIX + _joined_entry(folder, model_function(name))
+          if isinstance(name, str) and model_function(name) is not None else name
+          for name in pool]
 
 
 def from_folder(data: dict[str, Any], folder: pathlib.Path) -> dict[str, Any]:
-  """A recipe file's data with its relative paths read from ``folder``, the file's own:
-  ``dataset.path``, the files of ``dataset.function`` and ``architecture.function``, and
-  ``telemetry.output_dir`` (``best_config.yaml`` writes them relative to itself)."""
+  """A recipe file's data with its relative paths read from ``folder``, the file's own, first:
+  ``dataset.path``, the files or modules of ``dataset.function``, ``architecture.function`` and
+  ``optuna.model_pool``'s functions, and ``telemetry.output_dir`` (``best_config.yaml`` writes
+  them relative to itself). What is not in ``folder`` stays relative to the working directory,
+  as ``--set`` values are."""
   fixes = {("dataset", "path"): _joined, ("dataset", "function"): _joined_entry,
-           ("architecture", "function"): _joined_entry,
+           ("architecture", "function"): _joined_entry, ("optuna", "model_pool"): _joined_pool,
            ("telemetry", "output_dir"): lambda folder, path: _joined(folder, path, found=False)}
   out = dict(data)
   for (section, key), fix in fixes.items():

@@ -329,12 +329,43 @@ def _function_hint(module: Any, attr: str) -> str:
   return closest(attr, names)
 
 
+def _in_package(path: str) -> tuple[str, str] | None:
+  """``(root, 'pkg.sub.mod')`` for a ``.py`` file inside a package (its folder has an
+  ``__init__.py``): the folder above its outermost package, and its module name; else None."""
+  folder, name = os.path.split(path)
+  parts = [] if name == "__init__.py" else [os.path.splitext(name)[0]]
+  while os.path.isfile(os.path.join(folder, "__init__.py")):
+    folder, package = os.path.split(folder)
+    parts.insert(0, package)
+  names_ok = len(parts) > 1 and all(part.isidentifier() for part in parts)
+  return (folder, ".".join(parts)) if names_ok else None
+
+
+def _import_package_file(path: str, root: str, name: str) -> Any:
+  """The module ``name`` of the file ``path`` in a package, imported as such (its relative
+  imports work) with ``root`` on ``sys.path``; refused when ``name`` is another file."""
+  if root not in sys.path:
+    sys.path.append(root)
+  module = importlib.import_module(name)
+  found = os.path.realpath(getattr(module, "__file__", None) or "")
+  if found != path:
+    raise RecipeError(f"{_shown(path)} is module {name!r} of a package, but {name!r} is "
+                      f"imported from {_shown(found or '(no file)')}")
+  return module
+
+
 def _exec_file(target: str) -> Any:
   """The module of a ``.py`` file, executed once per process (so its classes stay the same
   objects: equal models of every trial share compiled steps) and kept in ``sys.modules``
-  under its file name, or a unique one when another module has that name."""
+  under its file name, or a unique one when another module has that name. A file inside a
+  package (its folder has an ``__init__.py``) is imported as the package's module instead, the
+  folder above the package on ``sys.path``: ``path/pkg/mod.py`` is ``pkg.mod``."""
   path = os.path.realpath(target)
   if path in _FILE_MODULES:
+    return _FILE_MODULES[path]
+  package = _in_package(path)
+  if package is not None:
+    _FILE_MODULES[path] = _import_package_file(path, *package)
     return _FILE_MODULES[path]
   name = os.path.splitext(os.path.basename(path))[0]
   same = sys.modules.get(name)
@@ -359,7 +390,10 @@ def resolve_function(entry: str, where: str | None = None) -> Callable[..., Any]
   """Imports ``'module:function'`` or ``'path/file.py:function'``.
 
   ``where`` begins messages (default ``"dataset.function '<entry>'"``). A module is imported with the
-  working directory on ``sys.path``; a file is executed once per process.
+  working directory on ``sys.path``; a file is executed once per process (see
+  :func:`_exec_file`). A recipe file's entries were already read from its folder
+  (:func:`orchard_jax.study.recipe.from_folder`): a relative file, or a module found there,
+  is that folder's.
 
   Raises:
     RecipeError: the file, module or function does not exist (the closest
@@ -380,9 +414,12 @@ def resolve_function(entry: str, where: str | None = None) -> Callable[..., Any]
   except RecipeError:
     raise
   except Exception as e:  # the user's module: any import-time error
-    if _missing_target(target, e):
-      raise RecipeError(f"{where}: cannot import {_shown(target)}: {one_line(e)}"
-                        f"{_module_hint(e.name)}") from None
+    if _missing_target(target, e):  # a close name, or where modules are looked for
+      file = f"path/to/{target.replace('.', '/')}.py:{attr}"
+      hint = _module_hint(e.name) or (
+          f"; a module is found in the recipe's folder or the working directory "
+          f"({clip(os.getcwd(), 120)}), a file anywhere by its path: {file!r}")
+      raise RecipeError(f"{where}: cannot import {_shown(target)}: {one_line(e)}{hint}") from None
     raise user_code_error(f"{where}: cannot import {_shown(target)}: {one_line(e)}", e,
                           e.__traceback__.tb_next) from e
   fn = getattr(module, attr, None)
