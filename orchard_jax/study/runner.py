@@ -55,7 +55,8 @@ from orchard_jax.study.liveness import RunFolderLock
 from orchard_jax.study.outputs import (CONFIG, ERROR, INTERRUPTED, SECONDS, import_ahead,
                                       name_metric, resolved_config, write_study_outputs)
 from orchard_jax.study.space import build_space
-from orchard_jax.study.storage import Heartbeat, StudyLock, masked, open_storage, storage_url
+from orchard_jax.study.storage import (Heartbeat, StudyLock, disk_fault, is_disk_fault, masked,
+                                      open_storage, storage_url)
 from orchard_jax.study.validate import validate
 from orchard_jax.study.workers import (drive, exit_status, finished_count, join_study, new_worker,
                                        requeue_unfinished, retried_numbers)
@@ -113,6 +114,8 @@ def open_study(recipe: Any, url: str | None, storage: Any = None, *, join: bool 
                       f"optuna.load_if_exists: true to resume it, or use another study_name "
                       f"or output folder") from None
   except Exception as e:  # a schema of another Optuna version, a lost connection, ...
+    if is_disk_fault(e):  # exit 1, not a bad recipe
+      raise disk_fault(where, url, e) from e
     raise RecipeError(f"{where}: cannot open {masked(url)}: {type(e).__name__}: "
                       f"{' '.join(str(getattr(e, 'orig', None) or e).split())[:300]}") from None
   stored = len(study.get_trials(deepcopy=False))

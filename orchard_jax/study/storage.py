@@ -80,8 +80,8 @@ from orchard_jax.study.checks import RecipeError
 logger = logging.getLogger(__name__)
 
 __all__ = ["DatabaseLock", "Heartbeat", "JOURNAL", "SQLITE_BUSY_TIMEOUT_S", "StudyLock",
-           "ask_trial", "is_transient", "masked", "open_storage", "repair_journal",
-           "retried_trial_number", "root_cause", "storage_url", "study_lock"]
+           "ask_trial", "disk_fault", "is_disk_fault", "is_transient", "masked", "open_storage",
+           "repair_journal", "retried_trial_number", "root_cause", "storage_url", "study_lock"]
 
 JOURNAL = "journal:"
 DB_FILE, JOURNAL_FILE = "study.db", "study.journal"
@@ -252,6 +252,8 @@ def open_storage(url: str | None, heartbeat: Heartbeat | None = None,
   except RecipeError:
     raise
   except Exception as e:  # a driver missing, a host unreachable, a password refused, ...
+    if is_disk_fault(e):
+      raise disk_fault(where, url, e) from e
     raise RecipeError(f"{where}: cannot open {masked(url)}: {type(e).__name__}: "
                       f"{_driver_message(e)}") from None
 
@@ -475,6 +477,23 @@ def _transient_one(e: BaseException) -> bool:
   # SQLAlchemy's OperationalError: decided by the driver's error under it where there is one
   # (sqlite3 raises OperationalError for "no such table" too)
   return isinstance(e, sqlalchemy.exc.OperationalError) and not isinstance(e.orig, BaseException)
+
+
+def is_disk_fault(e: BaseException) -> bool:
+  """Whether ``e``'s chain holds a full or failing disk under a file storage: an OS error
+  ENOSPC, EDQUOT or EIO, or SQLite's "database or disk is full" / "disk I/O error"."""
+  return any(_os_error_code(link) in _TRANSIENT_ERRNOS or (
+      isinstance(link, sqlite3.Error) and any(w in str(link).lower() for w in ("full", "disk i/o")))
+             for link in _chain(e))
+
+
+def disk_fault(where: str, url: str, e: BaseException) -> Exception:
+  """The :class:`~orchard_jax.errors.StorageFault` of a storage that could not be opened or
+  created because its disk is full or failing (:func:`is_disk_fault`): a failure of the storage
+  (the command exits 1), not of the recipe that names it."""
+  from orchard_jax.errors import StorageFault
+  return StorageFault(f"{where}: the study's storage {masked(url)} could not be written: "
+                      f"{root_cause(e)}")
 
 
 def is_transient(e: BaseException) -> bool:

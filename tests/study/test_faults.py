@@ -296,6 +296,27 @@ def test_a_storage_that_stays_full_stops_in_one_line_and_the_rerun_retries(workd
   assert retry.user_attrs[RETRY_OF] == 1 and trials[1].state == TrialState.FAIL
 
 
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_a_storage_on_a_full_disk_at_start_exits_1_in_one_line(workdir, warm_env, command, tmpfs,
+                                                               disk_filler, storage):
+  folder = tmpfs("512k")
+  url = (f"journal:///{folder}/study.journal" if storage == "journal"
+         else f"sqlite:///{folder}/study.db")
+  path = fault_recipe(workdir, f"full_{storage}", n_trials=2, storage=url)
+  filler = disk_filler(folder)
+  result = run(command, ["run", path], warm_env, workdir)
+  assert result.returncode == 1, result.stderr[-3000:]  # a storage failure, not a bad recipe (2)
+  (line,) = [l for l in result.stderr.splitlines() if "error" in l.lower()]
+  assert line.startswith(f"orchard-jax: error: optuna.storage: the study's storage {url} could "
+                         f"not be written: ") and "retried by the next run" in line
+  assert ("No space left on device" if storage == "journal" else "database or disk is full") in line
+  assert "Traceback" not in result.stderr
+  filler.unlink()
+  rerun = run(command, ["run", path], warm_env, workdir)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  check_exact(load(url, f"full_{storage}"), 2)
+
+
 def test_a_torn_journal_tail_is_repaired_and_the_study_continues(workdir, warm_env, command):
   journal = workdir / "torn" / "study.journal"
   path = fault_recipe(workdir, "torn", n_trials=2, storage=f"journal:///{journal}")
