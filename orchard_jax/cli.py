@@ -305,13 +305,23 @@ def _init(args: argparse.Namespace) -> int:
   from orchard_jax import bundled
   from orchard_jax.config import ConfigError
 
+  from orchard_jax.fileio import atomic_write_text
+
   path = pathlib.Path(args.path)
-  if path.exists() and not args.force:
-    raise ConfigError(f"{path} exists; use --force to overwrite it")
-  if path.parent != pathlib.Path("") and not path.parent.is_dir():
-    raise ConfigError(f"folder {path.parent} does not exist")
-  path.write_text(bundled.recipe_text())  # its first line names the schema, for editors
-  (path.parent / bundled.SCHEMA_FILE).write_text(bundled.schema_text())
+  try:
+    if path.exists() and not args.force:
+      raise ConfigError(f"{path} exists; use --force to overwrite it")
+    if path.parent != pathlib.Path("") and not path.parent.is_dir():
+      raise ConfigError(f"folder {path.parent} does not exist")
+  except OSError as e:  # a folder on the way that cannot be searched
+    raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
+  # The recipe's first line names the schema, for editors: the schema is written first.
+  for file, text in ((path.parent / bundled.SCHEMA_FILE, bundled.schema_text()),
+                     (path, bundled.recipe_text())):
+    try:
+      atomic_write_text(file, text)
+    except OSError as e:  # a read-only folder, a full disk, no permission
+      raise ConfigError(f"cannot write {file}: {e.strerror or e}") from None
   print(f"Wrote {path} (and {bundled.SCHEMA_FILE} beside it, its schema for editors); edit it, "
         f"then run: {PROG} run {path}")
   return 0

@@ -304,6 +304,21 @@ def test_init_refuses_an_existing_file_without_importing_jax(tmp_path):
       "orchard-jax: error: recipe.yaml exists; use --force to overwrite it"]
 
 
+@pytest.mark.parametrize("where", ["read-only", "missing"])
+def test_init_into_a_folder_it_cannot_write_is_one_line(tmpfs, tmp_path, where):
+  if where == "read-only":  # root ignores permission bits: a read-only mount
+    folder = tmpfs("64k")
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    want = f"orchard-jax: error: cannot write {folder}/recipe.schema.json: Read-only file system"
+  else:
+    folder = tmp_path / "absent" / "deeper"
+    want = f"orchard-jax: error: folder {folder} does not exist"
+  proc = subprocess.run([*COMMAND, "init", str(folder / "recipe.yaml")], capture_output=True,
+                        text=True, timeout=TIMEOUT)
+  assert proc.returncode == 2 and proc.stderr.splitlines() == [want], proc.stderr
+  assert not folder.exists() or list(folder.iterdir()) == []
+
+
 # What `import orchard_jax` exported before its names were imported on first use.
 EXPORTS = """ConfigError OptunaConfig TrainingConfig TrialConfig resolve_precision
 compute_class_weights cross_entropy focal_loss mixup classification_metrics macro_f1 roc_auc
