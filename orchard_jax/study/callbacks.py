@@ -187,7 +187,7 @@ class StudyOutputs:
 
   ``run_dir`` then holds, as of the last finished trial, what
   :func:`~orchard_jax.study.outputs.write_outputs` writes (``trials.csv``,
-  ``plots/``, ``best_config.yaml``, ``best_model/``); the arguments are its
+  ``plots/``, ``best_trial.yaml``, ``best_model/``); the arguments are its
   own. ``plots=False`` leaves the plots (about a second per trial) to a last
   ``write_outputs`` call. Safe with ``n_jobs`` threads.
   """

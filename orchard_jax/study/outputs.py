@@ -15,10 +15,12 @@
 
 The same outputs, but ``recipe.yaml``, come from any Optuna study whose
 objective calls :func:`~orchard_jax.engine.run_trial`: :func:`write_outputs`
-once, or :class:`StudyOutputs` as a study callback. Its ``best_config.yaml``
-describes the best trial (value, parameters and, when recorded with
-:func:`~orchard_jax.engine.run_trial` records what its ``TrialConfig`` held); it is not a
-recipe, since the model is the user's own.
+once, or :class:`StudyOutputs` as a study callback. Instead of
+``best_config.yaml`` it writes ``best_trial.yaml``, which describes the best
+trial (value, parameters and, when :func:`~orchard_jax.engine.run_trial`
+recorded it, what its ``TrialConfig`` held): not a recipe, since the model and
+the objective are the user's own (``orchard-jax run`` on it says so; such a
+file written before was called ``best_config.yaml``).
 
 Each trial of a recipe's study carries scalar user attributes to sort on in
 optuna-dashboard (``best_epoch``, ``epochs_run``, ``seconds``) and one
@@ -62,6 +64,8 @@ CHECKPOINT_ERROR = "checkpoint_error"  # why the trial's best state could not be
 BEST_EPOCH, EPOCHS_RUN, SECONDS = "best_epoch", "epochs_run", "seconds"
 EPOCH_PREFIX = "epoch_"                # epoch_01, epoch_02, ...: one epoch's values each
 TOP_K = 5
+RETRAIN_FILE = "best_config.yaml"   # a recipe's study: the best trial as a recipe to retrain
+BEST_TRIAL_FILE = "best_trial.yaml"  # a study of one's own objective: the best trial described
 
 
 def best_trial(trials: Sequence[FrozenTrial], direction: str) -> FrozenTrial | None:
@@ -472,8 +476,9 @@ class _Plan:
   metric: str
   direction: str
   checkpoints: Callable[[FrozenTrial], pathlib.Path | None]  # the folder of trial_<n>/
-  best_config: Callable[[FrozenTrial, pathlib.Path], str] | None  # best_config.yaml's text
+  best_config: Callable[[FrozenTrial, pathlib.Path], str] | None  # the best trial's file's text
   plots: bool = True
+  best_name: str = RETRAIN_FILE    # that file: a recipe, or a Python study's BEST_TRIAL_FILE
   recipe_text: str | None = None   # recipe.yaml's text; None: not written
   retrain: bool = False            # best_config.yaml is a recipe: say how to retrain
 
@@ -492,8 +497,8 @@ def _write(study: Any, run_dir: pathlib.Path, plan: _Plan, out: Any) -> FrozenTr
         run_dir / "recipe.yaml", plan.recipe_text), failed))
   if best is not None:
     if plan.best_config is not None:
-      path = run_dir / "best_config.yaml"
-      written.append(_written("best_config.yaml", lambda: atomic_write_text(
+      path = run_dir / plan.best_name
+      written.append(_written(plan.best_name, lambda: atomic_write_text(
           path, plan.best_config(best, path)), failed))
     checkpoints = plan.checkpoints(best)
     if checkpoints is not None:
@@ -587,7 +592,7 @@ def write_outputs(study: Any, run_dir: str | os.PathLike, *, metric: str | None 
   :func:`~orchard_jax.engine.run_trial`; returns the best trial (None: none completed).
 
   ``run_dir`` gets ``trials.csv``, ``plots/`` (with ``plots``), and for the
-  best trial ``best_config.yaml`` (its value, parameters and recorded
+  best trial ``best_trial.yaml`` (its value, parameters and recorded
   ``trial_config``, which :func:`~orchard_jax.engine.run_trial` records) and ``best_model/``: a
   copy of ``checkpoint_dir/trial_<n>``, the folder ``run_trial`` writes the
   best epoch's state to under ``TrialConfig.output_dir``. ``checkpoint_dir``
@@ -627,5 +632,6 @@ def write_outputs(study: Any, run_dir: str | os.PathLike, *, metric: str | None 
     return None if folder is None else pathlib.Path(folder)
 
   plan = _Plan(metric=metric, direction=own, checkpoints=checkpoints,
-               best_config=lambda t, _: _described_text(study, t, metric), plots=plots)
+               best_config=lambda t, _: _described_text(study, t, metric), plots=plots,
+               best_name=BEST_TRIAL_FILE)
   return _write(study, run_dir, plan, out)

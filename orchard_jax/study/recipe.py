@@ -448,6 +448,11 @@ def load_recipe(path: str | os.PathLike | None, sets: Sequence[str] = ()) -> Rec
   if not isinstance(data, dict):
     raise RecipeError(f"{c.clip(origin, PATH_SHOWN)}: a recipe must be a mapping of sections, "
                       f"got {c.show(data)}")
+  if "trial" in data and "params" in data:  # orchard_jax.write_outputs' best_trial.yaml
+    raise RecipeError(f"{c.clip(origin, PATH_SHOWN)} describes the best trial of a study of your "
+                      f"own objective (best_trial.yaml of orchard_jax.write_outputs), not a "
+                      f"recipe: rerun its params with your objective; orchard-jax run takes a "
+                      f"recipe, such as the best_config.yaml of an orchard-jax run study")
   if path is not None:  # the file's own relative paths; --set values stay the command's
     data = from_folder(data, pathlib.Path(path).absolute().parent)
   return parse_recipe(apply_sets(data, sets), origin)

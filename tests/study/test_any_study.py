@@ -63,7 +63,7 @@ def api_study(tmp_path_factory):
   return study, outputs, root
 
 
-def test_the_callback_writes_trials_csv_plots_best_config_and_best_model(api_study):
+def test_the_callback_writes_trials_csv_plots_best_trial_and_best_model(api_study):
   study, outputs, root = api_study
   run_dir = root / "run"
   best = study.best_trial
@@ -74,7 +74,8 @@ def test_the_callback_writes_trials_csv_plots_best_config_and_best_model(api_stu
   for name in ("optimization_history", "intermediate_values", "param_importances",
                "best_trial_curves"):
     assert (run_dir / "plots" / f"{name}.png").read_bytes().startswith(PNG), name
-  config = yaml.safe_load((run_dir / "best_config.yaml").read_text())
+  assert not (run_dir / "best_config.yaml").exists()  # the name of a recipe to retrain
+  config = yaml.safe_load((run_dir / "best_trial.yaml").read_text())
   assert config["trial"] == best.number and config["value"] == best.value
   assert config["metric"] == "accuracy" and config["params"] == best.params
   recorded = config["trial_config"]
@@ -111,7 +112,7 @@ def test_write_outputs_of_an_objective_without_run_trial(tmp_path):
   assert write_outputs(study, tmp_path / "bare", plots=False).number == study.best_trial.number
   assert not (tmp_path / "bare" / "best_model").exists()  # nowhere known to copy it from
   assert study.metric_names is None  # nothing to name it by
-  config = yaml.safe_load((tmp_path / "bare" / "best_config.yaml").read_text())
+  config = yaml.safe_load((tmp_path / "bare" / "best_trial.yaml").read_text())
   assert config["metric"] == "value" and "trial_config" not in config
 
 
@@ -131,7 +132,7 @@ def test_write_outputs_of_a_study_without_a_finished_trial(tmp_path):
   study = optuna.create_study(direction="minimize")
   assert write_outputs(study, tmp_path / "run", metric="loss") is None
   assert (tmp_path / "run" / "trials.csv").read_text().startswith("number,state,value")
-  assert not (tmp_path / "run" / "best_config.yaml").exists()
+  assert not (tmp_path / "run" / "best_trial.yaml").exists()
 
 
 def test_write_outputs_refuses_another_direction_and_several_objectives(tmp_path):
@@ -155,3 +156,18 @@ def test_a_failed_trial_is_in_trials_csv_with_its_error(tmp_path):
   rows = list(csv.DictReader(open(tmp_path / "run" / "trials.csv")))
   assert [r["state"] for r in rows] == ["COMPLETE", "FAIL"] and rows[1]["error"] == "ValueError: mine"
   assert study.trials[0].state == TrialState.COMPLETE
+
+
+@pytest.mark.parametrize("name", ["best_trial.yaml", "best_config.yaml"])  # the latter: before
+def test_run_on_a_best_trial_file_says_it_is_not_a_recipe(api_study, name, tmp_path, capsys):
+  from orchard_jax.cli import main
+  _, _, root = api_study
+  path = tmp_path / name
+  path.write_text((root / "run" / "best_trial.yaml").read_text())
+  assert main(["run", str(path)]) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and err == (
+      f"orchard-jax: error: {path} describes the best trial of a study of your own objective "
+      f"(best_trial.yaml of orchard_jax.write_outputs), not a recipe: rerun its params with your "
+      f"objective; orchard-jax run takes a recipe, such as the best_config.yaml of an orchard-jax "
+      f"run study\n")
