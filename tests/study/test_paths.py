@@ -133,3 +133,16 @@ def test_best_config_writes_a_module_of_the_working_directory_as_its_file(tmp_pa
   written = relative_paths(config, tmp_path / "outputs" / "study")
   assert written["architecture"]["function"] == "../../cwd_module.py:build"
   assert written["dataset"]["function"] == "json:loads"
+
+
+def test_a_model_pools_functions_follow_the_same_rule(project):
+  path = project / "proj" / "pool.yaml"
+  data = yaml.safe_load((project / "proj" / "recipe.yaml").read_text())
+  data["optuna"].update(enable_model_search=True,
+                        model_pool=["mlp", "fn:my_module:build", "fn:mypkg/models.py:build",
+                                    "fn:json:loads"])
+  path.write_text(yaml.safe_dump(data))
+  pool = load_recipe(path).study.model_pool
+  proj = project / "proj"
+  assert pool == ("mlp", f"fn:{proj / 'my_module.py'}:build",
+                  f"fn:{proj / 'mypkg' / 'models.py'}:build", "fn:json:loads")
