@@ -55,11 +55,16 @@ class StudyEarlyStopping:
   """Stops the study after ``patience`` consecutive finished trials reach ``threshold``.
 
   A pruned or failed trial, or one below the threshold, resets the count.
-  ``count`` may start from stored trials (see :meth:`count_from`).
+  ``count`` may start from stored trials (see :meth:`count_from`); ``value`` is
+  the last counted trial's value. A study it stops is announced in one line
+  (:meth:`announcement`): the metric, its value, the threshold and the trials
+  run, as the reference's callback reports them.
   """
 
-  def __init__(self, threshold: float, direction: str, patience: int, count: int = 0):
+  def __init__(self, threshold: float, direction: str, patience: int, count: int = 0, *,
+               metric: str = "value"):
     self.threshold, self.direction, self.patience, self.count = threshold, direction, patience, count
+    self.metric, self.value = metric, math.nan
 
   @property
   def reached(self) -> bool:
@@ -75,12 +80,23 @@ class StudyEarlyStopping:
   def _observe(self, trial: FrozenTrial) -> None:
     ok = trial.state == TrialState.COMPLETE and _reached(trial.value, self.threshold, self.direction)
     self.count = self.count + 1 if ok else 0
+    self.value = trial.value if ok else math.nan
+
+  def announcement(self, trials_run: int, n_trials: int | None = None) -> str:
+    """The one line of a study this stopped, e.g. ``Early stopping: auc 1.000000 >= threshold
+    0.9999 in 2 consecutive trials; the study stopped after 2 of 50 trials (48 not run)``."""
+    sign = ">=" if self.direction == "maximize" else "<="
+    of = "" if n_trials is None else f" of {n_trials}"
+    saved = "" if n_trials is None else f" ({max(n_trials - trials_run, 0)} not run)"
+    return (f"Early stopping: {self.metric} {self.value:.6f} {sign} threshold {self.threshold:g} "
+            f"in {self.count} consecutive trial{'s' if self.count != 1 else ''}; the study "
+            f"stopped after {trials_run}{of} trials{saved}")
 
   def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
     self._observe(trial)
     if self.reached:
-      logger.info("Early stop: %d consecutive trials reached %s (value %.6f); stopping the study",
-                  self.count, self.threshold, trial.value)
+      finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+      logger.info("%s", self.announcement(finished))
       study.stop()
 
 

@@ -213,7 +213,10 @@ def launch_workers(recipe: Any, run_dir: pathlib.Path, workers: int | None,
       print(f"\nStopped by {cause} after {finished}/{config.n_trials} trials; run the same "
             f"command to continue.", file=out)
       return 128 + forward.signum
-    if finished < config.n_trials and not new_worker(joined, recipe).early_stopped(trials):
+    early = new_worker(joined, recipe).early_stop_line(trials)
+    if early is not None:  # done: stopped early on purpose (each worker logged it)
+      print(f"\n{early}.", file=out)
+    elif finished < config.n_trials:
       failed = {name: code for name, code in codes.items() if code not in (0, 1)}
       why = (f"worker(s) exited abnormally: {', '.join(f'{n}: {c}' for n, c in failed.items())}"
              if failed else "the workers stopped early")

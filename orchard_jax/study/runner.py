@@ -28,8 +28,11 @@
   (``retry_of`` names the original).
 * **Study callbacks**: the study stops once ``early_stopping_patience``
   consecutive trials reach the threshold (default per metric, as the
-  reference: auc 0.9999, accuracy 0.995, f1 0.98, loss 0.01), and after
-  three failed trials in a row. Only the current best trial's checkpoint is
+  reference: auc 0.9999, accuracy 0.995, f1 0.98, loss 0.01), announced in
+  one line that the log and the end summary both give (``Early stopping: auc
+  1.000000 >= threshold 0.9999 in 2 consecutive trials; the study stopped
+  after 2 of 50 trials (48 not run)``; exit status 0), and after three failed
+  trials in a row. Only the current best trial's checkpoint is
   kept (see :mod:`orchard_jax.study.callbacks`).
 * **Exit status**: 0 done with a best trial; 1 no trial completed; 3 the
   study ended short of ``n_trials`` (said on stdout); 130/143 after a signal.
@@ -58,8 +61,9 @@ from orchard_jax.study.space import build_space
 from orchard_jax.study.storage import (Heartbeat, StudyLock, disk_fault, is_disk_fault, masked,
                                       open_storage, storage_url)
 from orchard_jax.study.validate import validate
-from orchard_jax.study.workers import (drive, exit_status, finished_count, join_study, new_worker,
-                                       requeue_unfinished, retried_numbers)
+from orchard_jax.study.workers import (drive, exit_status, finished_count, join_study,
+                                       log_early_stop, new_worker, requeue_unfinished,
+                                       retried_numbers)
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +291,7 @@ def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None) 
         logger.info("Nothing to run: the study has %d finished trials (optuna.n_trials=%d)%s",
                     finished_count(study.get_trials(deepcopy=False)), config.n_trials,
                     f"; {worker.stopped_by}" if worker.stopped_by else "")
+      log_early_stop(worker)
       best = write_study_outputs(study, recipe, run_dir, out=out, recipe_ran=worker.ran > 0)
       return exit_status(study, recipe, best, worker, handler, out, resume_hint=url is not None)
 

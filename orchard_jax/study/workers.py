@@ -286,11 +286,24 @@ class _Worker:
                        "enqueues its parameters", t.number,
                        running[t.number].user_attrs.get(WORKER, "a worker"))
 
-  def early_stopped(self, trials: Sequence[FrozenTrial]) -> bool:
+  def _early_stopping(self, trials: Sequence[FrozenTrial]) -> StudyEarlyStopping | None:
     if self.threshold is None:
-      return False
+      return None
     return StudyEarlyStopping(self.threshold, self.training.monitor_direction,
-                              self.config.early_stopping_patience).count_from(trials).reached
+                              self.config.early_stopping_patience,
+                              metric=self.training.monitor_metric).count_from(trials)
+
+  def early_stopped(self, trials: Sequence[FrozenTrial]) -> bool:
+    early = self._early_stopping(trials)
+    return early is not None and early.reached
+
+  def early_stop_line(self, trials: Sequence[FrozenTrial]) -> str | None:
+    """The one line of a study that early stopping stopped short of ``optuna.n_trials``
+    (metric, value, threshold, trials run), or None."""
+    early, finished = self._early_stopping(trials), finished_count(trials)
+    if early is None or not early.reached or finished >= self.config.n_trials:
+      return None
+    return early.announcement(finished, self.config.n_trials)
 
   def next_step(self) -> str:
     """Under the lock: ``'run'`` a trial, ``'wait'`` for other processes, or ``'done'``."""
@@ -493,12 +506,21 @@ def drive(joined: Joined, worker: _Worker, objective: Callable[[optuna.Trial], f
       worker.loop(runner, interrupt)
 
 
+def log_early_stop(worker: _Worker) -> None:
+  """Logs, once per process after its loop, the line of a study that early stopping stopped."""
+  if worker.stopped_by == "early stopping":
+    line = worker.early_stop_line(worker.study.get_trials(deepcopy=False))
+    if line is not None:
+      logger.info("%s", line)
+
+
 def exit_status(study: optuna.Study, recipe: Any, best: FrozenTrial | None, worker: _Worker | None,
                 interrupt: GracefulInterrupt | None, out: Any, *, resume_hint: bool = True) -> int:
   """The exit status of a process that ran trials of ``study``, saying why when short.
 
-  0: done with a best trial; 1: no trial completed; 3: short of
-  ``n_trials`` (:data:`EXIT_SHORT`); 128 + signal after Ctrl-C or SIGTERM.
+  0: done with a best trial (a study stopped by early stopping says so); 1: no
+  trial completed; 3: short of ``n_trials`` (:data:`EXIT_SHORT`); 128 + signal
+  after Ctrl-C or SIGTERM.
   """
   config = recipe.study.config
   finished = finished_count(study.get_trials(deepcopy=False))
@@ -507,8 +529,10 @@ def exit_status(study: optuna.Study, recipe: Any, best: FrozenTrial | None, work
     cause = "SIGTERM" if interrupt.exit_status == 128 + signal.SIGTERM else "Ctrl-C"
     print(f"\nStopped by {cause} after {finished}/{config.n_trials} trials; {then}.", file=out)
     return interrupt.exit_status
-  if finished < config.n_trials and not (worker is not None and worker.early_stopped(
-      study.get_trials(deepcopy=False))):
+  early = None if worker is None else worker.early_stop_line(study.get_trials(deepcopy=False))
+  if early is not None:  # done: stopped early on purpose
+    print(f"\n{early}.", file=out)
+  elif finished < config.n_trials:
     why = worker.stopped_by if worker is not None and worker.stopped_by else "trials were lost"
     print(f"\nThe study is short of optuna.n_trials: {finished}/{config.n_trials} trials "
           f"finished (stopped by {why}); {then}.", file=out)
@@ -561,6 +585,7 @@ def run_worker(recipe: Any, source: Any, run_dir: pathlib.Path, joined: Joined, 
             interrupt, name)
   except KeyboardInterrupt:
     interrupt.requested = True
+  log_early_stop(worker)
   best = (write_study_outputs(study, recipe, run_dir, out=out, recipe_ran=worker.ran > 0)
           if write_outputs else _summary(study, recipe, name, worker.ran, out))
   return exit_status(study, recipe, best, worker, interrupt, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import signal
@@ -63,6 +64,16 @@ def test_early_stopping_stops_after_patience_consecutive_trials_at_threshold():
   study.optimize(values_objective([0.995, 0.5, 0.991, 0.999, 0.1, 0.1]), n_trials=6,
                  callbacks=[early])
   assert len(study.trials) == 4 and early.reached
+
+
+def test_early_stopping_of_an_optimize_call_announces_it_in_one_line(caplog):
+  caplog.set_level(logging.INFO, logger="orchard_jax")
+  study = optuna.create_study(direction="minimize")
+  early = StudyEarlyStopping(0.1, "minimize", patience=2, metric="loss")
+  study.optimize(values_objective([0.5, 0.05, 0.02, 0.3]), n_trials=4, callbacks=[early])
+  assert [r.getMessage() for r in caplog.records if r.name.startswith("orchard_jax")] == [
+      "Early stopping: loss 0.020000 <= threshold 0.1 in 2 consecutive trials; the study stopped "
+      "after 3 trials"]
 
 
 def test_early_stopping_count_resumes_from_the_stored_streak():
