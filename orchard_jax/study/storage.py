@@ -11,7 +11,7 @@
                                     liveness locks instead of a heartbeat
 ``postgresql://user:pw@host/db``,   a database through Optuna's ``RDBStorage``, with a heartbeat
 ``mysql+pymysql://...``             for workers; the driver must be installed (``pip install
-                                    'orchard_jax[postgres]'`` gives psycopg2)
+                                    -e '.[postgres]'`` in the project folder gives psycopg2)
 ``sqlite:///path/study.db``         a SQLite file: liveness locks instead of a heartbeat
 ==================================  ============================================================
 
@@ -195,8 +195,8 @@ def with_driver(url: str) -> str:
   for driver in ("psycopg2", "psycopg"):
     if importlib.util.find_spec(driver) is not None:
       return f"postgresql+{driver}://{url[len('postgresql://'):]}"
-  raise ImportError("no PostgreSQL driver is installed: pip install 'orchard_jax[postgres]' "
-                    "(psycopg2-binary)")
+  raise ImportError("no PostgreSQL driver is installed: pip install psycopg2-binary (or, in "
+                    "orchard_jax's project folder, pip install -e '.[postgres]')")
 
 
 def _rdb(url: str, heartbeat: Heartbeat | None,

@@ -96,7 +96,7 @@ def _server(root: pathlib.Path, *, durable: bool = False):
   try:
     import psycopg2  # noqa: F401
   except ImportError:
-    _missing("psycopg2 is not installed: pip install 'orchard_jax[postgres]'")
+    _missing("psycopg2 is not installed: pip install -e '.[postgres]'")
   bindir = pathlib.Path(binaries[-1]).parent
   runas: list[str] = []
   if os.geteuid() == 0:  # PostgreSQL refuses root; the Debian package creates 'postgres'
