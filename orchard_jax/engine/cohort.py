@@ -54,6 +54,7 @@ from orchard_jax.core import cohort as core_cohort
 from orchard_jax.core.metrics import SUM_KEYS
 from orchard_jax.core.steps import eval_step, train_step
 from orchard_jax.core.state import TrainState
+from orchard_jax.engine import cohort_data
 from orchard_jax.engine.callbacks import LRSchedulerStep, storage_call
 from orchard_jax.core.sharding import DATA_AXIS
 from orchard_jax.data.adapter import device_batches
@@ -62,7 +63,7 @@ from orchard_jax.engine.epoch import (_check_input_shape, _committed, _compiled,
                                       nonfinite_rows)
 from orchard_jax.engine.loop import LoopResult, LoopRun, worst_value
 from orchard_jax.engine.trial import (TRIAL_CONFIG, _check_direction, _controller, _epoch_loop,
-                                      _reseed, checked_state, run_trial, settings_line,
+                                      checked_state, run_trial, settings_line,
                                       trial_callbacks, trial_completed, trial_record,
                                       trial_training_config, warn_tta)
 from orchard_jax.errors import (DataError, EmptyLoaderError, NonFiniteInputError, SetupError,
@@ -96,14 +97,16 @@ def cohort_key(cfg: TrialConfig, state: TrainState) -> Any:
 
   The state's static structure (its ``spec``: model, optimizer kind,
   precision, criterion, MixUp on or off...; its tree and every leaf's shape
-  and dtype) and the data a member reads: batch size, data seed, layout and
-  devices.
+  and dtype) and the data a member reads: batch size, data seed, layout,
+  devices and the training and validation data themselves
+  (:func:`~orchard_jax.engine.cohort_data.data_identity`).
   """
   leaves, tree = jax.tree.flatten(state)
   shapes = tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
   training = cfg.training
   devices = None if cfg.devices is None else tuple(cfg.devices)
-  return (state.spec, tree, shapes, training.batch_size, training.seed, cfg.layout, devices)
+  return (state.spec, tree, shapes, training.batch_size, training.seed, cfg.layout, devices,
+          cohort_data.data_identity(cfg.train_loader), cohort_data.data_identity(cfg.val_loader))
 
 
 # ------------------------------------------------------------- one member ---
@@ -121,16 +124,19 @@ class _Member:
     self.run: LoopRun | None = None
     self._metrics: Any = None
     self.started = time.monotonic()
-    self.reseeded, self.best = False, None
+    self.best, self.stream = None, None
 
   # Each step below is guarded as run_trial guards a trial: see _guard.
 
   def start(self, reseed: bool, input_shape: tuple[int, ...] | None = None) -> None:
     """Checks, records and builds the trial's state (``reseed``: restart its loader's order;
-    ``input_shape``: the cohort's, so that a later member does not read a batch to infer it)."""
+    ``input_shape``: the cohort's, so that a later member does not read a batch to infer it).
+    A loader shuffled by a torch generator starts as the solo run does: its position there is
+    the member's own (``stream``)."""
+    if cohort_data.Stream(self.cfg.train_loader).generator is not None:
+      reseed, input_shape = True, None
     if self.cfg.input_shape is None and input_shape is not None:
       self.cfg = self.cfg.replace(input_shape=tuple(input_shape))
-    self.reseeded = reseed
     try:
       _check_direction(self.trial, self.cfg)
     except ValueError as e:  # as run_trial: raised before the trial starts
@@ -148,6 +154,7 @@ class _Member:
       self.run = LoopRun(loop, [report, LRSchedulerStep(controller), self.best])
       warn_tta(training)
       self.state = checked_state(cfg, training, reseed=reseed)
+      self.stream = cohort_data.Stream(cfg.train_loader)
       self.key = cohort_key(cfg, self.state)
 
   @property
@@ -235,6 +242,9 @@ class _Cohort:
     self.batch_sharding = (jax.sharding.SingleDeviceSharding(next(iter(first.state.step.devices())))
                            if mesh is None else NamedSharding(mesh, PartitionSpec()))
     self.serial_train, self.serial_eval = programs(first.state, mesh is not None)
+    # each member's own epoch order (resident images), or one shared pass in the first's order
+    self.own = mesh is None and cohort_data.own_orders(self.cfg.train_loader)
+    self.stream = first.stream
     self.states: list[TrainState | None] = [None] * size  # each member's own (serial_train)
     self.state: TrainState | None = None                  # the stacked members (vmapped)
     if self.serial_train:
@@ -249,10 +259,24 @@ class _Cohort:
     self.passes = 0
     for i, m in enumerate(members):
       storage_call(m.trial.set_user_attr, COHORT, {"size": size, "slot": i})
+      self._check_order(m)
 
   @property
   def live(self) -> list[int]:
     return [i for i, m in enumerate(self.slots) if m is not None and m.live]
+
+  def _training_batches(self, live: list[int]):
+    """The pass's training batches: each member's own epoch (stacked for the vmapped step, or
+    one per member), or the shared pass over the first member's loader."""
+    first = self.states[live[0]] if self.serial_train else self.state
+    if self.own:
+      streams = [self.slots[i].stream if i in live else None for i in range(self.size)]
+      epochs = [self.slots[i].run.epoch if i in live else None for i in range(self.size)]
+      return cohort_data.member_batches(streams, epochs, first, self.cfg.layout,
+                                        not self.serial_train,
+                                        next(iter(self.batch_sharding.device_set)))
+    return _shared_batches(first, self.cfg.train_loader, self.passes, self.cfg.layout,
+                           "training", self.batch_sharding)
 
   def _split(self, state: TrainState) -> TrainState:
     """``state`` with its member axis split over the devices (as it is: a no-op copy-free put)."""
@@ -269,6 +293,27 @@ class _Cohort:
     member.state = None
     self.slots[i] = member
     storage_call(member.trial.set_user_attr, COHORT, {"size": self.size, "slot": i})
+    self._check_order(member)
+
+  def _check_order(self, m: _Member) -> None:
+    """Records (and warns, once a process) that ``m`` reads the cohort's shared order, not its
+    solo run's: a shuffling loader read once per shared pass, joined after the first pass or
+    from another position in the shuffling."""
+    loader = self.cfg.train_loader
+    if self.own or cohort_data.fixed_order(loader) or (
+        self.passes == 0 and cohort_data.same_position(m.stream, self.stream)):
+      return
+    storage_call(m.trial.set_user_attr, cohort_data.SHARED_ORDER,
+                 f"joined its cohort at pass {self.passes + 1}: its epochs read the cohort's "
+                 f"order of its training loader ({type(loader).__name__}), not its solo run's")
+    if type(loader) not in _SHARED_WARNED:
+      _SHARED_WARNED.add(type(loader))
+      logger.warning(
+          "Trial %d joined its cohort at pass %d and reads the cohort's order of its training "
+          "loader (%s), not the order it reads alone, so its values may differ from its solo "
+          "run's (recorded as its %r); a member reads its own order from a single-process torch "
+          "DataLoader over a TensorDataset", m.trial.number, self.passes + 1,
+          type(loader).__name__, cohort_data.SHARED_ORDER)
 
   def epoch(self) -> None:
     """Trains and validates every live member once; each runs its own epoch end."""
@@ -283,13 +328,15 @@ class _Cohort:
       if self.serial_train:
         for i in live:
           self.states[i] = self.states[i].with_learning_rate(lrs[i]).with_mixup(mixups[i])
-        losses = _serial_train_pass(self.states, live, cfg.train_loader, self.passes, cfg.layout,
-                                    self.batch_sharding)
       else:
         self.state = core_cohort.with_mixup(core_cohort.with_learning_rates(self.state, lrs),
                                             mixups)
-        self.state, losses = _train_pass(self.state, cfg.train_loader, self.passes, cfg.layout,
-                                         self.batch_sharding)
+      with contextlib.nullcontext() if self.own else self.stream.active():
+        batches = self._training_batches(live)
+        if self.serial_train:
+          losses = _serial_train_pass(self.states, live, batches, self.passes)
+        else:
+          self.state, losses = _train_pass(self.state, batches, self.passes)
     except DataError as e:  # the shared data: every member fails on it
       for i in live:
         self.slots[i].fail(e)
@@ -368,11 +415,11 @@ def _shared_batches(cohort: TrainState, loader: Iterable, epoch: int, layout: st
                                            indexed=True, role=role))
 
 
-def _train_pass(cohort: TrainState, loader: Iterable, epoch: int, layout: str,
-                sharding: Any) -> tuple[TrainState, np.ndarray]:
-  """One pass of every member over ``loader``; the members' mean losses, ``[K]``."""
+def _train_pass(cohort: TrainState, batches: Any, epoch: int) -> tuple[TrainState, np.ndarray]:
+  """One pass of every member over ``batches`` (a closing iterator); the members' mean losses,
+  ``[K]``."""
   cohort, per_batch, first = _committed(cohort), [], True
-  with _shared_batches(cohort, loader, epoch, layout, "training", sharding) as batches:
+  with batches as batches:
     for batch in batches:
       if first:
         _check_input_shape(cohort, batch, "training", epoch)
@@ -429,22 +476,23 @@ def _member_metrics(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray, lo
 
 # A member stepped alone runs the solo program, as run_trial's epoch does: the same executable.
 
-def _serial_train_pass(states: list, live: list[int], loader: Iterable, epoch: int, layout: str,
-                       sharding: Any) -> np.ndarray:
-  """One shared pass over ``loader`` in which each live member takes its solo step on every
-  batch, in turn; ``states`` is updated in place. The members' mean losses, ``[K]`` (0 for a
-  free slot)."""
+def _serial_train_pass(states: list, live: list[int], batches: Any, epoch: int) -> np.ndarray:
+  """One pass over ``batches`` (a closing iterator of shared batches, or of tuples of each
+  member's own) in which each live member takes its solo step on its batch, in turn; ``states``
+  is updated in place. The members' mean losses, ``[K]`` (0 for a free slot)."""
   per_member, step = {i: [] for i in live}, None
   for i in live:
     states[i] = _committed(states[i])
   first = states[live[0]]
-  with _shared_batches(first, loader, epoch, layout, "training", sharding) as batches:
+  with batches as batches:
     for batch in batches:
+      own = batch if isinstance(batch, tuple) else None
       if step is None:
-        _check_input_shape(first, batch, "training", epoch)
-        step = _compiled(train_step, "train_step", first, batch)
+        batch0 = own[live[0]] if own else batch
+        _check_input_shape(first, batch0, "training", epoch)
+        step = _compiled(train_step, "train_step", first, batch0)
       for i in live:
-        states[i], sums = step(states[i], batch)
+        states[i], sums = step(states[i], own[i] if own else batch)
         per_member[i].append(sums)
   if step is None:
     raise EmptyLoaderError(f"the training loader yielded no batch at epoch {epoch}")
@@ -516,6 +564,8 @@ def compile_cohort_steps(state: TrainState, train_loader: Iterable, val_loader: 
     except TypeError:
       count = 1
     if role == "training":
+      if cohort_data.own_orders(loader):  # each member's own rows: the member-axis batch
+        batch = cohort_data.stacked(batch, slots)
       cohort, sums = core_cohort.cohort_train_step(_committed(cohort), batch)
     elif serial_eval:
       solo = core_cohort.member(cohort, 0)
@@ -598,6 +648,7 @@ def _slots(cohort_size: int, devices: int) -> int:
 
 
 _ROUNDED: set[int] = set()
+_SHARED_WARNED: set[type] = set()
 
 
 def _one_by_one(ask: Ask, configure: Configure, tell: Tell) -> int:
@@ -707,8 +758,6 @@ def run_cohorts(ask: Ask, configure: Configure, tell: Tell, cohort_size: int) ->
         first = take(None, True)
         if first is None:
           break
-        if not first.reseeded:  # it waited: the new cohort's order starts at its seed
-          _reseed(first.cfg.train_loader, first.training.seed)
         split = devices_of(first.state)
         forming.append(first)
         slots = _slots(cohort_size, split)

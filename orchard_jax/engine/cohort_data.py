@@ -24,6 +24,7 @@ import hashlib
 import sys
 from typing import Any
 
+import jax
 import numpy as np
 
 from orchard_jax.data import gather, resident
@@ -157,3 +158,11 @@ def member_batches(streams: list, epochs: list, state: Any, layout: str, stacked
       loader, orders, num_classes=state.spec.num_classes, layout=layout,
       convert_images=_convert_images, convert_labels=_convert_labels, wheres=wheres,
       stacked=stacked, device=device))
+
+
+def stacked(batch: Any, k: int) -> Any:
+  """A shared ``IndexedBatch`` as ``k`` members' own (their rows all its rows): the shapes and
+  placement of a pass of :func:`member_batches`, for compiling its step ahead."""
+  def own(a):
+    return jax.device_put(np.broadcast_to(np.asarray(a), (k, *a.shape)), a.sharding)
+  return batch._replace(index=own(batch.index), label=own(batch.label), count=own(batch.count))
