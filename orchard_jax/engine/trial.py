@@ -429,11 +429,8 @@ def run_trial(trial: optuna.Trial, cfg: TrialConfig) -> float:
       return (``MissingMetricError``, a ``KeyError``). Logged and stored as
       ``trial.user_attrs["error"]`` first, like ``DataError``.
     orchard_jax.config.ConfigError: likewise, a configuration error.
-    orchard_jax.errors.ValidationFailedError: likewise, the trial ended (in
-      fewer than three epochs, or stopped early) with every validation failed:
-      its only values were the fallback's, so it stores FAIL with ``"every
-      validation failed (2 of 2 epochs): <last failure>"`` rather than the
-      fallback's value (the reference would store it; see ``docs/differences.md``).
+    orchard_jax.errors.ValidationFailedError: likewise, every validation of a
+      trial of one or two epochs failed: FAIL, never the fallback's value.
     Exception: any other failure, when ``cfg.reraise_errors`` (Optuna then
       marks the trial FAIL).
     ValueError: before training, if the study's direction disagrees with
