@@ -3,11 +3,13 @@
 A cohort holds up to ``K`` trials (members) of one program structure: the
 same :class:`~orchard_jax.core.state.StepSpec` and state structure (model,
 optimizer kind, precision, criterion), the same batch size, data seed and
-layout. Their states are stacked on a leading member axis
-(:mod:`orchard_jax.core.cohort`), and each epoch of the cohort is one pass
-over the first member's training loader and one over its validation loader,
-with every member stepped by the vmapped program on every batch: all members
-read the same batches, in the same order.
+layout, and the same data (:mod:`orchard_jax.engine.cohort_data`). Their
+states are stacked on a leading member axis (:mod:`orchard_jax.core.cohort`),
+and each epoch of the cohort is one training pass and one validation pass,
+with every member stepped by the vmapped program on every batch. In the
+training pass each member reads its own epoch's order where its loader can
+serve it (device-resident ``TensorDataset`` images); else all members read
+the first member's loader, in one order.
 
 Each member then runs its own epoch end exactly as :func:`run_trial` does for
 one trial (:class:`~orchard_jax.engine.loop.LoopRun`): its own epoch
@@ -799,8 +801,8 @@ def optimize(study: optuna.Study, configure: Configure, n_trials: int, *, cohort
   ``configure(trial) -> TrialConfig`` suggests the trial's values and builds
   its config, as an objective's body does before ``run_trial``. Trials of one
   structure (model, optimizer kind, precision, criterion, batch size, data
-  seed) train together, vmapped, up to ``cohort_size`` at a time; the
-  members of a cohort read its first member's loaders. Each trial is told its
+  seed, data) train together, vmapped, up to ``cohort_size`` at a time (see
+  :mod:`orchard_jax.engine.cohort_data` for the order each reads). Each trial is told its
   value, PRUNED or FAIL, and has the records a :func:`run_trial` trial has.
   ``callbacks(study, frozen_trial)`` run after each tell, as
   ``study.optimize``'s do.
