@@ -14,8 +14,9 @@ local device (:mod:`orchard_jax.study.launch`). ``worker`` joins a study in
 a shared storage, e.g. PostgreSQL, from any number of machines
 (:mod:`orchard_jax.study.workers`). ``validate`` checks a recipe in full
 without training or writing anything (:mod:`orchard_jax.study.validate`).
-Recipe and storage errors stop before
-any training with a one-line message on stderr and exit status 2; Ctrl-C
+Recipe errors (a storage URL that cannot be opened included) stop before
+any training with a one-line message on stderr and exit status 2; a storage
+that fails (a full disk) stops with one line and exit status 1; Ctrl-C
 exits with 130 and SIGTERM with 143 after writing what finished (see
 :mod:`orchard_jax.study.runner`).
 """
@@ -64,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                         "chip; on CPU, N single-device processes), 'all' for one per device; "
                         "they share <run folder>/study.journal, or the recipe's database URL")
   run.add_argument("--debug", action="store_true",
-                   help="show Python tracebacks of unexpected errors")
+                   help="show Python tracebacks of unexpected errors and of warnings (e.g. a "
+                        "checkpoint that could not be written), and debug log lines")
   run.set_defaults(func=_run)
   _worker_parser(commands)
   _validate_parser(commands)
@@ -122,7 +124,8 @@ def _worker_parser(commands: Any) -> None:
                       help="write only trial checkpoints, not the study's outputs (run "
                            "--workers writes those once)")
   worker.add_argument("--debug", action="store_true",
-                      help="show Python tracebacks of unexpected errors")
+                      help="show Python tracebacks of unexpected errors and of warnings, and "
+                           "debug log lines")
   worker.set_defaults(func=_worker)
 
 
@@ -150,7 +153,7 @@ def _validate(args: argparse.Namespace) -> int:
   return 0
 
 
-def _configure_logging(level: str, prefix: str = "") -> None:
+def _configure_logging(level: str, prefix: str = "", debug: bool = False) -> None:
   import optuna
 
   handler = logging.StreamHandler(sys.stderr)
@@ -158,6 +161,8 @@ def _configure_logging(level: str, prefix: str = "") -> None:
   package = logging.getLogger("orchard_jax")
   package.handlers[:] = [handler]
   package.setLevel(level)
+  if debug:  # its debug lines, and the tracebacks of warnings that have one
+    package.setLevel(logging.DEBUG)
   package.propagate = False
   # The runner logs one line per trial; the engine's per-trial summary would repeat it.
   logging.getLogger("orchard_jax.engine.trial").setLevel(max(package.level, logging.WARNING))
@@ -230,9 +235,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
   return recipe, source
 
 
-def _setup(recipe: Any, prefix: str = "") -> None:
+def _setup(recipe: Any, prefix: str = "", debug: bool = False) -> None:
   """Process-wide settings, made only once the recipe (and storage) are good."""
-  _configure_logging(recipe.telemetry.log_level, prefix)
+  _configure_logging(recipe.telemetry.log_level, prefix, debug)
   _compilation_cache(recipe.telemetry.compilation_cache)
 
 
@@ -251,7 +256,7 @@ def _run(args: argparse.Namespace) -> int:
   recipe, source = _load(args)
   if args.workers is not None and recipe.study is None:
     raise RecipeError("--workers runs a study, but the recipe has no optuna section")
-  _setup(recipe)
+  _setup(recipe, debug=args.debug)
   run_dir = _run_dir(recipe, args.output)
   logger = logging.getLogger("orchard_jax.cli")
   if args.workers is not None:
@@ -295,7 +300,7 @@ def _worker(args: argparse.Namespace) -> int:
   import optuna
   optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in RDB ..."
   joined = join_study(recipe, url, heartbeat, "--storage" if args.storage else "optuna.storage")
-  _setup(recipe, prefix=f"[{name}] ")
+  _setup(recipe, prefix=f"[{name}] ", debug=args.debug)
   return run_worker(recipe, source, _run_dir(recipe, args.output), joined, name=name,
                     write_outputs=not args.no_outputs)
 

@@ -9,17 +9,27 @@
   given a directory, writes them with orbax-checkpoint at the end of the run;
   :func:`load_best` reads them back into a state of the same structure. The
   folder appears whole or not at all (:func:`orchard_jax.fileio.atomic_directory`),
-  and a write that fails (a full disk) is a warning and ``write_error``, never
-  the loss of the trained run.
+  and a write that fails (a full disk) is one warning and ``write_error``, never
+  the loss of the trained run; its traceback comes with the warning only when
+  the logger is enabled for DEBUG (``orchard-jax ... --debug``).
+
+Orbax logs through absl's logger: INFO lines for every save, and, from its
+threads, ERROR tracebacks of a failed write (hundreds of lines per trial).
+While this module saves or restores, records from orbax's code are dropped
+there (:func:`quiet_orbax`); the caller's logging is left as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import logging
 import math
+import os
 import pathlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -157,7 +167,8 @@ class BestState(Callback):
       who, keeps = (("Fit", "the run keeps its result") if self.trial_number is None else
                     (f"Trial {self.trial_number}", "the trial keeps its value"))
       logger.warning("%s: the best state could not be written to %s: %s; %s", who,
-                     self.directory, self.write_error, keeps)
+                     self.directory, self.write_error, keeps,
+                     exc_info=e if logger.isEnabledFor(logging.DEBUG) else None)
 
   def apply_to(self, state: TrainState) -> TrainState | None:
     """``state`` with the best parameters and model state; None if none yet."""
@@ -169,6 +180,43 @@ class BestState(Callback):
 # Orbax's checkpointers wait on process-wide signals: two of them saving at once in one process
 # (trials in ``optuna.n_jobs`` threads) deadlock, so this process's saves and loads take turns.
 _ORBAX_LOCK = threading.Lock()
+
+
+class _FromOrbax(logging.Filter):
+  """Drops the records logged from orbax's own code."""
+
+  def __init__(self):
+    super().__init__()
+    spec = importlib.util.find_spec("orbax.checkpoint")
+    locations = list(spec.submodule_search_locations or ()) if spec else []
+    self.roots = tuple(os.path.dirname(p) + os.sep for p in locations)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (self.roots and record.pathname.startswith(self.roots))
+
+
+@contextlib.contextmanager
+def quiet_orbax() -> Iterator[None]:
+  """Orbax's log records dropped while the block runs (held under ``_ORBAX_LOCK``).
+
+  Orbax logs through absl's logger (``"absl"``); a filter on it drops the
+  records whose code is orbax's, and is removed after the block. absl calls
+  ``logging.basicConfig()`` before its first record when the root logger has
+  no handler, which would configure a program's logging for good: a
+  ``NullHandler`` stands in on the root logger for the block instead. The
+  levels and handlers of every logger are as they were after it.
+  """
+  absl, root, drop = logging.getLogger("absl"), logging.getLogger(), _FromOrbax()
+  stand_in = None if root.handlers else logging.NullHandler()
+  absl.addFilter(drop)
+  if stand_in is not None:
+    root.addHandler(stand_in)
+  try:
+    yield
+  finally:
+    absl.removeFilter(drop)
+    if stand_in is not None:
+      root.removeHandler(stand_in)
 
 
 def save_best(directory: str | pathlib.Path, params: Any, model_state: Any,
@@ -183,10 +231,9 @@ def save_best(directory: str | pathlib.Path, params: Any, model_state: Any,
   ``checkpoint.orbax-checkpoint-tmp`` in it, is removed and ``directory``
   keeps its previous best. Returns the directory.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
   directory = pathlib.Path(directory).absolute()
-  with atomic_directory(directory) as temporary, _ORBAX_LOCK:
+  with atomic_directory(directory) as temporary, _ORBAX_LOCK, quiet_orbax():
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel  # it logs too
     with ocp.StandardCheckpointer() as checkpointer:  # waits for orbax's writes on leaving
       checkpointer.save(temporary / CHECKPOINT_SUBDIR,
                         {"params": params, "model_state": model_state})
@@ -206,15 +253,15 @@ def load_best(directory: str | pathlib.Path, template: TrainState) -> TrainState
   Raises:
     FileNotFoundError: when ``directory`` holds no checkpoint.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
   path = pathlib.Path(directory).absolute() / CHECKPOINT_SUBDIR
   if not path.is_dir():
     raise FileNotFoundError(f"no best-state checkpoint in {directory} (expected {path}); "
                             f"was the run given an output directory, and did it finish?")
   target = {"params": template.params, "model_state": template.model_state}
-  with _ORBAX_LOCK, ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(path, target)
+  with _ORBAX_LOCK, quiet_orbax():
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(path, target)
   return template.replace(params=restored["params"], model_state=restored["model_state"])
 
 

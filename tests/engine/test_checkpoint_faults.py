@@ -110,3 +110,49 @@ def test_saves_from_several_threads_of_one_process_all_finish(tmp_path):
                                                                "PATH": "/usr/bin:/bin"})
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split() == ["saved", "32"]
+
+
+LIBRARY_USER = """
+import logging, pathlib, sys
+if sys.argv[2] == "configured":
+  logging.basicConfig(level=logging.INFO)  # as the README shows
+import numpy as np, optuna
+from orchard_jax import MLP, run_trial
+from orchard_jax.config import OptunaConfig, TrainingConfig, TrialConfig
+from orchard_jax.engine import best_state_dir, initial_state, load_best
+x = np.random.default_rng(0).normal(size=(48, 1, 8, 8)).astype(np.float32)
+y = np.arange(48) % 3
+loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)]
+cfg = TrialConfig(model=MLP(num_classes=3, hidden=(8,)), train_loader=loader, val_loader=loader,
+                  num_classes=3, output_dir=pathlib.Path(sys.argv[1]),
+                  training=TrainingConfig(batch_size=16, use_amp=False, use_tqdm=False, epochs=2,
+                                          mixup_alpha=0.0, scheduler_type="none"),
+                  optuna=OptunaConfig(epochs=2, enable_pruning=False, pruner_type="none",
+                                      storage="memory"))
+def logging_state():
+  root, absl = logging.getLogger(), logging.getLogger("absl")
+  return root.level, list(root.handlers), absl.level, list(absl.filters), list(absl.handlers)
+before = logging_state()
+run_trial(optuna.create_study(direction="maximize").ask(), cfg)
+load_best(best_state_dir(cfg.output_dir, 0), initial_state(cfg))
+after = logging_state()
+logging.getLogger("user").info("the user's own line")
+print("UNCHANGED" if before == after else f"CHANGED {before} -> {after}")
+"""
+
+
+@pytest.mark.parametrize("logging_setup", ["configured", "bare"])
+def test_checkpoints_log_nothing_of_orbax_and_leave_the_programs_logging_as_it_was(
+    tmp_path, logging_setup):
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  proc = subprocess.run([sys.executable, "-c", LIBRARY_USER, str(tmp_path / "out"), logging_setup],
+                        text=True, capture_output=True, timeout=120,
+                        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["UNCHANGED"], proc.stdout  # bare: absl configured nothing
+  assert (tmp_path / "out" / "trial_0" / "checkpoint").is_dir()
+  lines = proc.stderr.splitlines()
+  assert not [l for l in lines if "absl" in l or "orbax" in l.lower()], proc.stderr[-3000:]
+  if logging_setup == "configured":  # the program's own INFO lines still show
+    assert "INFO:user:the user's own line" in lines
+    assert any(l.startswith("INFO:orchard_jax.engine.trial:Trial 0") for l in lines)

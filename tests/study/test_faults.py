@@ -259,6 +259,26 @@ def test_a_disk_too_small_for_checkpoints_keeps_every_trained_value(workdir, war
       run_dir / "trials").exists() else True
 
 
+def test_a_checkpoint_that_cannot_be_written_is_one_line_its_traceback_only_with_debug(
+    workdir, warm_env, command, tmpfs):
+  folder = tmpfs("3m")
+  path = fault_recipe(workdir, "quiet", output=folder / "quiet", hidden=(1024, 1024), n_trials=2)
+  result = run(command, ["run", path], warm_env, workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stderr.splitlines()
+  warnings = [l for l in lines if "could not be written" in l]
+  assert len(warnings) == 2 and all(w.endswith("No space left on device; the trial keeps its "
+                                               "value") for w in warnings), warnings
+  assert "Traceback" not in result.stderr and "absl" not in result.stderr, result.stderr[-3000:]
+  assert len(lines) <= 12, result.stderr  # the study's own lines, one per epoch and trial
+
+  debug = run(command, ["run", path, "--debug", "--output", folder / "debug", "--set",
+                        "optuna.n_trials=1"], warm_env, workdir)
+  assert debug.returncode == 0, debug.stderr[-3000:]
+  assert debug.stderr.count("Traceback (most recent call last)") >= 1
+  assert "could not be written" in debug.stderr and "absl" not in debug.stderr
+
+
 def test_a_full_disk_under_the_database_is_waited_out(workdir, warm_env, command, tmpfs,
                                                       disk_filler):
   run_dir = tmpfs("8m") / "full"
