@@ -167,6 +167,20 @@ def _abstract(jitted: Any, args: Any, *, static: tuple = (), **_: Any):
   return lambda *a: jitted.eval_shape(*static, *a)
 
 
+_APPLY: list = []  # the jitted apply whose traces the checks share (made at first use)
+
+
+def _apply_shape(model: Any, train: bool, params: Any, model_state: Any, sample: Any) -> Any:
+  """The output shapes of ``model.apply`` on ``sample``, traced only, and once per model,
+  mode and shapes: configurations that differ only in values (learning rate, weight decay,
+  ...) share the trace."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if not _APPLY:
+    _APPLY.append(jax.jit(lambda model, train, p, s, x: model.apply(
+        p, s, x, train=train, rng=jax.random.key(0)), static_argnums=(0, 1)))
+  return _APPLY[0].eval_shape(model, train, params, model_state, sample)
+
+
 def _named(params: Mapping[str, Any], recipe: Recipe) -> str:
   """The configuration in messages: its model and the sampled values that shape the program."""
   model = params.get("model_name", recipe.architecture.name)
@@ -204,9 +218,7 @@ def _check(recipe: Recipe, source: Any, params: Mapping[str, Any]) -> int:
     sample = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
     mode = "training" if train else "evaluation"
     try:
-      out = jax.eval_shape(
-          lambda p, s, x, train=train: model.apply(p, s, x, train=train, rng=jax.random.key(0)),
-          state.params, state.model_state, sample)
+      out = _apply_shape(model, train, state.params, state.model_state, sample)
     except Exception as e:  # pylint: disable=broad-except
       raise user_code_error(f"{where}: the model cannot be applied to a {mode} batch of shape "
                             f"{sample.shape}: {one_line(e)}", e, e.__traceback__) from e
