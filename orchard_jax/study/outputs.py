@@ -51,6 +51,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from orchard_jax.engine.trial import TRIAL_CONFIG  # what run_trial's TrialConfig held
 from orchard_jax.fileio import atomic_directory, atomic_write_bytes, atomic_write_text
+from orchard_jax.study.functions import module_file
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,6 @@ def _relative(path: str | None, base: pathlib.Path) -> str | None:
 def _working_directory_module(module: str) -> str | None:
   """The absolute file of ``module`` when it was imported from the working directory (not
   installed): a recipe elsewhere finds it only by its file."""
-  from orchard_jax.study.recipe import module_file  # pylint: disable=import-outside-toplevel
   loaded = sys.modules.get(module)
   file = module_file(pathlib.Path.cwd(), module) if loaded is not None else None
   same = file is not None and os.path.realpath(getattr(loaded, "__file__", None) or "") == \

@@ -40,6 +40,7 @@ from orchard_jax import bundled
 from orchard_jax.config import SEED_MAX, Int, Name, OptunaConfig, Says, TrainingConfig, validated
 from orchard_jax.study import checks as c
 from orchard_jax.study.checks import RecipeError
+from orchard_jax.study.functions import module_file
 from orchard_jax.study.space import FUNCTION_PREFIX, Overrides, model_function, parse_overrides
 
 __all__ = ["ArchitectureSection", "ArchitectureSpec", "DatasetSpec", "Recipe", "RecipeError",
@@ -467,23 +468,10 @@ def _joined(folder: pathlib.Path, path: Any, *, found: bool = True) -> Any:
   return joined if not found or os.path.exists(joined) else path
 
 
-def module_file(folder: pathlib.Path, module: str) -> str | None:
-  """The file of module ``'pkg.mod'`` in ``folder`` (``pkg/mod.py`` or ``pkg/mod/__init__.py``),
-  or None when it is not there."""
-  parts = module.split(".")
-  if not all(part.isidentifier() for part in parts):
-    return None
-  base = folder.joinpath(*parts)
-  for path in (base.parent / f"{parts[-1]}.py", base / "__init__.py"):
-    if path.is_file():
-      return os.path.normpath(path)
-  return None
-
-
 def _joined_entry(folder: pathlib.Path, entry: Any) -> Any:
   """A ``'path/file.py:function'`` entry from ``folder`` (when the file is there); a module's
   ``'pkg.mod:fn'`` found in ``folder`` as its file there, which is imported as that module
-  (:func:`orchard_jax.study.sources.resolve_function`); else the entry as it is."""
+  (:func:`orchard_jax.study.functions.resolve_function`); else the entry as it is."""
   if not isinstance(entry, str) or ":" not in entry:
     return entry
   target, _, attr = entry.rpartition(":")
