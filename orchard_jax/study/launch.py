@@ -54,7 +54,7 @@ from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.liveness import RunFolderLock, die_with_parent, reap_dead
 from orchard_jax.study.outputs import write_study_outputs
 from orchard_jax.study.runner import _warn_if_changed, finished_count
-from orchard_jax.study.storage import storage_url, study_lock
+from orchard_jax.study.storage import masked, storage_url, study_lock
 from orchard_jax.study.workers import (EXIT_SHORT, budget_used, join_study, locked, new_worker,
                                        requeue_unfinished)
 
@@ -188,7 +188,7 @@ def launch_workers(recipe: Any, run_dir: pathlib.Path, workers: int | None,
                                       recipe_ran=False) is not None else 1
     launch = uuid.uuid4().hex[:6]
     logger.info("Starting %d worker(s), one per %s device, on study %r in %s (launch %s)", count,
-                platform, config.study_name, url, launch)
+                platform, config.study_name, masked(url), launch)
     names = [f"{platform}{i}.{launch}" for i in range(count)]
     procs = [subprocess.Popen(_command(recipe_args, url, run_dir, name, debug),
                               env=device_env(os.environ, i, platform), start_new_session=True,

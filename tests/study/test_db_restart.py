@@ -162,3 +162,26 @@ def test_our_own_ask_does_not_warn_that_a_heartbeat_is_for_optimize(tmp_path):
     study.ask()  # Optuna's own still warns: the filter is narrow, and ours only
   assert [str(w.message) for w in caught] == [OPTIMIZE_ONLY + "."]
   assert warnings.filters == filters
+
+
+def test_run_with_workers_waits_out_a_restart_of_the_server(postgres_to_restart, workdir,
+                                                            warm_env, command):
+  url = postgres_to_restart.create_database()
+  output = workdir / "pg_restart_workers"
+  path = fault_recipe(workdir, "pg_restart_workers", n_trials=3, epochs=40, storage=url)
+  env = {**warm_env, "ORCHARD_JAX_STORE_PATIENCE_S": str(PATIENCE_S)}
+  proc, seen = start(command, ["run", path, "--workers", "2"], env, workdir), []
+  restart_mid_trial(postgres_to_restart, proc, seen, "fast")
+  done = finish(proc, seen)
+  assert done.returncode == 0, done.stderr[-3000:]
+  trials = load(url, "pg_restart_workers")
+  retries = check_exact(trials, 3)
+  faulted = {t.number for t in trials if t.user_attrs.get(STORAGE_FAULT)}
+  assert faulted == {t.user_attrs[RETRY_OF] for t in retries}
+  waited = [line for line in done.stderr.splitlines() if "retrying for up to" in line]
+  assert waited and all(SERVER_AWAY.search(line) for line in waited), waited  # one a process
+  for text in ("error:", "Traceback", "InvalidatePoolError", OPTIMIZE_ONLY):
+    assert text not in done.stderr, done.stderr[-3000:]
+  assert (output / "trials.csv").is_file() and (output / "best_config.yaml").is_file()
+  password = url.split("@")[0].rsplit(":", 1)[1]
+  assert password not in done.stderr + done.stdout  # the launcher names the URL masked
