@@ -170,3 +170,14 @@ def test_apply_params_sets_training_fields_and_caps_min_lr():
   training = apply_params(TRAINING, {"learning_rate": 1e-4, "min_lr": 1e-3, "batch_size": 48,
                                      "dropout": 0.3, "model_name": "mlp"})
   assert (training.learning_rate, training.min_lr, training.batch_size) == (1e-4, 1e-4, 48)
+
+
+def test_describe_lists_every_parameter_searched_briefly():
+  overrides = {"label_smoothing": {"high": 0.1}, "dropout": {"step": None}, "momentum": None,
+               "batch_size_low_res": [16, 32]}
+  space = build_space(study_spec("quick", overrides, enable_model_search=True,
+                                 model_pool=("mlp", "mini_cnn")), (8, 8, 1), "mlp")
+  assert space.describe() == (
+      "optimizer_type sgd|adamw, learning_rate 1e-05..0.01 log, weight_decay 1e-06..0.001 log, "
+      "min_lr 1e-07..1e-05 log, batch_size 16|32, dropout 0.1..0.5, label_smoothing 0..0.1, "
+      "model_name mlp|mini_cnn")
