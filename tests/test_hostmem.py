@@ -106,3 +106,86 @@ def test_the_test_process_runs_with_the_tuned_allocator():
 def test_tune_malloc_changes_nothing_where_the_c_library_is_not_glibc(monkeypatch):
   monkeypatch.setattr(hostmem, "_is_glibc", lambda: False)
   assert hostmem.tune_malloc() is False
+
+
+# ----------------------------------------------------------- memory limits --
+
+_LIMITED = r"""
+import json, sys, time
+import numpy as np
+from orchard_jax import hostmem
+tuned = hostmem.tune_host_memory()
+cgroup = hostmem.memory_cgroup()
+report = {"tuned_at_start": tuned, "limit": cgroup and cgroup.limit,
+          "version": cgroup and cgroup.version, "path": cgroup and str(cgroup.path)}
+if sys.argv[1] == "anonymous":
+  # 200 MiB freed in 5 MiB holes between live blocks: kept by the heap, resident, and too
+  # small for the 40 MiB blocks that follow (glibc's own settings map and unmap such blocks).
+  holes, keep = [], []
+  for _ in range(40):
+    holes.append(np.ones(5 * 2**20, np.uint8))
+    keep.append(bytearray(4096))
+  del holes
+  live = []
+  for _ in range(int(sys.argv[2]) // 40):
+    live.append(np.ones(40 * 2**20, np.uint8))
+    time.sleep(0.1)
+elif sys.argv[1] == "cache":
+  kept = np.ones(100 * 2**20, np.uint8); del kept  # free memory the heap keeps
+  with open(sys.argv[2], "rb") as f:  # file pages fill the cgroup; the kernel reclaims them
+    while f.read(2**20):
+      pass
+report.update(tuned=hostmem.malloc_tuned(), released=hostmem.malloc_released())
+print(json.dumps(report))
+"""
+
+
+def _limited(cgroup, *args, env=None):
+  env = {**os.environ, hostmem.ENV_VAR: "tuned", **(env or {})}
+  return subprocess.run([sys.executable, "-c", _LIMITED, *map(str, args)], env=env,
+                        preexec_fn=cgroup.join, capture_output=True, text=True, timeout=120)
+
+
+@glibc_only
+def test_memory_cgroup_reads_the_limit_of_the_process_own_cgroup(memory_cgroup):
+  cgroup = memory_cgroup(300 * 2**20)
+  proc = _limited(cgroup, "none")
+  assert proc.returncode == 0, proc.stderr
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["limit"] == 300 * 2**20 and report["version"] == cgroup.version
+  assert report["path"] == str(cgroup.path)
+  assert report["tuned_at_start"] and report["tuned"] and report["released"] is None
+
+
+@glibc_only
+def test_freed_memory_the_cgroup_needs_is_given_back_instead_of_an_oom_kill(memory_cgroup):
+  """200 MiB kept free by the heap plus 240 MiB allocated after it do not fit 360 MiB; 240 MiB
+  alone does: the kept memory must go back before the cgroup reaches its limit."""
+  cgroup = memory_cgroup(360 * 2**20)
+  proc = _limited(cgroup, "anonymous", 240)
+  assert cgroup.oom_kills() == 0 and proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["tuned_at_start"] and not report["tuned"]
+  assert report["released"].startswith(f"the memory cgroup {cgroup.path} has a limit of 360 MiB, ")
+  assert "of which this process's heaps keep" in report["released"]
+  assert f"Host memory: {report['released']}; the allocator gives freed memory back" in proc.stderr
+
+
+@glibc_only
+def test_a_cgroup_full_of_file_pages_keeps_the_settings(memory_cgroup, tmp_path):
+  """The limit is reached by reading a file larger than it: the kernel reclaims file pages,
+  the heaps keep less than the limit leaves beyond the anonymous memory, so the settings (and
+  their speed) stay."""
+  data = tmp_path / "big.bin"
+  with open(data, "wb") as f:
+    for _ in range(600):
+      f.write(os.urandom(2**20))
+    f.flush()
+    os.fsync(f.fileno())
+    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # read into the cgroup's cache
+  cgroup = memory_cgroup(400 * 2**20)
+  proc = _limited(cgroup, "cache", data)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert cgroup.peak() > 0.95 * 400 * 2**20  # the cgroup was full
+  assert report["tuned"] and report["released"] is None, report
