@@ -136,7 +136,8 @@ def _memory_hierarchy() -> tuple[pathlib.Path, int] | None:
 
 @pytest.fixture
 def memory_cgroup():
-  """``memory_cgroup(limit_bytes) -> MemoryLimit``: a fresh memory cgroup, removed after the test."""
+  """``memory_cgroup(limit_bytes) -> MemoryLimit``: a fresh memory cgroup, removed after the
+  test."""
   made: list[pathlib.Path] = []
 
   def make(limit: int) -> MemoryLimit:
