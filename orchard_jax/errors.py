@@ -82,9 +82,18 @@ DRIVER_MODULES = ("psycopg2", "psycopg", "pymysql", "MySQLdb", "mysql")
 OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
 
 
+def _is_driver_error(e: BaseException) -> bool:
+  return any(cls.__module__.split(".")[0] in DRIVER_MODULES for cls in type(e).__mro__)
+
+
 def cause_chain(e: BaseException) -> list[BaseException]:
   """``e`` and its causes, outermost first: SQLAlchemy's ``.orig`` (the driver's
-  error), else ``__cause__``, else ``__context__`` unless ``raise ... from None``."""
+  error), else ``__cause__``, else ``__context__`` unless ``raise ... from None``.
+
+  A database driver's error ends the chain: what it was raised *during* is
+  SQLAlchemy's own handling (the pool's pre-ping ``InvalidatePoolError()`` while
+  it reconnects), not a cause.
+  """
   chain: list[BaseException] = []
   current: BaseException | None = e
   while current is not None and all(current is not seen for seen in chain):
@@ -94,8 +103,10 @@ def cause_chain(e: BaseException) -> list[BaseException]:
       current = orig
     elif current.__cause__ is not None:
       current = current.__cause__
+    elif current.__suppress_context__ or _is_driver_error(current):
+      current = None
     else:
-      current = None if current.__suppress_context__ else current.__context__
+      current = current.__context__
   return chain
 
 
@@ -111,8 +122,7 @@ def _describe(e: BaseException) -> str:
   if code is not None:
     return f"[Errno {code}] {os.strerror(code)}"
   text = str(e)
-  if isinstance(e, (OSError, sqlite3.Error)) or any(
-      cls.__module__.split(".")[0] in DRIVER_MODULES for cls in type(e).__mro__):
+  if isinstance(e, (OSError, sqlite3.Error)) or _is_driver_error(e):
     return text or type(e).__name__
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
