@@ -184,7 +184,8 @@ def test_run_refuses_what_validate_refuses_before_any_trial(model, sets, command
   assert status == 2 and len(validated) == 1
   assert (proc.returncode, proc.stderr.splitlines()[-1:]) == (2, validated), proc.stderr[-3000:]
   assert proc.stdout == "" and "Trial" not in proc.stderr
-  assert proc.stderr.splitlines()[0].endswith("; searching learning_rate 0.5|1e-07")  # first line
+  searched = "; searching learning_rate 0.5|1e-07" + (", batch_size 16|64" if sets else "")
+  assert proc.stderr.splitlines()[0].endswith(searched)  # the study's first line
   # no trial was created: the study's storage (in its run folder) was not even opened
   assert not (workdir / name).exists()
 
