@@ -374,7 +374,7 @@ def trial_record(cfg: TrialConfig) -> dict[str, Any]:
   """What ``cfg`` holds, as JSON-ready data: the training and optuna fields, the model's
   ``repr`` (one line, clipped), classes, input shape, layout and ``output_dir`` (absolute).
   :func:`run_trial` stores it as the trial's ``trial_config`` attribute, which
-  :func:`orchard_jax.write_outputs` turns into the best trial's ``best_config.yaml``."""
+  :func:`orchard_jax.write_outputs` turns into the best trial's ``best_trial.yaml``."""
   def plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=repr))
   model = " ".join(repr(cfg.model).split())
