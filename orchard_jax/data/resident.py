@@ -17,6 +17,18 @@ Only datasets whose converted images take at most :data:`MAX_BYTES` are kept
 on a device, and only for batches on one device (not for a batch sharding
 over several devices). Every array of a batch is committed to that device,
 as the trial's state is: a step sees one placement and compiles once.
+
+:func:`member_batches` (a cohort's members each reading their own epoch's
+order) also reads a loader of in-memory numpy arrays that serves its epochs'
+orders itself (:func:`serves_epochs`; the command line's
+:class:`~orchard_jax.study.sources.ArrayLoader`), through four members:
+``resident_arrays()``, its ``(images, labels)`` (images ``[N, ...]`` as its
+batches hold them, integer labels ``[N]``), which must not be modified in
+place while it is read; ``batch_size``; ``position``, where its shuffling
+is (read and written: a member's own position is restored before and saved
+after each of its draws); and ``epoch_indices()``, the index arrays of the
+batches the next ``iter(loader)`` yields, advancing ``position`` as that
+does. Its solo reads (:func:`batches`) do not change: they iterate it.
 """
 
 from __future__ import annotations
@@ -35,7 +47,8 @@ from orchard_jax.core.state import default_device
 from orchard_jax.data import gather
 from orchard_jax.errors import DataError
 
-__all__ = ["CHUNK", "MAX_BYTES", "batches", "fits", "member_batches"]
+__all__ = ["CHUNK", "MAX_BYTES", "batches", "fits", "member_batches", "member_fits",
+           "serves_epochs"]
 
 MAX_BYTES = 512 * 2**20  # float32 NHWC images kept on the device, at most
 CHUNK = 64  # batches whose indices are read, checked and copied to the device together
@@ -52,23 +65,39 @@ def fits(loader: Any) -> bool:
   return images.dim() >= 2 and images.numel() * 4 <= MAX_BYTES
 
 
+def serves_epochs(loader: Any) -> bool:
+  """Whether ``loader`` is a loader of in-memory arrays that serves its epochs' orders (see the
+  module docstring)."""
+  return all(callable(getattr(loader, name, None)) for name in ("resident_arrays", "epoch_indices"))
+
+
+def member_fits(loader: Any) -> bool:
+  """Whether :func:`member_batches` reads ``loader``'s images from a device-resident copy: it
+  :func:`fits`, or it :func:`serves_epochs` and its images do."""
+  if not serves_epochs(loader):
+    return fits(loader)
+  images = loader.resident_arrays()[0]
+  return images.ndim >= 2 and images.size * 4 <= MAX_BYTES
+
+
 def _device_images(images: Any, layout: str, convert: Callable[[np.ndarray, str, Any], np.ndarray],
                    where: Any, device: Any) -> jax.Array:
-  key = (id(images), layout, device)
+  key, version = (id(images), layout, device), getattr(images, "_version", None)  # numpy: None
   with _lock:
     hit = _resident.get(key)
-    if hit is not None and hit[0] == images._version:
+    if hit is not None and hit[0] == version:
       return hit[1]
-  host = images.detach()
-  if host.dtype == sys.modules["torch"].bfloat16:
-    host = host.float()
-  value = convert(host.numpy(), layout, where)  # checked once, when made resident
+  host = images
+  if not isinstance(images, np.ndarray):
+    host = images.detach()
+    host = (host.float() if host.dtype == sys.modules["torch"].bfloat16 else host).numpy()
+  value = convert(host, layout, where)  # checked once, when made resident
   value = jax.device_put(np.concatenate([value, np.zeros((1,) + value.shape[1:], value.dtype)]),
                          device)
   with _lock:
     if key not in _resident:
       weakref.finalize(images, _resident.pop, key, None)
-    _resident[key] = (images._version, value)
+    _resident[key] = (version, value)
   return value
 
 
@@ -100,12 +129,18 @@ def _read(sampler: Iterator, first: int, where: Callable, loader_error: Callable
 
 
 def _dataset(loader: Any, layout: str, convert_images: Callable, where: Any, device: Any):
-  """``(device images, host labels, class ids, Subset index maps)`` of ``loader``'s dataset."""
-  torch = sys.modules["torch"]
-  (images, labels), chain = gather.tensor_source(loader.dataset)
+  """``(device images, host labels, class ids, Subset index maps)`` of ``loader``'s dataset
+  (a ``TensorDataset`` behind ``Subset`` s, or the arrays of a loader that
+  :func:`serves_epochs`)."""
+  if serves_epochs(loader):
+    images, host_labels = loader.resident_arrays()
+    chain = []
+  else:
+    torch = sys.modules["torch"]
+    (images, labels), chain = gather.tensor_source(loader.dataset)
+    labels = labels.detach()
+    host_labels = (labels.float() if labels.dtype == torch.bfloat16 else labels).numpy()
   device_images = _device_images(images, layout, convert_images, where, device)
-  labels = labels.detach()
-  host_labels = (labels.float() if labels.dtype == torch.bfloat16 else labels).numpy()
   class_ids = host_labels[:, 0] if host_labels.ndim == 2 and host_labels.shape[1] == 1 \
       else host_labels
   return device_images, host_labels, class_ids, [np.asarray(m) for m in chain]
@@ -178,11 +213,14 @@ def member_batches(loader: Any, orders: list, *, num_classes: int, layout: str,
                    convert_images: Callable, convert_labels: Callable, wheres: list,
                    stacked: bool, device: Any) -> Iterator[IndexedBatch | tuple]:
   """One pass in which member ``i`` of a cohort reads its own batches, ``orders[i]`` (its epoch's
-  index lists, all of one length; None for a free slot), of ``loader``'s dataset.
+  index lists, all of one length; None for a free slot), of ``loader``'s dataset
+  (:func:`member_fits` must hold).
 
   ``stacked``: each step's batch is one :class:`IndexedBatch` whose ``index``, ``label`` and
   ``count`` have a leading member axis (a free slot reads the first member's rows), for the
-  vmapped step; else a tuple of each member's own solo batch (None for a free slot). Checks and
+  vmapped step; else a tuple of each member's own solo batch (None for a free slot): an
+  :class:`IndexedBatch` where the solo run reads one (:func:`fits`), else the dict it reads,
+  gathered from the resident images, so that each member's solo program steps it. Checks and
   messages are :func:`batches`'s, ``wheres[i]`` placing member ``i``'s.
   """
   live = [i for i, order in enumerate(orders) if order is not None]
@@ -199,7 +237,8 @@ def member_batches(loader: Any, orders: list, *, num_classes: int, layout: str,
       for row in rows:
         yield IndexedBatch(data[0], *chunk, row)
     else:
-      own = {i: jax.device_put(c, device) for i, c in chunks.items()}
+      own, indexed = {i: jax.device_put(c, device) for i, c in chunks.items()}, fits(loader)
       for row in rows:
-        yield tuple(IndexedBatch(data[0], *own[i], row) if i in own else None
+        yield tuple(None if i not in own else IndexedBatch(data[0], *own[i], row) if indexed
+                    else _assemble(IndexedBatch(data[0], *own[i], row))
                     for i in range(len(orders)))

@@ -8,8 +8,9 @@ states are stacked on a leading member axis (:mod:`orchard_jax.core.cohort`),
 and each epoch of the cohort is one training pass and one validation pass,
 with every member stepped by the vmapped program on every batch. In the
 training pass each member reads its own epoch's order where its loader can
-serve it (device-resident ``TensorDataset`` images); else all members read
-the first member's loader, in one order.
+serve it (device-resident images of a ``TensorDataset`` or of the command
+line's in-memory arrays); else all members read the first member's loader,
+in one order.
 
 Each member then runs its own epoch end exactly as :func:`run_trial` does for
 one trial (:class:`~orchard_jax.engine.loop.LoopRun`): its own epoch
@@ -133,9 +134,9 @@ class _Member:
   def start(self, reseed: bool, input_shape: tuple[int, ...] | None = None) -> None:
     """Checks, records and builds the trial's state (``reseed``: restart its loader's order;
     ``input_shape``: the cohort's, so that a later member does not read a batch to infer it).
-    A loader shuffled by a torch generator starts as the solo run does: its position there is
-    the member's own (``stream``)."""
-    if cohort_data.Stream(self.cfg.train_loader).generator is not None:
+    A loader shuffled by a torch generator, or an array loader, starts as the solo run does:
+    its position there is the member's own (``stream``)."""
+    if cohort_data.Stream(self.cfg.train_loader).state is not None:
       reseed, input_shape = True, None
     if self.cfg.input_shape is None and input_shape is not None:
       self.cfg = self.cfg.replace(input_shape=tuple(input_shape))
@@ -547,18 +548,24 @@ def compile_cohort_steps(state: TrainState, train_loader: Iterable, val_loader: 
   """
   mesh = _mesh(state)
   serial_train, serial_eval = programs(state, mesh is not None)
+  slots, device = _slots(cohort_size, 1), next(iter(state.step.devices()))
+  own = mesh is None and cohort_data.own_orders(train_loader)  # each member's own rows
   if serial_train or mesh is not None:  # the solo programs; a split cohort compiles at its start
+    if own:  # and what makes a member's own batch
+      cohort_data.first_member_batch(train_loader, state, slots, layout, False, device)
     compile_steps(state, train_loader, val_loader, layout=layout)
     return
-  slots = _slots(cohort_size, 1)
-  sharding = jax.sharding.SingleDeviceSharding(next(iter(state.step.devices())))
+  sharding = jax.sharding.SingleDeviceSharding(device)
   cohort = core_cohort.repeat(state, slots)
   cohort = core_cohort.replace_member(cohort, slots - 1, state)
   cohort = core_cohort.with_mixup(
       core_cohort.with_learning_rates(cohort, np.zeros(slots, np.float32)), np.zeros(slots, bool))
   for loader, role in ((train_loader, "training"), (val_loader, "validation")):
-    with _shared_batches(cohort, loader, 1, layout, role, sharding) as batches:
-      batch = next(batches, None)
+    if own and role == "training":  # the member-axis batch of each member's own rows
+      batch = cohort_data.first_member_batch(loader, cohort, slots, layout, True, device)
+    else:
+      with _shared_batches(cohort, loader, 1, layout, role, sharding) as batches:
+        batch = next(batches, None)
     if batch is None:
       continue
     try:
@@ -566,8 +573,6 @@ def compile_cohort_steps(state: TrainState, train_loader: Iterable, val_loader: 
     except TypeError:
       count = 1
     if role == "training":
-      if cohort_data.own_orders(loader):  # each member's own rows: the member-axis batch
-        batch = cohort_data.stacked(batch, slots)
       cohort, sums = core_cohort.cohort_train_step(_committed(cohort), batch)
     elif serial_eval:
       solo = core_cohort.member(cohort, 0)

@@ -5,12 +5,16 @@ Trials train in one cohort only when they read the same data
 so bad data fails exactly the trials that would fail on it alone.
 
 A member reads its own epoch's order, the one its solo run reads at that
-epoch, when its training loader can serve it (:func:`own_orders`): a
-single-process torch DataLoader over a ``TensorDataset`` (images resident on
-one device), shuffled by its ``generator`` or not at all. Each member keeps
-its own position in that shuffling (:class:`Stream`: the generator's state,
-restored before and saved after each of its draws), and each step gathers
-each member's own rows (:func:`orchard_jax.data.resident.member_batches`).
+epoch, when its training loader can serve it (:func:`own_orders`; images
+resident on one device): a single-process torch DataLoader over a
+``TensorDataset``, shuffled by its ``generator`` or not at all, or a loader
+of in-memory arrays that serves its epochs' orders (the command line's
+:class:`~orchard_jax.study.sources.ArrayLoader`; see
+:mod:`orchard_jax.data.resident`). Each member keeps its own position in that
+shuffling (:class:`Stream`: the generator's state, or the array loader's
+``position``, restored before and saved after each of its draws), and each
+step gathers each member's own rows
+(:func:`orchard_jax.data.resident.member_batches`).
 Other loaders are read once per shared pass, in the cohort's order: a fixed
 order (a list of batches, an unshuffled DataLoader) is every member's own,
 but a member that joins a cohort of a shuffling loader after its first pass
@@ -88,8 +92,10 @@ def _sampler_kinds() -> tuple[type, ...]:
 
 def own_orders(loader: Any) -> bool:
   """Whether a cohort can give each member its own epoch order of ``loader`` (on one device)."""
-  if not resident.fits(loader):
+  if not resident.member_fits(loader):
     return False
+  if resident.serves_epochs(loader):
+    return True
   data = sys.modules["torch.utils.data"]
   sampler = loader.sampler
   return (type(loader.batch_sampler) is data.BatchSampler  # pylint: disable=unidiomatic-typecheck
@@ -108,8 +114,10 @@ def fixed_order(loader: Any) -> bool:
 
 
 class Stream:
-  """A position in ``loader``'s shuffling: its torch generator's state, taken now (a member's
-  solo start). :meth:`active` makes it the generator's state, and keeps where it got to."""
+  """A position in ``loader``'s shuffling, taken now (a member's solo start): its torch
+  generator's state, or the ``position`` of a loader that serves its epochs
+  (:func:`~orchard_jax.data.resident.serves_epochs`). :meth:`active` makes it the loader's
+  position, and keeps where it got to."""
 
   def __init__(self, loader: Any):
     torch = sys.modules.get("torch")
@@ -117,33 +125,43 @@ class Stream:
     self.loader = loader
     self.generator = generator if torch is not None and isinstance(generator, torch.Generator) \
         else None
-    self.state = None if self.generator is None else self.generator.get_state()
+    self.arrays = self.generator is None and resident.serves_epochs(loader)
+    self.state = (self.generator.get_state() if self.generator is not None else
+                  loader.position if self.arrays else None)
 
   @contextlib.contextmanager
   def active(self):
-    if self.generator is None:
+    if self.generator is None and not self.arrays:
       yield
       return
-    self.generator.set_state(self.state)
+    if self.arrays:
+      self.loader.position = self.state
+    else:
+      self.generator.set_state(self.state)
     try:
       yield
     finally:
-      self.state = self.generator.get_state()
+      self.state = self.loader.position if self.arrays else self.generator.get_state()
 
   def epoch_order(self, epoch: int) -> list:
     """The index lists of the loader's next epoch from this position (``iter(loader)``'s)."""
     with self.active():
       try:
+        if self.arrays:
+          return self.loader.epoch_indices()
         return list(gather.epoch_sampler(self.loader))
       except BaseException as e:
         raise loader_error(e, Where("training", 0, epoch)) from e
 
 
 def same_position(a: Stream | None, b: Stream | None) -> bool:
-  """Whether two members' streams are at one position of one shuffling (no generator: assumed,
-  as members of one cohort share the data and the seed)."""
-  if a is None or b is None or a.generator is None or b.generator is None:
-    return (a is None or a.generator is None) and (b is None or b.generator is None)
+  """Whether two members' streams are at one position of one shuffling (no position to compare:
+  assumed, as members of one cohort share the data and the seed)."""
+  a, b = (None if s is None or s.state is None else s for s in (a, b))
+  if a is None or b is None:
+    return a is b
+  if a.arrays or b.arrays:
+    return a.arrays == b.arrays and a.state == b.state
   return bool(sys.modules["torch"].equal(a.state, b.state))
 
 
@@ -160,9 +178,11 @@ def member_batches(streams: list, epochs: list, state: Any, layout: str, stacked
       stacked=stacked, device=device))
 
 
-def stacked(batch: Any, k: int) -> Any:
-  """A shared ``IndexedBatch`` as ``k`` members' own (their rows all its rows): the shapes and
-  placement of a pass of :func:`member_batches`, for compiling its step ahead."""
-  def own(a):
-    return jax.device_put(np.broadcast_to(np.asarray(a), (k, *a.shape)), a.sharding)
-  return batch._replace(index=own(batch.index), label=own(batch.label), count=own(batch.count))
+def first_member_batch(loader: Any, state: Any, k: int, layout: str, stacked: bool,
+                       device: Any) -> Any:
+  """The first batch of a pass of :func:`member_batches` of ``k`` slots, one member reading
+  ``loader`` from its position (the others free): its shapes and placement, for compiling the
+  steps ahead. None for an empty pass."""
+  with member_batches([Stream(loader), *[None] * (k - 1)], [1, *[None] * (k - 1)], state, layout,
+                      stacked, device) as batches:
+    return next(batches, None)

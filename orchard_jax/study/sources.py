@@ -63,6 +63,8 @@ class ArrayLoader:
 
   With ``shuffle`` every pass draws a new order from ``(seed, pass index)``,
   so a fresh loader with the same seed repeats the same sequence of epochs.
+  A cohort's members each read their own pass of it (``resident_arrays``,
+  ``position``, ``epoch_indices``: see :mod:`orchard_jax.data.resident`).
   """
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
@@ -79,12 +81,36 @@ class ArrayLoader:
     """The arrays it reads and how: a study's trials with equal ones share a cohort."""
     return id(self.images), id(self.labels), self.batch_size, self.shuffle, self.seed
 
+  def resident_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays its batches are rows of."""
+    return self.images, self.labels
+
+  @property
+  def position(self) -> int:
+    """The passes its shuffling has drawn (the next pass's index)."""
+    return self._passes
+
+  @position.setter
+  def position(self, passes: int) -> None:
+    self._passes = passes
+
+  def _next_order(self) -> np.ndarray | None:
+    """The next pass's order (None: in order), drawn as ``iter`` draws it."""
+    if not self.shuffle:
+      return None
+    order = np.random.default_rng((self.seed, self._passes)).permutation(len(self.labels))
+    self._passes += 1
+    return order
+
+  def epoch_indices(self) -> list[np.ndarray]:
+    """The rows of each batch the next pass (``iter``) yields; the position advances as there."""
+    n, order = len(self.labels), self._next_order()
+    order = np.arange(n) if order is None else order
+    return [order[start:start + self.batch_size] for start in range(0, n, self.batch_size)]
+
   def __iter__(self):
     n = len(self.labels)
-    order = None
-    if self.shuffle:
-      order = np.random.default_rng((self.seed, self._passes)).permutation(n)
-      self._passes += 1
+    order = self._next_order()
     for start in range(0, n, self.batch_size):
       if order is None:
         yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]

@@ -29,6 +29,7 @@ from orchard_jax.engine.cohort import COHORT, PROGRAMS_ENV, optimize
 from orchard_jax.engine.cohort_data import SHARED_ORDER, data_identity
 from orchard_jax.errors import DataError
 from orchard_jax.models import MLP
+from orchard_jax.study.sources import array_source
 
 CLASSES = 10
 _X, _Y = load_digits(return_X_y=True)
@@ -47,14 +48,14 @@ def val_loader(images=VAL[0], labels=VAL[1]):
   return make_loader(TensorDataset(images, labels), batch_size=96, shuffle=False)
 
 
-def configurator(loaders=None, epochs=None, width=False):
+def configurator(loaders=None, epochs=None, width=False, narrow=NARROW):
   """``configure(trial)``: a learning rate, the shared loaders unless ``loaders(number)`` gives a
   trial its own, ``epochs(number)`` epochs (3), a wider MLP for ``width`` 24."""
   shared = train_loader(), val_loader()
 
   def configure(trial):
     lr = trial.suggest_float("learning_rate", 0.01, 0.5, log=True)
-    model = WIDE if width and trial.suggest_categorical("width", [16, 24]) == 24 else NARROW
+    model = WIDE if width and trial.suggest_categorical("width", [16, 24]) == 24 else narrow
     train, val = (loaders(trial.number) if loaders else None) or shared
     n = epochs(trial.number) if epochs else 3
     return TrialConfig(
@@ -135,6 +136,28 @@ def test_a_member_that_joins_at_a_refill_reads_its_own_order_and_matches_its_sol
   # epoch 1 while trial 0 is at its epoch 2: the two read different orders of one loader
   monkeypatch.setenv(PROGRAMS_ENV, programs)
   configure = configurator(epochs=lambda number: 1 if number == 1 else 3)
+  with xla_compiles() as seen:
+    solo, cohort = solo_and_cohort(configure, RATES[:3], cohort_size=2)
+  assert states(solo) == states(cohort) == {"COMPLETE": 3}
+  assert [t.user_attrs[COHORT]["slot"] for t in cohort.trials] == [0, 1, 1]
+  assert_solo_values(solo, cohort, exact=programs == "serial")  # serial: the solo program
+  if programs == "auto":  # vmapped, each member its own rows: one program, refill included
+    assert seen.by_name["jit(_cohort_train_step)"] == 1, seen.by_name
+
+
+@pytest.mark.parametrize("programs", ["auto", "serial"])
+def test_a_command_line_member_that_joins_at_a_refill_reads_its_own_pass_of_in_memory_arrays(
+    monkeypatch, programs, xla_compiles):
+  # the command line's in-memory source: fresh numpy ArrayLoaders for every trial, their pass k
+  # in the order default_rng((seed, k)) draws; trial 2 joins at the cohort's second pass, at its
+  # own pass 0 while trial 0 reads its pass 1
+  monkeypatch.setenv(PROGRAMS_ENV, programs)
+  source = array_source("digits", {"train_images": _X[:384], "train_labels": _Y[:384],
+                                   "val_images": _X[384:576], "val_labels": _Y[384:576]},
+                        CLASSES, eval_batch_size=96)
+  configure = configurator(loaders=lambda number: source.loaders(64, 0)[:2],
+                           epochs=lambda number: 1 if number == 1 else 3,
+                           narrow=MLP(num_classes=CLASSES, hidden=(12,), dropout=0.1))
   with xla_compiles() as seen:
     solo, cohort = solo_and_cohort(configure, RATES[:3], cohort_size=2)
   assert states(solo) == states(cohort) == {"COMPLETE": 3}
