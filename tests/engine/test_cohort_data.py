@@ -145,19 +145,28 @@ def test_a_member_that_joins_at_a_refill_reads_its_own_order_and_matches_its_sol
     assert seen.by_name["jit(_cohort_train_step)"] == 1, seen.by_name
 
 
-@pytest.mark.parametrize("programs", ["auto", "serial"])
+@pytest.mark.parametrize("programs, shape_given, width", [("auto", True, 12),
+                                                         ("serial", True, 12),
+                                                         ("auto", False, 13)])
 def test_a_command_line_member_that_joins_at_a_refill_reads_its_own_pass_of_in_memory_arrays(
-    monkeypatch, programs, xla_compiles):
+    monkeypatch, programs, shape_given, width, xla_compiles):
   # the command line's in-memory source: fresh numpy ArrayLoaders for every trial, their pass k
   # in the order default_rng((seed, k)) draws; trial 2 joins at the cohort's second pass, at its
-  # own pass 0 while trial 0 reads its pass 1
+  # own pass 0 while trial 0 reads its pass 1. The command line gives the input shape; without
+  # it a trial reads a first batch (a pass) to infer it, and a member does so as it would alone.
+  # A width of its own: the vmapped step compiles in this test.
   monkeypatch.setenv(PROGRAMS_ENV, programs)
   source = array_source("digits", {"train_images": _X[:384], "train_labels": _Y[:384],
                                    "val_images": _X[384:576], "val_labels": _Y[384:576]},
                         CLASSES, eval_batch_size=96)
-  configure = configurator(loaders=lambda number: source.loaders(64, 0)[:2],
-                           epochs=lambda number: 1 if number == 1 else 3,
-                           narrow=MLP(num_classes=CLASSES, hidden=(12,), dropout=0.1))
+  configured = configurator(loaders=lambda number: source.loaders(64, 0)[:2],
+                            epochs=lambda number: 1 if number == 1 else 3,
+                            narrow=MLP(num_classes=CLASSES, hidden=(width,), dropout=0.1))
+
+  def configure(trial):
+    cfg = configured(trial)
+    return cfg.replace(input_shape=source.input_shape) if shape_given else cfg
+
   with xla_compiles() as seen:
     solo, cohort = solo_and_cohort(configure, RATES[:3], cohort_size=2)
   assert states(solo) == states(cohort) == {"COMPLETE": 3}
