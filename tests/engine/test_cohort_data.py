@@ -5,7 +5,8 @@ short matches its solo run too. The Optuna storage is counted by state.
 
 The data: scikit-learn's digits (64 features), a tiny MLP, shuffled single-process DataLoaders
 over TensorDatasets (the loader the README's Python API example builds), shared by every trial
-as a user's ``configure`` shares them.
+as a user's ``configure`` shares them; and the command line's in-memory arrays (an
+``ArraySource``'s numpy ``ArrayLoader`` s, fresh for every trial as the command line makes them).
 """
 
 from __future__ import annotations
