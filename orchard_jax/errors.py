@@ -17,6 +17,10 @@
 * :class:`StorageFault` -- the study's storage failed for a reason outside
   the trial (a lock held too long, a full disk, a lost connection). The
   trial's work is not at fault: it is retried, and never uses the budget.
+* An out-of-memory error (:func:`memory_fault`) is a resource fault: like a
+  storage fault it is not the trial's own, so the study's driver retries the
+  trial once with its parameters; a second one with the same parameters fails
+  them for good.
 * :class:`SetupError` -- the trial cannot be set up as given, so every trial
   would fail the same way: the model does not fit the contract (a Linen
   module without a ``train`` argument, logits that are not
@@ -32,11 +36,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sqlite3
 
-__all__ = ["DRIVER_MODULES", "cause_chain", "os_error_code", "root_cause", "DataError", "EmptyLoaderError", "LoaderError", "NonFiniteInputError", "StorageFault", "SetupError", "MissingMetricError", "ValidationFailedError"]
+__all__ = ["DRIVER_MODULES", "cause_chain", "memory_fault", "os_error_code", "root_cause", "DataError", "EmptyLoaderError", "LoaderError", "NonFiniteInputError", "StorageFault", "SetupError", "MissingMetricError", "ValidationFailedError"]
 
 
 class DataError(Exception):
@@ -143,3 +148,33 @@ def root_cause(e: BaseException, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+
+
+# Words of an allocation that failed: XLA's status code (GPU/TPU), and XLA:CPU's, PJRT's, the
+# CUDA allocators' and torch's "Out of memory ..." (XLA:CPU reports it as INTERNAL).
+MEMORY_WORDS = re.compile(r"RESOURCE_EXHAUSTED|out of memory", re.IGNORECASE)
+
+
+def memory_fault(e: BaseException, limit: int = 300) -> str | None:
+  """One line naming the out-of-memory error in ``e``'s :func:`cause_chain`, or None.
+
+  An out-of-memory error is a ``MemoryError`` (numpy's "Unable to allocate
+  ..." included), an ``OSError`` ``ENOMEM`` (tensorstore's
+  ``[os_error_code=12]`` too), or a ``RuntimeError`` -- JAX's
+  ``JaxRuntimeError``, torch's ``OutOfMemoryError`` -- whose message says
+  ``RESOURCE_EXHAUSTED`` or "out of memory" (XLA:CPU under ``ulimit -v``:
+  ``INTERNAL: Error dispatching computation: ... Out of memory allocating
+  203523140 bytes.``). The line is ``"<Type>: <the message's first line that
+  says so>"``, at most ``limit`` characters (XLA's own goes on with a listing
+  of every buffer).
+  """
+  for link in cause_chain(e):
+    if isinstance(link, MemoryError) or os_error_code(link) == errno.ENOMEM:
+      text = " ".join(_describe(link).split())
+    elif isinstance(link, RuntimeError) and MEMORY_WORDS.search(str(link)):
+      line = next(l for l in str(link).splitlines() if MEMORY_WORDS.search(l))
+      text = f"{type(link).__name__}: {' '.join(line.split())}"
+    else:
+      continue
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+  return None

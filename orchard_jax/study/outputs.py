@@ -60,6 +60,7 @@ HISTORY, ERROR, INTERRUPTED, RETRY_OF = "history", "error", "interrupted", "retr
 CONFIG = "config"                      # the resolved recipe the trial trained with
 STORAGE_FAULT = "storage_fault"        # the storage's error that stopped the trial (retried)
 LOST = "lost"                          # the process running the trial died (retried)
+RESOURCE_FAULT = "resource_fault"      # "memory: <the error>": it ran out of memory (retried once)
 CHECKPOINT_ERROR = "checkpoint_error"  # why the trial's best state could not be written
 # Scalar trial attributes (sortable in optuna-dashboard), set by the study's objective.
 BEST_EPOCH, EPOCHS_RUN, SECONDS = "best_epoch", "epochs_run", "seconds"
@@ -143,14 +144,17 @@ def format_table(trials: Sequence[FrozenTrial], metric: str, direction: str, k: 
 
 
 def retry_source(trial: FrozenTrial) -> int | None:
-  """The trial ``trial`` retries: ``retry_of`` (interrupted, lost or storage-faulted trials)
+  """The trial ``trial`` retries: ``retry_of`` (interrupted, lost, storage or memory faults)
   or Optuna's heartbeat retry (system attribute ``failed_trial``); None for a new one."""
   number = trial.user_attrs.get(RETRY_OF)
   return trial.system_attrs.get("failed_trial") if number is None else number
 
 
 def trial_error(trial: FrozenTrial) -> str:
-  """Why a trial did not finish: its error, ``interrupted``, ``lost: ...``, ``storage: ...``."""
+  """Why a trial did not finish: ``memory: ...`` (retried), its error, ``interrupted``,
+  ``lost: ...``, ``storage: ...``."""
+  if trial.user_attrs.get(RESOURCE_FAULT):
+    return trial.user_attrs[RESOURCE_FAULT]
   if trial.user_attrs.get(ERROR):
     return trial.user_attrs[ERROR]
   if trial.user_attrs.get(INTERRUPTED):

@@ -8,7 +8,7 @@ study lock (:func:`~orchard_jax.study.storage.study_lock`) it
    database server, by Optuna's heartbeat -- and enqueues their parameters
    again;
 2. enqueues, once, the parameters of trials stopped by SIGTERM, a second
-   Ctrl-C or a storage fault (in any process);
+   Ctrl-C, a storage fault or an out-of-memory error (in any process);
 3. counts the budget: finished trials that used it (complete, pruned, failed
    and not retried), plus running and waiting ones;
 4. if the budget allows, asks for the next trial (a waiting retry first,
@@ -27,6 +27,13 @@ A trial's value is stored with retries: a storage that is locked or full
 :data:`STORE_PATIENCE_S` seconds before the process gives up with the root
 cause in one line. The trial then stays RUNNING under a process that is
 gone, so the next process retries it: a storage fault never uses budget.
+
+An out-of-memory error (:func:`~orchard_jax.errors.memory_fault`) is a
+resource fault: the trial is stored FAIL with ``resource_fault`` (``memory:
+<the error>``), uses no budget and does not count in a failure streak; the
+process frees what it can (:func:`free_memory`) and the trial's parameters
+are retried once. A second out-of-memory error with the same parameters
+fails them for good: FAIL, counted, with an ``error`` that names memory.
 
 Signals: Ctrl-C as in :func:`~orchard_jax.study.runner.run_study`; SIGTERM
 stops at once, storing the running trial as FAIL with ``interrupted`` (a
@@ -54,20 +61,21 @@ from typing import Any, NamedTuple
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from orchard_jax.errors import StorageFault
-from orchard_jax.hostmem import trim_between_trials
+from orchard_jax.errors import StorageFault, memory_fault
+from orchard_jax.hostmem import release_malloc, trim_between_trials
 from orchard_jax.study.callbacks import (FailureStreak, GracefulInterrupt, KeepBestCheckpoint,
                                          Progress, StudyEarlyStopping, threshold_for)
 from orchard_jax.study.liveness import WORKER_ID, Liveness, new_worker_id, reap_dead
-from orchard_jax.study.outputs import (ERROR, INTERRUPTED, LOST, RETRY_OF, STORAGE_FAULT,
-                                       best_trial, write_study_outputs)
+from orchard_jax.study.outputs import (ERROR, INTERRUPTED, LOST, RESOURCE_FAULT, RETRY_OF,
+                                       STORAGE_FAULT, best_trial, retry_source,
+                                       write_study_outputs)
 from orchard_jax.study.storage import (Heartbeat, JOURNAL, StudyLock, ask_trial, journal_path,
                                        open_storage, study_lock)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["EXIT_SHORT", "WORKER", "Joined", "budget_used", "default_name", "drive",
-           "exit_status", "finished_count", "join_study", "locked", "new_worker",
+           "exit_status", "finished_count", "free_memory", "join_study", "locked", "new_worker",
            "requeue_unfinished", "retried_numbers", "run_worker"]
 
 WORKER = "worker"  # trial user attribute: the name of the process that ran it
@@ -87,21 +95,22 @@ def default_name() -> str:
 
 def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
   """Numbers of the trials another trial retries: ``retry_of`` (interrupted, lost with their
-  process, or stopped by a storage fault) or Optuna's heartbeat ``retry_history``."""
+  process, stopped by a storage fault or out of memory) or Optuna's heartbeat
+  ``retry_history``."""
   numbers = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
   return numbers.union(*(t.system_attrs.get("retry_history", ()) for t in trials))
 
 
 def _unfinished(trial: FrozenTrial) -> bool:
-  """A failure that says nothing of its parameters: interrupted, lost with its process, or
-  stopped by a storage fault."""
+  """A failure that says nothing of its parameters: interrupted, lost with its process,
+  stopped by a storage fault, or out of memory the first time."""
   return trial.state == TrialState.FAIL and any(
-      trial.user_attrs.get(key) for key in (INTERRUPTED, LOST, STORAGE_FAULT))
+      trial.user_attrs.get(key) for key in (INTERRUPTED, LOST, STORAGE_FAULT, RESOURCE_FAULT))
 
 
 def finished_count(trials: Sequence[FrozenTrial]) -> int:
   """Trials that used the budget: complete, pruned, and failed for their own reasons (not
-  interrupted, lost or stopped by a storage fault) and not retried."""
+  interrupted, lost, stopped by a storage fault or out of memory) and not retried."""
   retried = retried_numbers(trials)
   return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
       t.state == TrialState.FAIL and not _unfinished(t) and t.number not in retried)
@@ -115,7 +124,8 @@ def budget_used(trials: Sequence[FrozenTrial]) -> int:
 
 
 def requeue_unfinished(study: optuna.Study) -> list[int]:
-  """Enqueues the parameters of interrupted, lost or storage-faulted trials not yet retried."""
+  """Enqueues the parameters of interrupted, lost, storage- or memory-faulted trials not yet
+  retried."""
   trials = study.get_trials(deepcopy=False)
   retried = retried_numbers(trials)
   numbers = [t.number for t in trials if _unfinished(t) and t.number not in retried]
@@ -125,8 +135,38 @@ def requeue_unfinished(study: optuna.Study) -> list[int]:
       if not t.user_attrs.get(LOST):  # reap_dead said so already
         logger.info("Trial %d %s: its parameters are retried", t.number,
                     "was interrupted" if t.user_attrs.get(INTERRUPTED)
-                    else f"was stopped by a storage fault ({t.user_attrs[STORAGE_FAULT]})")
+                    else f"was stopped by a storage fault ({t.user_attrs[STORAGE_FAULT]})"
+                    if t.user_attrs.get(STORAGE_FAULT)
+                    else f"ran out of memory ({t.user_attrs[RESOURCE_FAULT]})")
   return numbers
+
+
+def memory_faulted_before(trials: Sequence[FrozenTrial], trial: FrozenTrial) -> int | None:
+  """The number of an earlier attempt at ``trial``'s parameters (along its ``retry_of`` or
+  heartbeat retries) that ran out of memory, or None."""
+  by_number = {t.number: t for t in trials}
+  seen, number = {trial.number}, retry_source(trial)
+  while number is not None and number not in seen and number in by_number:
+    earlier = by_number[number]
+    if earlier.user_attrs.get(RESOURCE_FAULT):
+      return number
+    seen.add(number)
+    number = retry_source(earlier)
+  return None
+
+
+def free_memory(reason: str) -> None:
+  """Gives back what this process can after an out-of-memory error, before a retry: unreachable
+  objects (the failed trial's arrays), JAX's compiled programs and traces (compiled again, or
+  loaded from the persistent cache, when needed), and the allocator's free memory (the tuned
+  allocator's settings released with one warning, every heap trimmed)."""
+  import gc
+  import jax
+  gc.collect()
+  jax.clear_caches()
+  gc.collect()
+  release_malloc(reason)
+  trim_between_trials()
 
 
 # ------------------------------------------------------- storing, patiently --
@@ -392,7 +432,7 @@ def run_in_cohorts(worker: "_Worker", runner: "TrialRunner", objective: Any,
       from orchard_jax.study.storage import root_cause
       logger.warning("Trial %d's records could not be stored: %s", trial.number, root_cause(e))
     if outcome.error is not None and outcome.state == TrialState.FAIL:
-      runner._note_storage_fault(trial, outcome.error)  # pylint: disable=protected-access
+      runner._note_fault(trial, outcome.error)  # pylint: disable=protected-access
     runner.end(trial, outcome.state, outcome.value)
 
   interrupt.in_trial = True  # SIGTERM stops the cohort now; its trials are retried
@@ -424,6 +464,7 @@ class TrialRunner:
                worker_id: str):
     self.joined, self.worker, self.objective, self.callbacks = joined, worker, objective, callbacks
     self.name, self.worker_id = name, worker_id
+    self.out_of_memory: set[int] = set()  # trials that ran out of memory, until they are told
 
   def __call__(self) -> None:
     trial = self.begin()
@@ -439,7 +480,7 @@ class TrialRunner:
         state, interrupted = TrialState.FAIL, e
       except Exception as e:  # pylint: disable=broad-except
         state = TrialState.FAIL
-        self._note_storage_fault(trial, e)
+        self._note_fault(trial, e)
     self.end(trial, state, value)
     if interrupted is not None:
       raise interrupted
@@ -464,22 +505,45 @@ class TrialRunner:
       store(lambda: study.tell(trial, state=state), what)
     frozen = store(lambda: study._storage.get_trial(trial._trial_id),  # pylint: disable=protected-access
                    what)
-    if self.worker.failures.observe(frozen):
+    # A trial out of memory the first time is retried: its retry counts, not it.
+    if not frozen.user_attrs.get(RESOURCE_FAULT) and self.worker.failures.observe(frozen):
       logger.error("%d consecutive trials failed (last: %s); stopping", self.worker.failures.count,
                    frozen.user_attrs.get(ERROR, "see the log"))
     for callback in self.callbacks:
       store(lambda: callback(study, frozen), f"trial {trial.number}'s outputs")
+    if trial.number in self.out_of_memory:  # before its retry, or the next trial
+      self.out_of_memory.discard(trial.number)
+      free_memory(f"trial {trial.number} ran out of memory")
     trim_between_trials()  # memory was found short: the trial's freed memory goes back
 
-  @staticmethod
-  def _note_storage_fault(trial: optuna.Trial, e: Exception) -> None:
+  def _note_fault(self, trial: optuna.Trial, e: BaseException) -> None:
+    """Stores why a failed trial is retried: a storage fault (``storage_fault``), or a first
+    out-of-memory error with its parameters (``resource_fault``); a second one is its
+    ``error``, for good."""
     from orchard_jax.study.storage import is_transient, root_cause
-    if not is_transient(e):  # a StorageFault is
+    if is_transient(e):  # a StorageFault is
+      cause = root_cause(e)
+      logger.warning("Trial %d was stopped by a storage fault (%s): it is retried; the budget "
+                     "is unchanged", trial.number, cause)
+      store(lambda: trial.set_user_attr(STORAGE_FAULT, cause), f"trial {trial.number}'s fault")
       return
-    cause = root_cause(e)
-    logger.warning("Trial %d was stopped by a storage fault (%s): it is retried; the budget is "
-                   "unchanged", trial.number, cause)
-    store(lambda: trial.set_user_attr(STORAGE_FAULT, cause), f"trial {trial.number}'s fault")
+    memory = memory_fault(e)
+    if memory is None:
+      return
+    self.out_of_memory.add(trial.number)
+    study, what = self.joined.study, f"trial {trial.number}'s fault"
+    frozen = store(lambda: study._storage.get_trial(trial._trial_id), what)  # pylint: disable=protected-access
+    before = memory_faulted_before(store(lambda: study.get_trials(deepcopy=False), what), frozen)
+    if before is None:
+      logger.warning("Trial %d ran out of memory (%s): it is retried once with its parameters "
+                     "after the process frees what it can; the budget is unchanged",
+                     trial.number, memory)
+      store(lambda: trial.set_user_attr(RESOURCE_FAULT, f"memory: {memory}"), what)
+      return
+    error = (f"out of memory twice with these parameters (trial {before}, then trial "
+             f"{trial.number}): {memory}; give the process more memory or shrink the model or "
+             f"the batch")
+    store(lambda: trial.set_user_attr(ERROR, error), what)  # the Progress line shows it
 
 
 def new_worker(joined: Joined, recipe: Any) -> _Worker:

@@ -7,16 +7,24 @@ to bite, then reads the Optuna storage itself.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import pathlib
+import re
+import resource
 import subprocess
+import time
 
 import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
 
+from orchard_jax.errors import LoaderError, memory_fault
 from orchard_jax.hostmem import _is_glibc
+from orchard_jax.study.outputs import ERROR, RESOURCE_FAULT, RETRY_OF
 from orchard_jax.study.storage import open_storage
+from orchard_jax.study.workers import finished_count
 
 TIMEOUT = 240
 
@@ -67,3 +75,149 @@ def test_a_study_that_fits_its_memory_cgroup_is_not_oom_killed_by_the_tuned_allo
   (line,) = [l for l in proc.stderr.splitlines() if "Host memory:" in l]
   assert f"the memory cgroup {cgroup.path} has a limit of 600 MiB" in line
   assert "the allocator gives freed memory back from now on" in line
+
+
+# ------------------------------------------------ out of memory inside the process --
+
+# Address space a trial may add to what its process holds when it starts: far less than the
+# 17 M-parameter MLP's state (64 MiB per weight matrix, for the weights and the optimizer).
+HEADROOM = 32 * 2**20
+OOM_LINE = "ran out of memory ("
+
+
+def _waits_for_lock(pid: int, lock: int) -> bool:
+  """True once process ``pid`` waits for the ``flock`` held on file descriptor ``lock``."""
+  inode = os.fstat(lock).st_ino
+  return any(fields[:2] == ["->", "FLOCK"] and fields[4] == str(pid) and
+             fields[5].endswith(f":{inode}")
+             for fields in (line.split()[1:] for line in
+                            pathlib.Path("/proc/locks").read_text().splitlines()))
+
+
+def run_out_of_memory(workdir, env, command, name: str) -> subprocess.Popen:
+  """``orchard-jax run`` of :func:`memory_recipe`'s study with an address-space limit
+  (``RLIMIT_AS``) that its first trial cannot fit in.
+
+  The process's own size decides the limit (it varies with the machine: threads, heaps), so
+  the test holds the study's lock -- as another process of the study would -- until the
+  process has started and waits for it; the soft limit is then what the process holds plus
+  :data:`HEADROOM` (the hard limit stays unlimited, so it can be raised again), and the lock
+  is let go.
+  """
+  path = memory_recipe(workdir, name)
+  (workdir / name).mkdir()
+  lock = os.open(workdir / name / "study.db.orchard-lock", os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    proc = subprocess.Popen([*command, "run", str(path)], env=env, cwd=workdir, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + TIMEOUT
+    while not _waits_for_lock(proc.pid, lock):
+      assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+      time.sleep(0.05)
+    status = pathlib.Path(f"/proc/{proc.pid}/status").read_text()
+    size = int(re.search(r"VmSize:\s+(\d+) kB", status).group(1)) * 1024
+    resource.prlimit(proc.pid, resource.RLIMIT_AS, (size + HEADROOM, resource.RLIM_INFINITY))
+  finally:
+    os.close(lock)  # lets the process take it
+  return proc
+
+
+def test_memory_fault_names_the_allocation_that_failed_along_the_cause_chain():
+  import numpy as np
+  with pytest.raises(MemoryError) as raised:  # a real one: 8 TiB
+    np.empty((2**40,), dtype=np.float64)
+  try:
+    raise LoaderError("the training loader raised") from raised.value
+  except LoaderError as e:
+    wrapped = e
+  assert memory_fault(wrapped).startswith(
+      f"{type(raised.value).__name__}: Unable to allocate 8.00 TiB for an array")
+  import jax
+  xla = ("INTERNAL: Error dispatching computation: Error dispatching computation: Out of "
+         "memory allocating 67108864 bytes.")
+  assert memory_fault(jax.errors.JaxRuntimeError(xla)) == f"JaxRuntimeError: {xla}"
+  gpu = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB.\n" + "buffer\n" * 999
+  assert memory_fault(jax.errors.JaxRuntimeError(gpu)) == (
+      "JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB.")
+  assert memory_fault(OSError(12, os.strerror(12))) == "[Errno 12] Cannot allocate memory"
+  for other in (RuntimeError("Training diverged: loss=nan at epoch 2"), ValueError("bad"),
+                LoaderError("out of range")):
+    assert memory_fault(other) is None
+
+
+def test_a_trial_out_of_memory_is_retried_once_and_completes_when_memory_is_back(
+    workdir, warm_env, command):
+  """The first trial runs out of memory under the process's address-space limit; once the log
+  says so, the limit is raised from outside (as memory freed elsewhere would): the retry with
+  the same parameters completes, and the study holds exactly its 2 finished trials."""
+  proc = run_out_of_memory(workdir, warm_env, command, "oom_transient")
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if OOM_LINE in line:
+      resource.prlimit(proc.pid, resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)
+      break
+  out, err = proc.communicate(timeout=TIMEOUT)
+  log = "".join(seen) + err
+  assert proc.returncode == 0, log[-3000:]
+  first, retry, other = trials_of(workdir, "oom_transient")
+  assert first.state == TrialState.FAIL, log[-3000:]
+  assert first.user_attrs[RESOURCE_FAULT].startswith("memory: JaxRuntimeError: ")
+  assert "Out of memory allocating" in first.user_attrs[RESOURCE_FAULT]
+  assert (retry.state, retry.user_attrs[RETRY_OF], retry.params) == (
+      TrialState.COMPLETE, 0, first.params)
+  assert other.state == TrialState.COMPLETE and other.params != first.params
+  assert finished_count([first, retry, other]) == 2
+  assert ("Trial 0 ran out of memory (JaxRuntimeError: INTERNAL: Error dispatching computation"
+          in log and "it is retried once with its parameters" in log)
+  assert "The study is short" not in out and "Nothing to run" not in out
+  csv = (workdir / "oom_transient" / "trials.csv").read_text().splitlines()
+  assert csv[1].startswith("0,FAIL,") and ",memory: JaxRuntimeError: " in csv[1]
+
+
+def test_a_trial_out_of_memory_twice_with_its_parameters_fails_for_good(
+    workdir, warm_env, command):
+  """The limit stays: each trial's parameters run out of memory twice, and fail for good with
+  a message that names memory; the study ends with its 2 finished trials, none completed."""
+  proc = run_out_of_memory(workdir, warm_env, command, "oom_permanent")
+  out, err = proc.communicate(timeout=TIMEOUT)
+  assert proc.returncode == 1, err[-3000:]  # no trial completed
+  trials = trials_of(workdir, "oom_permanent")
+  assert [t.state for t in trials] == [TrialState.FAIL] * 4, err[-3000:]
+  for first, retry in (trials[:2], trials[2:]):
+    assert first.user_attrs[RESOURCE_FAULT].startswith("memory: JaxRuntimeError: ")
+    assert (retry.user_attrs[RETRY_OF], retry.params) == (first.number, first.params)
+    assert RESOURCE_FAULT not in retry.user_attrs
+    assert retry.user_attrs[ERROR].startswith(
+        f"out of memory twice with these parameters (trial {first.number}, then trial "
+        f"{retry.number}): JaxRuntimeError: ")
+    assert retry.user_attrs[ERROR].endswith(
+        "; give the process more memory or shrink the model or the batch")
+  assert trials[0].params != trials[2].params
+  assert finished_count(trials) == 2
+  assert "No trial completed" in out and "short of optuna.n_trials" not in out
+
+
+def test_an_attempt_out_of_memory_is_found_through_every_kind_of_retry():
+  """A second out-of-memory error is one with the same parameters, whatever retried them in
+  between: a retry of an interrupted retry, a heartbeat retry."""
+  from optuna.distributions import FloatDistribution
+  from optuna.trial import create_trial
+  from orchard_jax.study.outputs import INTERRUPTED
+  from orchard_jax.study.workers import memory_faulted_before
+  study = optuna.create_study()
+
+  def add(state, system_attrs=None, **user_attrs):
+    study.add_trial(create_trial(state=state, params={"x": 0.5},
+                                 distributions={"x": FloatDistribution(0, 1)},
+                                 user_attrs=user_attrs, system_attrs=system_attrs or {}))
+  add(TrialState.FAIL, **{RESOURCE_FAULT: "memory: MemoryError"})     # 0
+  add(TrialState.FAIL, **{RETRY_OF: 0, INTERRUPTED: True})             # 1
+  add(TrialState.FAIL, {"failed_trial": 1, "retry_history": [1]})      # 2: lost, by heartbeat
+  add(TrialState.RUNNING, **{RETRY_OF: 2})                             # 3
+  add(TrialState.RUNNING)                                              # 4: new parameters
+  add(TrialState.RUNNING, **{RETRY_OF: 1})                             # 5
+  trials = study.get_trials()
+  assert [memory_faulted_before(trials, t) for t in trials] == [None, 0, 0, 0, None, 0]
+  assert finished_count(trials) == 0
