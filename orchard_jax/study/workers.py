@@ -137,7 +137,7 @@ def requeue_unfinished(study: optuna.Study) -> list[int]:
                     "was interrupted" if t.user_attrs.get(INTERRUPTED)
                     else f"was stopped by a storage fault ({t.user_attrs[STORAGE_FAULT]})"
                     if t.user_attrs.get(STORAGE_FAULT)
-                    else f"ran out of memory ({t.user_attrs[RESOURCE_FAULT]})")
+                    else f"was stopped by a resource fault ({t.user_attrs[RESOURCE_FAULT]})")
   return numbers
 
 
@@ -532,7 +532,8 @@ class TrialRunner:
       return
     self.out_of_memory.add(trial.number)
     study, what = self.joined.study, f"trial {trial.number}'s fault"
-    frozen = store(lambda: study._storage.get_trial(trial._trial_id), what)  # pylint: disable=protected-access
+    frozen = store(lambda: study._storage.get_trial(trial._trial_id),  # pylint: disable=protected-access
+                   what)
     before = memory_faulted_before(store(lambda: study.get_trials(deepcopy=False), what), frozen)
     if before is None:
       logger.warning("Trial %d ran out of memory (%s): it is retried once with its parameters "
@@ -541,8 +542,8 @@ class TrialRunner:
       store(lambda: trial.set_user_attr(RESOURCE_FAULT, f"memory: {memory}"), what)
       return
     error = (f"out of memory twice with these parameters (trial {before}, then trial "
-             f"{trial.number}): {memory}; give the process more memory or shrink the model or "
-             f"the batch")
+             f"{trial.number}): {memory.rstrip('.')}; give the process more memory or shrink the "
+             "model or the batch")
     store(lambda: trial.set_user_attr(ERROR, error), what)  # the Progress line shows it
 
 

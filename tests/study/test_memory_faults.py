@@ -193,7 +193,7 @@ def test_a_trial_out_of_memory_twice_with_its_parameters_fails_for_good(
         f"out of memory twice with these parameters (trial {first.number}, then trial "
         f"{retry.number}): JaxRuntimeError: ")
     assert retry.user_attrs[ERROR].endswith(
-        "; give the process more memory or shrink the model or the batch")
+        " bytes; give the process more memory or shrink the model or the batch")
   assert trials[0].params != trials[2].params
   assert finished_count(trials) == 2
   assert "No trial completed" in out and "short of optuna.n_trials" not in out
