@@ -402,7 +402,9 @@ def run_in_cohorts(worker: "_Worker", runner: "TrialRunner", objective: Any,
   Each free slot asks, under the study lock, as :meth:`_Worker.loop` does for
   one trial; ``objective.configure`` and ``objective.record`` are a trial's
   two ends (:class:`orchard_jax.study.runner._Objective`). Every trial beats
-  (database storages) from its ask to its tell.
+  (database storages) from its ask to its tell. A cohort that runs out of
+  memory has its members told FAIL with the error; they are retried as a
+  trial that runs out of memory alone is, and the loop goes on.
   """
   from orchard_jax.engine.cohort import run_cohorts
   from orchard_jax.study.callbacks import engine_outcomes_muted
@@ -441,7 +443,12 @@ def run_in_cohorts(worker: "_Worker", runner: "TrialRunner", objective: Any,
       while not interrupt.requested:
         if interrupt.immediate:
           raise KeyboardInterrupt
-        told = run_cohorts(ask, objective.configure, tell, cohort_size)
+        try:
+          told = run_cohorts(ask, objective.configure, tell, cohort_size)
+        except Exception as e:  # pylint: disable=broad-except
+          if memory_fault(e) is None:
+            raise
+          continue  # a cohort out of memory: its members were told so, and are retried once
         if last[0] != "wait":
           return
         if not told:  # others' trials may still need a retry; after our own, look again at once

@@ -30,7 +30,7 @@ TIMEOUT = 240
 
 
 def memory_recipe(workdir: pathlib.Path, name: str, *, n_trials: int = 2,
-                  hidden=(4096, 4096)) -> pathlib.Path:
+                  hidden=(4096, 4096), **optuna_keys) -> pathlib.Path:
   """``n_trials`` trials of 1 epoch of an MLP of ``hidden`` widths (two 4096-wide layers: 17 M
   parameters, 64 MiB each for weights, gradients, momentum and best state)."""
   data = {
@@ -45,7 +45,8 @@ def memory_recipe(workdir: pathlib.Path, name: str, *, n_trials: int = 2,
                  "search_space_overrides": {
                      "learning_rate": {"low": 0.05, "high": 0.5, "log": True},
                      "optimizer_type": None, "batch_size_low_res": None, "dropout": None,
-                     "weight_decay": None, "momentum": None, "min_lr": None}},
+                     "weight_decay": None, "momentum": None, "min_lr": None},
+                 **optuna_keys},
       "telemetry": {"log_interval": 1, "output_dir": str(workdir / name)},
   }
   path = workdir / f"{name}.yaml"
@@ -94,7 +95,7 @@ def _waits_for_lock(pid: int, lock: int) -> bool:
                             pathlib.Path("/proc/locks").read_text().splitlines()))
 
 
-def run_out_of_memory(workdir, env, command, name: str) -> subprocess.Popen:
+def run_out_of_memory(workdir, env, command, name: str, **optuna_keys) -> subprocess.Popen:
   """``orchard-jax run`` of :func:`memory_recipe`'s study with an address-space limit
   (``RLIMIT_AS``) that its first trial cannot fit in.
 
@@ -104,7 +105,7 @@ def run_out_of_memory(workdir, env, command, name: str) -> subprocess.Popen:
   :data:`HEADROOM` (the hard limit stays unlimited, so it can be raised again), and the lock
   is let go.
   """
-  path = memory_recipe(workdir, name)
+  path = memory_recipe(workdir, name, **optuna_keys)
   (workdir / name).mkdir()
   lock = os.open(workdir / name / "study.db.orchard-lock", os.O_RDWR | os.O_CREAT, 0o644)
   try:
@@ -176,16 +177,23 @@ def test_a_trial_out_of_memory_is_retried_once_and_completes_when_memory_is_back
   assert csv[1].startswith("0,FAIL,") and ",memory: JaxRuntimeError: " in csv[1]
 
 
+@pytest.mark.parametrize("cohort_size", [1, 2])
 def test_a_trial_out_of_memory_twice_with_its_parameters_fails_for_good(
-    workdir, warm_env, command):
+    workdir, warm_env, command, cohort_size):
   """The limit stays: each trial's parameters run out of memory twice, and fail for good with
-  a message that names memory; the study ends with its 2 finished trials, none completed."""
-  proc = run_out_of_memory(workdir, warm_env, command, "oom_permanent")
+  a message that names memory; the study ends with its 2 finished trials, none completed.
+  Trials trained in cohorts (whose shared epoch runs out of memory) likewise."""
+  name = f"oom_permanent_{cohort_size}"
+  proc = run_out_of_memory(workdir, warm_env, command, name, cohort_size=cohort_size)
   out, err = proc.communicate(timeout=TIMEOUT)
   assert proc.returncode == 1, err[-3000:]  # no trial completed
-  trials = trials_of(workdir, "oom_permanent")
+  trials = trials_of(workdir, name)
   assert [t.state for t in trials] == [TrialState.FAIL] * 4, err[-3000:]
-  for first, retry in (trials[:2], trials[2:]):
+  firsts = [t for t in trials if RETRY_OF not in t.user_attrs]
+  retries = {t.user_attrs[RETRY_OF]: t for t in trials if RETRY_OF in t.user_attrs}
+  assert len(firsts) == len(retries) == 2 and set(retries) == {t.number for t in firsts}
+  for first in firsts:
+    retry = retries[first.number]
     assert first.user_attrs[RESOURCE_FAULT].startswith("memory: JaxRuntimeError: ")
     assert (retry.user_attrs[RETRY_OF], retry.params) == (first.number, first.params)
     assert RESOURCE_FAULT not in retry.user_attrs
@@ -194,7 +202,7 @@ def test_a_trial_out_of_memory_twice_with_its_parameters_fails_for_good(
         f"{retry.number}): JaxRuntimeError: ")
     assert retry.user_attrs[ERROR].endswith(
         " bytes; give the process more memory or shrink the model or the batch")
-  assert trials[0].params != trials[2].params
+  assert firsts[0].params != firsts[1].params
   assert finished_count(trials) == 2
   assert "No trial completed" in out and "short of optuna.n_trials" not in out
 
