@@ -297,6 +297,8 @@ def _worker(args: argparse.Namespace) -> int:
                       f"postgresql://user:password@host/db (or mysql+pymysql://..., "
                       f"sqlite:///path, journal:///path), or such a URL in optuna.storage; "
                       f"got {url!r}")
+  from orchard_jax.study.validate import validate
+  validate(recipe, source)  # run's checks: a recipe validate refuses joins no study
   import optuna
   optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in RDB ..."
   joined = join_study(recipe, url, heartbeat, "--storage" if args.storage else "optuna.storage")

@@ -338,3 +338,19 @@ def test_boundary_params_cross_models_batch_sizes_and_dropouts_and_cover_every_c
   # Fewer crossed configurations than choices: more configurations, until each choice is in one.
   values = boundary_params(SearchSpace({"scheduler_type": ("cosine", "plateau", "step")}))
   assert [v["scheduler_type"] for v in values] == ["cosine", "plateau", "step"]
+
+
+def test_worker_refuses_what_validate_refuses_before_joining_the_study(
+    command, make_recipe, workdir, models_file, tmp_path, capsys, monkeypatch):
+  path = write_recipe(make_recipe, workdir, "worker_refused", dataset={"eval_batch_size": 32},
+                      architecture=function(models_file, "wide"))
+  journal = tmp_path / "shared" / "study.journal"
+  proc = subprocess.run([*command, "worker", str(path), "--storage", f"journal:///{journal}"],
+                        env=env_of(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                        timeout=TIMEOUT)
+  monkeypatch.chdir(tmp_path)
+  status, out, validated = validate_in_process(capsys, path)
+  assert status == 2 and len(validated) == 1
+  assert (proc.returncode, proc.stderr.splitlines()[-1:]) == (2, validated), proc.stderr[-3000:]
+  assert "Trial" not in proc.stderr
+  assert not journal.exists() and not (workdir / "worker_refused").exists()  # no study joined
