@@ -17,7 +17,6 @@ import time
 
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
 
 from orchard_jax.errors import LoaderError, memory_fault
@@ -25,6 +24,7 @@ from orchard_jax.hostmem import _is_glibc
 from orchard_jax.study.outputs import ERROR, RESOURCE_FAULT, RETRY_OF
 from orchard_jax.study.storage import open_storage
 from orchard_jax.study.workers import finished_count
+from tests.study.test_faults import fault_recipe
 
 TIMEOUT = 240
 
@@ -33,25 +33,7 @@ def memory_recipe(workdir: pathlib.Path, name: str, *, n_trials: int = 2,
                   hidden=(4096, 4096), **optuna_keys) -> pathlib.Path:
   """``n_trials`` trials of 1 epoch of an MLP of ``hidden`` widths (two 4096-wide layers: 17 M
   parameters, 64 MiB each for weights, gradients, momentum and best state)."""
-  data = {
-      "dataset": {"source": "npz", "path": str(workdir / "tiny.npz")},
-      "architecture": {"name": "mlp", "options": {"hidden": list(hidden)}},
-      "training": {"seed": 0, "batch_size": 16, "epochs": 3, "use_amp": False,
-                   "monitor_metric": "accuracy", "mixup_alpha": 0.0, "mixup_epochs": 0,
-                   "scheduler_type": "none", "use_tqdm": False},
-      "optuna": {"study_name": name, "n_trials": n_trials, "epochs": 1, "sampler_type": "random",
-                 "enable_pruning": False, "pruner_type": "none", "enable_early_stopping": False,
-                 "search_space_preset": "quick", "save_plots": False,
-                 "search_space_overrides": {
-                     "learning_rate": {"low": 0.05, "high": 0.5, "log": True},
-                     "optimizer_type": None, "batch_size_low_res": None, "dropout": None,
-                     "weight_decay": None, "momentum": None, "min_lr": None},
-                 **optuna_keys},
-      "telemetry": {"log_interval": 1, "output_dir": str(workdir / name)},
-  }
-  path = workdir / f"{name}.yaml"
-  path.write_text(yaml.safe_dump(data))
-  return path
+  return fault_recipe(workdir, name, hidden=hidden, n_trials=n_trials, epochs=1, **optuna_keys)
 
 
 def trials_of(workdir: pathlib.Path, name: str) -> list:
