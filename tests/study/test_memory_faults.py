@@ -7,12 +7,15 @@ to bite, then reads the Optuna storage itself.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pathlib
 import re
 import resource
+import sqlite3
 import subprocess
+import threading
 import time
 
 import optuna
@@ -77,6 +80,15 @@ def _waits_for_lock(pid: int, lock: int) -> bool:
                             pathlib.Path("/proc/locks").read_text().splitlines()))
 
 
+def _asked(db: pathlib.Path) -> bool:
+  """Whether the study in SQLite file ``db`` has a trial yet."""
+  try:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as c:
+      return c.execute("SELECT COUNT(*) FROM trials").fetchone()[0] > 0
+  except sqlite3.Error:  # not created yet
+    return False
+
+
 def run_out_of_memory(workdir, env, command, name: str, **optuna_keys) -> subprocess.Popen:
   """``orchard-jax run`` of :func:`memory_recipe`'s study with an address-space limit
   (``RLIMIT_AS``) that its first trial cannot fit in.
@@ -131,18 +143,35 @@ def test_memory_fault_names_the_allocation_that_failed_along_the_cause_chain():
 
 def test_a_trial_out_of_memory_is_retried_once_and_completes_when_memory_is_back(
     workdir, warm_env, command):
-  """The first trial runs out of memory under the process's address-space limit; once the log
-  says so, the limit is raised from outside (as memory freed elsewhere would): the retry with
-  the same parameters completes, and the study holds exactly its 2 finished trials."""
+  """The first trial runs out of memory under the process's address-space limit; the limit is
+  then raised from outside (as memory freed elsewhere would): the retry with the same
+  parameters completes, and the study holds exactly its 2 finished trials.
+
+  No race with the retry: once trial 0 is asked, the test holds the study's lock, which the
+  retry must take to be asked, and raises the limit only when the log says trial 0 ran out of
+  memory, or the process waits for that lock."""
   proc = run_out_of_memory(workdir, warm_env, command, "oom_transient")
-  seen = []
-  for line in proc.stderr:
-    seen.append(line)
-    if OOM_LINE in line:
-      resource.prlimit(proc.pid, resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)
-      break
-  out, err = proc.communicate(timeout=TIMEOUT)
-  log = "".join(seen) + err
+  seen: list[str] = []
+  reader = threading.Thread(target=lambda: seen.extend(proc.stderr), daemon=True)
+  reader.start()
+  deadline = time.monotonic() + TIMEOUT
+  db = workdir / "oom_transient" / "study.db"
+  while not _asked(db):
+    assert proc.poll() is None and time.monotonic() < deadline, "".join(seen)[-3000:]
+    time.sleep(0.05)
+  lock = os.open(workdir / "oom_transient" / "study.db.orchard-lock", os.O_RDWR)
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # once the process has let go of it after the ask
+    while not (any(OOM_LINE in line for line in list(seen)) or _waits_for_lock(proc.pid, lock)):
+      assert proc.poll() is None and time.monotonic() < deadline, "".join(seen)[-3000:]
+      time.sleep(0.05)
+    resource.prlimit(proc.pid, resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)
+  finally:
+    os.close(lock)
+  out = proc.stdout.read()
+  proc.wait(timeout=TIMEOUT)
+  reader.join(timeout=TIMEOUT)
+  log = "".join(seen)
   assert proc.returncode == 0, log[-3000:]
   first, retry, other = trials_of(workdir, "oom_transient")
   assert first.state == TrialState.FAIL, log[-3000:]
