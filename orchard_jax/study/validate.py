@@ -21,10 +21,11 @@ boundary configurations, with shapes only:
    shaped like the data: its logits must be ``(batch, num_classes)``.
 
 Nothing is trained, compiled or written: no run folder, no study storage, no
-compilation cache. ``orchard-jax run`` makes the same checks (steps 3 and 4,
-on the source it loaded) before it opens the study's storage, while the first
-trial's programs compile (:mod:`orchard_jax.study.ahead`): a recipe that
-validate refuses starts no trial. Every problem is a one-line
+compilation cache. ``orchard-jax run`` and ``orchard-jax worker`` make the
+same checks (steps 3 and 4, on the source they loaded) before they open the
+study's storage (``run`` while the first trial's programs compile,
+:mod:`orchard_jax.study.ahead`): a recipe that validate refuses starts no
+trial. Every problem is a one-line
 :class:`~orchard_jax.study.checks.RecipeError` (a ``ConfigError``) naming the
 configuration; an error raised in the user's model code ends with its file
 and line, and is the error's ``user_error``.
@@ -33,6 +34,7 @@ and line, and is the error's ``user_error``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -167,18 +169,20 @@ def _abstract(jitted: Any, args: Any, *, static: tuple = (), **_: Any):
   return lambda *a: jitted.eval_shape(*static, *a)
 
 
-_APPLY: list = []  # the jitted apply whose traces the checks share (made at first use)
+@functools.cache
+def _jitted_apply() -> Any:
+  """The jitted apply whose traces the checks share (made at first use)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.jit(lambda model, train, p, s, x: model.apply(p, s, x, train=train,
+                                                          rng=jax.random.key(0)),
+                 static_argnums=(0, 1))
 
 
 def _apply_shape(model: Any, train: bool, params: Any, model_state: Any, sample: Any) -> Any:
   """The output shapes of ``model.apply`` on ``sample``, traced only, and once per model,
   mode and shapes: configurations that differ only in values (learning rate, weight decay,
   ...) share the trace."""
-  import jax  # pylint: disable=import-outside-toplevel
-  if not _APPLY:
-    _APPLY.append(jax.jit(lambda model, train, p, s, x: model.apply(
-        p, s, x, train=train, rng=jax.random.key(0)), static_argnums=(0, 1)))
-  return _APPLY[0].eval_shape(model, train, params, model_state, sample)
+  return _jitted_apply().eval_shape(model, train, params, model_state, sample)
 
 
 def _named(params: Mapping[str, Any], recipe: Recipe) -> str:
