@@ -74,7 +74,7 @@ from optuna.storages.journal import JournalFileBackend
 from orchard_jax.errors import DRIVER_MODULES as _DRIVER_MODULES
 from orchard_jax.errors import cause_chain as _chain
 from orchard_jax.errors import os_error_code as _os_error_code
-from orchard_jax.errors import root_cause
+from orchard_jax.errors import StorageFault, root_cause
 from orchard_jax.study.checks import RecipeError
 
 logger = logging.getLogger(__name__)
@@ -460,7 +460,6 @@ def _is_driver_error(e: BaseException, names: tuple[str, ...]) -> bool:
 
 
 def _transient_one(e: BaseException) -> bool:
-  from orchard_jax.errors import StorageFault
   if isinstance(e, StorageFault):
     return True
   if isinstance(e, sqlite3.Error):
@@ -491,7 +490,6 @@ def disk_fault(where: str, url: str, e: BaseException) -> Exception:
   """The :class:`~orchard_jax.errors.StorageFault` of a storage that could not be opened or
   created because its disk is full or failing (:func:`is_disk_fault`): a failure of the storage
   (the command exits 1), not of the recipe that names it."""
-  from orchard_jax.errors import StorageFault
   return StorageFault(f"{where}: the study's storage {masked(url)} could not be written: "
                       f"{root_cause(e)}")
 
@@ -621,7 +619,6 @@ class DatabaseLock(StudyLock):
     connection.close()  # back to the pool, holding nothing
 
   def confirm(self) -> None:
-    from orchard_jax.errors import StorageFault
     held = self.held and self._connection is not None and self._execute(self._holds)
     if not held:
       raise StorageFault("the study lock was lost with its database session")

@@ -69,8 +69,8 @@ from orchard_jax.study.liveness import WORKER_ID, Liveness, new_worker_id, reap_
 from orchard_jax.study.outputs import (ERROR, INTERRUPTED, LOST, RESOURCE_FAULT, RETRY_OF,
                                        STORAGE_FAULT, best_trial, retry_source,
                                        write_study_outputs)
-from orchard_jax.study.storage import (Heartbeat, JOURNAL, StudyLock, ask_trial, journal_path,
-                                       open_storage, study_lock)
+from orchard_jax.study.storage import (Heartbeat, JOURNAL, StudyLock, ask_trial, is_transient,
+                                       journal_path, open_storage, root_cause, study_lock)
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,6 @@ def store(action: Callable[[], Any], what: str, patience: float | None = None) -
     StorageFault: the storage still failed after ``patience`` seconds; the
       message is one line with the root cause.
   """
-  from orchard_jax.study.storage import is_transient, root_cause
   if patience is None:
     patience = float(os.environ.get("ORCHARD_JAX_STORE_PATIENCE_S", STORE_PATIENCE_S))
   deadline, warned = time.monotonic() + patience, False
@@ -431,7 +430,6 @@ def run_in_cohorts(worker: "_Worker", runner: "TrialRunner", objective: Any,
     try:
       store(lambda: objective.record(trial, outcome), f"trial {trial.number}'s records")
     except Exception as e:  # pylint: disable=broad-except
-      from orchard_jax.study.storage import root_cause
       logger.warning("Trial %d's records could not be stored: %s", trial.number, root_cause(e))
     if outcome.error is not None and outcome.state == TrialState.FAIL:
       runner._note_fault(trial, outcome.error)  # pylint: disable=protected-access
@@ -527,7 +525,6 @@ class TrialRunner:
     """Stores why a failed trial is retried: a storage fault (``storage_fault``), or a first
     out-of-memory error with its parameters (``resource_fault``); a second one is its
     ``error``, for good."""
-    from orchard_jax.study.storage import is_transient, root_cause
     if is_transient(e):  # a StorageFault is
       cause = root_cause(e)
       logger.warning("Trial %d was stopped by a storage fault (%s): it is retried; the budget "
