@@ -130,13 +130,10 @@ def test_a_member_with_bad_data_of_its_own_fails_alone_with_its_data_error(kind,
   assert_solo_values(solo, cohort)
 
 
-@pytest.mark.parametrize("programs", ["auto", "serial"])
-def test_a_member_that_joins_at_a_refill_reads_its_own_order_and_matches_its_solo_run(
-    monkeypatch, programs, xla_compiles):
-  # trial 1 trains one epoch; trial 2 takes its slot at the cohort's second pass, at its own
-  # epoch 1 while trial 0 is at its epoch 2: the two read different orders of one loader
-  monkeypatch.setenv(PROGRAMS_ENV, programs)
-  configure = configurator(epochs=lambda number: 1 if number == 1 else 3)
+def check_the_refilled_member(configure, programs, xla_compiles):
+  """Three trials in cohorts of 2, trial 2 taking trial 1's slot: every value is its solo run's
+  (bit for bit when members are stepped in turn), and a vmapped cohort compiles its training
+  step once, refill included."""
   with xla_compiles() as seen:
     solo, cohort = solo_and_cohort(configure, RATES[:3], cohort_size=2)
   assert states(solo) == states(cohort) == {"COMPLETE": 3}
@@ -144,6 +141,16 @@ def test_a_member_that_joins_at_a_refill_reads_its_own_order_and_matches_its_sol
   assert_solo_values(solo, cohort, exact=programs == "serial")  # serial: the solo program
   if programs == "auto":  # vmapped, each member its own rows: one program, refill included
     assert seen.by_name["jit(_cohort_train_step)"] == 1, seen.by_name
+
+
+@pytest.mark.parametrize("programs", ["auto", "serial"])
+def test_a_member_that_joins_at_a_refill_reads_its_own_order_and_matches_its_solo_run(
+    monkeypatch, programs, xla_compiles):
+  # trial 1 trains one epoch; trial 2 takes its slot at the cohort's second pass, at its own
+  # epoch 1 while trial 0 is at its epoch 2: the two read different orders of one loader
+  monkeypatch.setenv(PROGRAMS_ENV, programs)
+  configure = configurator(epochs=lambda number: 1 if number == 1 else 3)
+  check_the_refilled_member(configure, programs, xla_compiles)
 
 
 @pytest.mark.parametrize("programs, shape_given, width", [("auto", True, 12),
@@ -168,13 +175,7 @@ def test_a_command_line_member_that_joins_at_a_refill_reads_its_own_pass_of_in_m
     cfg = configured(trial)
     return cfg.replace(input_shape=source.input_shape) if shape_given else cfg
 
-  with xla_compiles() as seen:
-    solo, cohort = solo_and_cohort(configure, RATES[:3], cohort_size=2)
-  assert states(solo) == states(cohort) == {"COMPLETE": 3}
-  assert [t.user_attrs[COHORT]["slot"] for t in cohort.trials] == [0, 1, 1]
-  assert_solo_values(solo, cohort, exact=programs == "serial")  # serial: the solo program
-  if programs == "auto":  # vmapped, each member its own rows: one program, refill included
-    assert seen.by_name["jit(_cohort_train_step)"] == 1, seen.by_name
+  check_the_refilled_member(configure, programs, xla_compiles)
 
 
 def test_a_trial_of_another_structure_cutting_a_cohorts_forming_short_changes_no_value():
