@@ -53,6 +53,7 @@ import os
 import pathlib
 import pickle
 import platform
+import queue
 import threading
 from typing import Any, Callable
 
@@ -80,7 +81,7 @@ _dir: pathlib.Path | None = None
 _ahead: dict[pathlib.Path, tuple[list, concurrent.futures.Future]] = {}  # path -> (devices, load)
 _asked: set[pathlib.Path] = set()  # files this process has loaded, written or started loading
 _last: list[pathlib.Path] = []  # the file this process used last
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_loader: list = []  # the _Loader, made at first use
 _swept: set[pathlib.Path] = set()  # directories whose stale temporaries this process removed
 
 
@@ -216,15 +217,43 @@ def _successors(path: pathlib.Path) -> list[pathlib.Path]:
 
 def _load_successors(path: pathlib.Path, devices: list) -> None:
   """Starts loading, in the background, the files that followed ``path`` before."""
-  global _pool
   for successor in _successors(path):
     with _lock:
       if successor in _asked:
         continue
       _asked.add(successor)
-      if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="orchard_jax-load")
-      _ahead[successor] = (devices, _pool.submit(_load_ahead, successor, devices))
+      if not _loader:
+        _loader.append(_Loader())
+      _ahead[successor] = (devices, _loader[0].submit(_load_ahead, successor, devices))
+
+
+class _Loader:
+  """One daemon thread that runs loads ahead, in order, each giving a future.
+
+  Not a ``ThreadPoolExecutor``: the interpreter joins its threads at exit, and
+  a process whose exit an interrupt reached in the middle of a ``submit``
+  waited for that idle thread for ever. A load that is still running when the
+  process exits is only a read, and is dropped.
+  """
+
+  def __init__(self):
+    self._queue: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=self._run, name="orchard_jax-load", daemon=True).start()
+
+  def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    self._queue.put((future, fn, args))
+    return future
+
+  def _run(self) -> None:
+    while True:
+      future, fn, args = self._queue.get()
+      if not future.set_running_or_notify_cancel():
+        continue
+      try:
+        future.set_result(fn(*args))
+      except BaseException as e:  # pylint: disable=broad-except  # the waiter's to see
+        future.set_exception(e)
 
 
 def _load_ahead(path: pathlib.Path, devices: list) -> jax.stages.Compiled | None:

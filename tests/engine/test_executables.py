@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import flax.linen as nn
@@ -202,6 +203,9 @@ def test_programs_that_followed_each_other_are_loaded_ahead_in_order(cache):
       "init": 0, "train_step": 1, "eval_step": 1}
   assert not executables._ahead  # nothing left waiting
   assert (cache / (init.name + ".next")).read_text().split() == [train.name]  # not rewritten
+  loaders = [t for t in threading.enumerate() if t.name == "orchard_jax-load"]
+  # the loader never holds up the process's exit (the interpreter joins non-daemon threads)
+  assert len(loaders) == 1 and loaders[0].daemon, loaders
 
 
 def test_a_successor_list_naming_missing_or_foreign_files_is_ignored(cache):
