@@ -2,7 +2,7 @@
 
 Each case trains the same ``n`` Optuna trials (enqueued learning rates, no
 pruning) twice in one fresh process each time: with
-``orchard_jax.engine.cohort.optimize(study, configure, n, cohort_size=K)`` and
+``orchard_jax.engine.driver.optimize(study, configure, n, cohort_size=K)`` and
 with ``cohort_size=1`` (``run_trial`` one trial at a time). Every child is a
 cold process with no persistent compilation cache, so the figures include
 the first trial's compiles: what a user waits for. The two sides alternate,
@@ -49,7 +49,7 @@ import numpy as np, optuna, torch
 import orchard_jax
 from orchard_jax import MLP, MiniCNN, OptunaConfig, TrainingConfig, TrialConfig
 from orchard_jax.data import make_loader
-from orchard_jax.engine.cohort import optimize
+from orchard_jax.engine.driver import optimize
 orchard_jax.tune_host_memory()
 case, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 optuna.logging.set_verbosity(optuna.logging.WARNING)

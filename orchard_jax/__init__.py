@@ -35,7 +35,7 @@ _EXPORTS = {
     **dict.fromkeys(("FitResult", "TrialTrainingExecutor", "evaluate", "fit", "load_best_state",
                      "run_trial", "train_epoch"), "orchard_jax.engine"),
     **dict.fromkeys(("create_train_state", "state_from_config"), "orchard_jax.engine.state"),
-    "optimize": "orchard_jax.engine.cohort",
+    "optimize": "orchard_jax.engine.driver",
     **dict.fromkeys(("MLP", "MiniCNN", "Model", "as_model", "build_model"), "orchard_jax.models"),
     **dict.fromkeys(("write_outputs",), "orchard_jax.study.outputs"),
     "StudyOutputs": "orchard_jax.study.callbacks",
@@ -74,7 +74,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
   from orchard_jax.core.steps import eval_step, train_step
   from orchard_jax.engine import (FitResult, TrialTrainingExecutor, evaluate, fit,
                                   load_best_state, run_trial, train_epoch)
-  from orchard_jax.engine.cohort import optimize
+  from orchard_jax.engine.driver import optimize
   from orchard_jax.engine.state import create_train_state, state_from_config
   from orchard_jax.models import MLP, MiniCNN, Model, as_model, build_model
   from orchard_jax.study.callbacks import StudyOutputs

@@ -168,7 +168,7 @@ class _Objective:
 
   Called with a trial, it trains it alone (``run_trial``). For
   ``optuna.cohort_size`` > 1, :meth:`configure` and :meth:`record` are the
-  two ends of a trial that :func:`orchard_jax.engine.cohort.run_cohorts`
+  two ends of a trial that :func:`orchard_jax.engine.driver.run_cohorts`
   trains in a cohort.
   """
 

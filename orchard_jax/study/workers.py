@@ -405,7 +405,7 @@ def run_in_cohorts(worker: "_Worker", runner: "TrialRunner", objective: Any,
   memory has its members told FAIL with the error; they are retried as a
   trial that runs out of memory alone is, and the loop goes on.
   """
-  from orchard_jax.engine.cohort import run_cohorts
+  from orchard_jax.engine.driver import run_cohorts
   from orchard_jax.study.callbacks import engine_outcomes_muted
   study, beats, last = runner.joined.study, {}, ["run"]
 

@@ -15,7 +15,8 @@ import pytest
 from optuna.trial import TrialState
 
 from orchard_jax.engine import run_trial
-from orchard_jax.engine.cohort import COHORT, optimize
+from orchard_jax.engine.cohort import COHORT
+from orchard_jax.engine.driver import optimize
 from orchard_jax.errors import ValidationFailedError
 from orchard_jax.models import MLP, MiniCNN
 
@@ -243,6 +244,7 @@ from tests.engine.conftest import batches, synthetic
 from orchard_jax.config import OptunaConfig, TrainingConfig, TrialConfig
 from orchard_jax.engine import run_trial
 from orchard_jax.engine import cohort as engine_cohort
+from orchard_jax.engine.driver import optimize
 from orchard_jax.models import MiniCNN
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 compiles, specs = collections.Counter(), []
@@ -271,7 +273,7 @@ for study in (solo, cohort):
     study.enqueue_trial({"lr": lr})
 solo.optimize(lambda t: run_trial(t, configure(t, devices=1)), n_trials=len(rates))
 compiles.clear()
-engine_cohort.optimize(cohort, configure, n_trials=len(rates), cohort_size=2)
+optimize(cohort, configure, n_trials=len(rates), cohort_size=2)
 print(json.dumps({"devices": jax.device_count(), "specs": specs, "compiles": compiles,
                   "solo": [t.value for t in solo.trials],
                   "cohort": [t.value for t in cohort.trials]}))
