@@ -49,7 +49,7 @@ import numpy as np, optuna, torch
 import orchard_jax
 from orchard_jax import MLP, MiniCNN, OptunaConfig, TrainingConfig, TrialConfig
 from orchard_jax.data import make_loader
-from orchard_jax.engine.driver import optimize
+from orchard_jax import optimize
 orchard_jax.tune_host_memory()
 case, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 optuna.logging.set_verbosity(optuna.logging.WARNING)
