@@ -62,22 +62,25 @@ class OptunaReportPrune(Callback):
 
   ``trial.report(value, epoch)`` unless the value is NaN. When pruning is
   enabled and ``epoch >= warmup_epochs``, asks ``trial.should_prune()`` and,
-  if so, logs and raises ``optuna.TrialPruned``. With warmup 2 the first
-  possible prune is at epoch 2, as in the reference.
+  if so, logs (unless ``log_pruned`` is False: a caller that logs each
+  finished trial itself) and raises ``optuna.TrialPruned``. With warmup 2 the
+  first possible prune is at epoch 2, as in the reference.
   """
 
   def __init__(self, trial: optuna.Trial, *, enable_pruning: bool, warmup_epochs: int,
-               metric_name: str):
+               metric_name: str, log_pruned: bool = True):
     self.trial, self.enable_pruning = trial, enable_pruning
     self.warmup_epochs, self.metric_name = warmup_epochs, metric_name
+    self.log_pruned = log_pruned
 
   def on_epoch_end(self, log: EpochLog, state: TrainState) -> bool:
     if not math.isnan(log.value):
       storage_call(self.trial.report, log.value, log.epoch)
     if (self.enable_pruning and log.epoch >= self.warmup_epochs
         and storage_call(self.trial.should_prune)):
-      logger.info("Trial %d pruned at epoch %d (%s=%.4f)", self.trial.number, log.epoch,
-                  self.metric_name, log.value)
+      if self.log_pruned:
+        logger.info("Trial %d pruned at epoch %d (%s=%.4f)", self.trial.number, log.epoch,
+                    self.metric_name, log.value)
       raise optuna.TrialPruned(f"Trial {self.trial.number} pruned at epoch {log.epoch} "
                                f"({self.metric_name}={log.value:.4f})")
     return False

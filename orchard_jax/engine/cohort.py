@@ -49,47 +49,29 @@ import optuna
 from jax.sharding import NamedSharding, PartitionSpec
 from optuna.trial import TrialState
 
-from orchard_jax.config import ConfigError, TrialConfig
+from orchard_jax.config import ConfigError, TrainingConfig, TrialConfig
 from orchard_jax.core import cohort as core_cohort
 from orchard_jax.core.metrics import SUM_KEYS
-from orchard_jax.core.steps import eval_step, train_step
-from orchard_jax.core.state import TrainState
-from orchard_jax.engine import cohort_data
-from orchard_jax.engine.callbacks import LRSchedulerStep, storage_call
 from orchard_jax.core.sharding import DATA_AXIS
+from orchard_jax.core.state import TrainState
+from orchard_jax.core.steps import eval_step, train_step
 from orchard_jax.data.adapter import device_batches
+from orchard_jax.engine import cohort_data
+from orchard_jax.engine.callbacks import storage_call
 from orchard_jax.engine.epoch import (_check_input_shape, _committed, _compiled, _packed, _sums,
                                       compile_steps, logits_metrics, nonfinite_input_rows,
                                       nonfinite_rows)
-from orchard_jax.engine.loop import LoopResult, LoopRun, worst_value
-from orchard_jax.engine.trial import (TRIAL_CONFIG, _check_direction, _controller, _epoch_loop,
-                                      checked_state, run_trial, settings_line,
-                                      trial_callbacks, trial_completed, trial_record,
-                                      trial_training_config, warn_tta)
+from orchard_jax.engine.loop import LoopRun
+from orchard_jax.engine.outcome import Outcome, outcome_of
+from orchard_jax.engine.start import check_direction, prepare, record_config
+from orchard_jax.engine.trial import trial_completed
+from orchard_jax.errors import DataError, EmptyLoaderError, NonFiniteInputError
 from orchard_jax.records import COHORT
-from orchard_jax.errors import (DataError, EmptyLoaderError, NonFiniteInputError, SetupError,
-                                StorageFault, ValidationFailedError)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Outcome", "cohort_key", "compile_cohort_steps", "programs"]
 
-
-
-class Outcome(NamedTuple):
-  """How a member's trial ended: what to tell Optuna.
-
-  ``state`` is COMPLETE (with ``value``), PRUNED or FAIL; ``error`` is the
-  exception of a FAIL (a :class:`~orchard_jax.errors.StorageFault` among
-  them) or of a run-time failure that returned the worst value, None
-  otherwise; ``result`` the member's loop result when it ran to its end.
-  """
-  state: TrialState
-  value: float | None = None
-  error: BaseException | None = None
-  result: LoopResult | None = None
-  history: tuple = ()       # the member's EpochLogs, one per epoch it ended
-  seconds: float = 0.0      # from its start to its end
 
 
 def cohort_key(cfg: TrialConfig, state: TrainState) -> Any:
@@ -112,21 +94,26 @@ def cohort_key(cfg: TrialConfig, state: TrainState) -> Any:
 # ------------------------------------------------------------- one member ---
 
 
-class _Member:
-  """One trial in a cohort's slot: run_trial's work for it, one epoch end at a time."""
+class Member:
+  """One trial in a cohort's slot: run_trial's work for it, one epoch end at a time.
 
-  def __init__(self, trial: optuna.Trial, cfg: TrialConfig):
-    self.trial, self.cfg = trial, cfg
-    self.training = trial_training_config(cfg)
+  ``log_outcome``: whether its failure and pruning are logged (see
+  :func:`~orchard_jax.engine.trial.train_trial`). ``outcome`` is None while it is live, and
+  holds its epochs and seconds once it ended.
+  """
+
+  def __init__(self, trial: optuna.Trial, cfg: TrialConfig, log_outcome: bool = True):
+    self.trial, self.cfg, self.log_outcome = trial, cfg, log_outcome
     self.state: TrainState | None = None
     self.key: Any = None
     self.outcome: Outcome | None = None
     self.run: LoopRun | None = None
+    self.training: TrainingConfig | None = None
     self._metrics: Any = None
     self.started = time.monotonic()
     self.best, self.stream = None, None
 
-  # Each step below is guarded as run_trial guards a trial: see _guard.
+  # Each step below ends the member by the outcome rule, as run_trial ends a trial: see _guard.
 
   def start(self, reseed: bool, input_shape: tuple[int, ...] | None = None) -> None:
     """Checks, records and builds the trial's state (``reseed``: restart its loader's order;
@@ -138,24 +125,18 @@ class _Member:
     if self.cfg.input_shape is None and input_shape is not None:
       self.cfg = self.cfg.replace(input_shape=tuple(input_shape))
     try:
-      _check_direction(self.trial, self.cfg)
+      check_direction(self.trial, self.cfg)
     except ValueError as e:  # as run_trial: raised before the trial starts
-      self.outcome = Outcome(TrialState.FAIL, error=e)
+      self._end(Outcome(TrialState.FAIL, error=e))
       return
     with self._guard():
-      cfg, training, number = self.cfg, self.training, self.trial.number
-      storage_call(self.trial.set_user_attr, TRIAL_CONFIG, trial_record(cfg))
-      logger.info("Trial %d: %s", number, settings_line(training))
-      controller = _controller(training)
-      self.best, report = trial_callbacks(self.trial, cfg, training)
-      # run_trial's loop, its epochs trained by the cohort and validated from the cohort's pass
-      loop = dataclasses.replace(_epoch_loop(cfg, training, controller, f"T{number}"),
-                                 train_fn=_not_called, validate_fn=self._validated)
-      self.run = LoopRun(loop, [report, LRSchedulerStep(controller), self.best])
-      warn_tta(training)
-      self.state = checked_state(cfg, training, reseed=reseed)
-      self.stream = cohort_data.Stream(cfg.train_loader)
-      self.key = cohort_key(cfg, self.state)
+      record_config(self.trial, self.cfg)
+      prepared = prepare(self.trial, self.cfg, reseed=reseed, log_pruned=self.log_outcome,
+                         validate_fn=self._validated)
+      self.training, self.best, self.run = prepared.training, prepared.best, prepared.run
+      self.state = prepared.state
+      self.stream = cohort_data.Stream(self.cfg.train_loader)
+      self.key = cohort_key(self.cfg, self.state)
 
   @property
   def live(self) -> bool:
@@ -175,64 +156,39 @@ class _Member:
       self.run.end_epoch(state, train_loss)
       if self.run.done:
         result = self.run.finish(state)
-        self._finished(result)
-
-  def _finished(self, result: LoopResult) -> None:
-    trial_completed(self.trial, self.training, self.best, result)
-    self.outcome = Outcome(TrialState.COMPLETE, result.best, None, result)
+        trial_completed(self.trial, self.training, self.best, result)
+        self._end(Outcome(TrialState.COMPLETE, result.best, None, result))
 
   def fail(self, error: BaseException) -> None:
     """Ends the member with ``error`` (bad shared data), as run_trial would end."""
     with self._guard():
       raise error
 
+  def _end(self, outcome: Outcome) -> None:
+    history = () if self.run is None else tuple(self.run.history)
+    self.outcome = outcome._replace(history=history, seconds=time.monotonic() - self.started)
+
   @contextlib.contextmanager
   def _guard(self):
-    """run_trial's outcomes: pruned; a storage fault (FAIL, retried by the runner); bad data,
-    setup and configuration errors (FAIL, recorded); any other failure recorded and, unless
-    ``reraise_errors``, the worst value."""
-    number = self.trial.number
+    """Ends the member by the outcome rule (:func:`~orchard_jax.engine.outcome.outcome_of`)
+    on what the block raises; an interrupt goes on to the driver, which tells the member."""
     try:
       yield
-    except optuna.TrialPruned:
-      self.outcome = Outcome(TrialState.PRUNED)
-    except StorageFault as e:
-      self.outcome = Outcome(TrialState.FAIL, error=e)
-    except (DataError, SetupError, ConfigError) as e:
-      kind = "bad data" if isinstance(e, DataError) else "its setup"
-      logger.error("Trial %d failed on %s: %s: %s", number, kind, type(e).__name__, e)
-      self._failed(e, fail=True)
     except Exception as e:  # pylint: disable=broad-except
-      logger.error("Trial %d failed: %s: %s", number, type(e).__name__, e)
-      self._failed(e, fail=self.cfg.reraise_errors or isinstance(e, ValidationFailedError))
-
-  def _failed(self, e: BaseException, fail: bool) -> None:
-    """Records ``e`` as the trial's error; ends it FAIL, or with the worst value (a storage
-    fault while recording: FAIL with the fault)."""
-    try:
-      storage_call(self.trial.set_user_attr, "error", f"{type(e).__name__}: {e}")
-    except Exception as fault:  # pylint: disable=broad-except
-      self.outcome = Outcome(TrialState.FAIL, error=fault)
-      return
-    self.outcome = (Outcome(TrialState.FAIL, error=e) if fail else
-                    Outcome(TrialState.COMPLETE, worst_value(self.training.monitor_direction), e))
-
-
-def _not_called(state: TrainState, epoch: int):
-  raise AssertionError("a cohort trains its members' epochs itself")
+      self._end(outcome_of(e, self.trial, self.cfg, log=self.log_outcome))
 
 
 # ------------------------------------------------------------ one cohort ---
 
 
-class _Cohort:
+class Cohort:
   """K slots of one key: the stacked state, the members in their slots, the shared loaders."""
 
-  def __init__(self, members: Sequence[_Member], size: int):
+  def __init__(self, members: Sequence[Member], size: int):
     first = members[0]
     self.key, self.size = first.key, size
     self.cfg = first.cfg  # the loaders every member reads
-    self.slots: list[_Member | None] = [*members, *[None] * (size - len(members))]
+    self.slots: list[Member | None] = [*members, *[None] * (size - len(members))]
     # K copies of the first state, then each other member in its slot: the same two small
     # programs as every later refill, rather than one stacking program of K states
     mesh = _mesh(first.state)
@@ -284,7 +240,7 @@ class _Cohort:
       return state
     return jax.device_put(state, self.members_sharding)
 
-  def place(self, i: int, member: _Member) -> None:
+  def place(self, i: int, member: Member) -> None:
     """Puts a started member into the free slot ``i`` (no recompile)."""
     if self.serial_train:
       self.states[i] = member.state
@@ -295,7 +251,7 @@ class _Cohort:
     storage_call(member.trial.set_user_attr, COHORT, {"size": self.size, "slot": i})
     self._check_order(member)
 
-  def _check_order(self, m: _Member) -> None:
+  def _check_order(self, m: Member) -> None:
     """Records (and warns, once a process) that ``m`` reads the cohort's shared order, not its
     solo run's: a shuffling loader read once per shared pass, joined after the first pass or
     from another position in the shuffling."""
@@ -545,7 +501,7 @@ def compile_cohort_steps(state: TrainState, train_loader: Iterable, val_loader: 
   """
   mesh = _mesh(state)
   serial_train, serial_eval = programs(state, mesh is not None)
-  slots, device = _slots(cohort_size, 1), next(iter(state.step.devices()))
+  slots, device = slots_for(cohort_size, 1), next(iter(state.step.devices()))
   own = mesh is None and cohort_data.own_orders(train_loader)  # each member's own rows
   if serial_train or mesh is not None:  # the solo programs; a split cohort compiles at its start
     if own:  # and what makes a member's own batch
@@ -622,7 +578,7 @@ def programs(state: TrainState, several_devices: bool = False) -> tuple[bool, bo
     _PROGRAMS[state.spec] = (train, train or _has_xla_conv(state, train=False))
   return _PROGRAMS[state.spec]
 
-def _slots(cohort_size: int, devices: int) -> int:
+def slots_for(cohort_size: int, devices: int) -> int:
   """A cohort's slots: ``cohort_size`` rounded up to a multiple of the devices it splits over."""
   slots = -(-cohort_size // devices) * devices
   if slots != cohort_size and slots not in _ROUNDED:

@@ -308,7 +308,13 @@ def run_loop(state: TrainState, loop: EpochLoop,
       ``orchard_jax.errors.DataError``: bad training or validation data.
       Whatever a callback raises (e.g. ``optuna.TrialPruned``).
   """
-  run = LoopRun(loop, callbacks)
+  return run_epochs(LoopRun(loop, callbacks), state)
+
+
+def run_epochs(run: LoopRun, state: TrainState) -> LoopResult:
+  """Runs ``run``'s epochs from ``state`` to its end, training each with ``run.loop.train_fn``
+  (:func:`run_loop`'s body; ``run.history`` holds every epoch that ended, also when one raises)."""
+  loop = run.loop
   with tqdm(total=loop.epochs, desc=loop.label, unit="epoch", leave=False, mininterval=0,
             disable=None if loop.progress else True) as bar:  # None: a terminal only
     while not run.done:

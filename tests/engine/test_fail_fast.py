@@ -22,7 +22,7 @@ import pytest
 
 from orchard_jax.config import ConfigError
 from orchard_jax.engine import fit, run_trial
-from orchard_jax.engine.trial import logits_problem
+from orchard_jax.engine.start import logits_problem
 from orchard_jax.errors import DataError, MissingMetricError, SetupError
 
 FAIL, COMPLETE = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
