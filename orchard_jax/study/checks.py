@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, ClassVar
 
-from orchard_jax.config import ConfigError, Says, _Config, brief, clip, closest, show
+from orchard_jax.config_base import ConfigError, Says, _Config, brief, clip, closest, show
 
 Check = Callable[[str, Any], Any]
 
@@ -61,7 +61,7 @@ def as_mapping(where: str, data: Any) -> Mapping:
 
 class Section(_Config):
   """A recipe section's model (a validated pydantic dataclass, see
-  :func:`orchard_jax.config.validated`): its messages name ``<section>.<key>`` and raise
+  :func:`orchard_jax.config_base.validated`): its messages name ``<section>.<key>`` and raise
   :class:`RecipeError`."""
 
   __slots__ = ()
