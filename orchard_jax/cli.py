@@ -221,7 +221,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
             where=None if function is None else f"architecture.function {function!r}")
   if recipe.study is not None and recipe.study.enable_model_search:
     from orchard_jax.study.sources import resolve_function
-    from orchard_jax.study.space import model_function
+    from orchard_jax.study.model_names import model_function
     for name in recipe.study.model_pool or ():  # every model of the pool, functions included
       where = f"optuna.model_pool {name!r}"
       if model_function(name) is not None:

@@ -20,7 +20,7 @@ import yaml
 from optuna.trial import TrialState
 
 from orchard_jax.cli import main
-from orchard_jax.study.outputs import INTERRUPTED, RETRY_OF
+from orchard_jax.records import INTERRUPTED, RETRY_OF
 from orchard_jax.study.recipe import bundled_recipe_text, load_recipe, parse_recipe
 
 SCRIPT = pathlib.Path(sys.executable).parent / "orchard-jax"

@@ -28,8 +28,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import datetime
-import errno
-import fcntl
 import logging
 import os
 import pathlib
@@ -43,15 +41,15 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from orchard_jax.records import LOST, WORKER, WORKER_ID
 from orchard_jax.study.checks import RecipeError
-from orchard_jax.study.outputs import LOST
+from orchard_jax.study.flock import Flock
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LIVENESS_SUFFIX", "Liveness", "RunFolderLock", "WORKER_ID", "die_with_parent",
-           "is_dead", "new_worker_id", "reap_dead"]
+__all__ = ["LIVENESS_SUFFIX", "Liveness", "RunFolderLock", "die_with_parent", "is_dead",
+           "new_worker_id", "reap_dead"]
 
-WORKER_ID = "worker_id"     # trial user attribute: the unique id of the process that ran it
 LIVENESS_SUFFIX = ".workers"
 RUN_LOCK = ".orchard-run.lock"
 
@@ -69,28 +67,23 @@ def _file(folder: pathlib.Path, worker_id: str) -> pathlib.Path:
   return folder / (re.sub(r"[^A-Za-z0-9._-]", "_", worker_id) + ".alive")
 
 
-class Liveness:
-  """Holds this process's liveness lock in ``folder`` until :meth:`close` (or death)."""
+class Liveness(Flock):
+  """Holds this process's liveness lock in ``folder`` until :meth:`close` (or death), which
+  removes its file."""
 
   def __init__(self, folder: pathlib.Path, worker_id: str):
     folder.mkdir(parents=True, exist_ok=True)
+    super().__init__(_file(folder, worker_id))
     self.folder, self.worker_id = folder, worker_id
-    self.path = _file(folder, worker_id)
-    self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(self._fd, fcntl.LOCK_EX)
+    self.acquire()
 
-  def close(self) -> None:
-    if self._fd is not None:
+  def release(self) -> None:
+    if self.fd is not None:
       with contextlib.suppress(OSError):
         self.path.unlink()
-      os.close(self._fd)
-      self._fd = None
+    super().release()
 
-  def __enter__(self) -> "Liveness":
-    return self
-
-  def __exit__(self, *exc: Any) -> None:
-    self.close()
+  close = release
 
 
 def is_dead(folder: pathlib.Path, worker_id: str) -> bool:
@@ -99,18 +92,13 @@ def is_dead(folder: pathlib.Path, worker_id: str) -> bool:
   if _host(worker_id) != socket.gethostname():
     return False
   path = _file(folder, worker_id)
+  probe = Flock(path, create=False)
   try:
-    fd = os.open(path, os.O_RDWR)
+    if not probe.acquire(blocking=False):
+      return False  # held: alive
   except FileNotFoundError:
     return True  # removed on a clean exit (or never written): the process is not running
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError as e:
-    if e.errno in (errno.EAGAIN, errno.EACCES):
-      return False  # held: alive
-    raise
-  finally:
-    os.close(fd)
+  probe.release()
   with contextlib.suppress(OSError):
     path.unlink()
   return True
@@ -135,7 +123,7 @@ def reap_dead(study: optuna.Study, folder: pathlib.Path | None,
     worker_id = t.user_attrs.get(WORKER_ID)
     if t.state != TrialState.RUNNING or worker_id is None or not is_dead(folder, worker_id):
       continue
-    who = t.user_attrs.get("worker", worker_id)
+    who = t.user_attrs.get(WORKER, worker_id)
     # pylint: disable=protected-access
     study._storage.set_trial_user_attr(t._trial_id, LOST, f"its process ({who}) died")
     study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -148,8 +136,9 @@ def reap_dead(study: optuna.Study, folder: pathlib.Path | None,
 # --------------------------------------------------------- run folder lock --
 
 
-class RunFolderLock:
-  """Exclusive ownership of a run folder by one ``orchard-jax run`` (non-blocking).
+class RunFolderLock(Flock):
+  """Exclusive ownership of a run folder by one ``orchard-jax run`` (non-blocking); its file
+  names the owner while held.
 
   Raises:
     RecipeError: another live process owns the folder; the message names it.
@@ -157,35 +146,22 @@ class RunFolderLock:
 
   def __init__(self, run_dir: pathlib.Path):
     run_dir.mkdir(parents=True, exist_ok=True)
-    self.path = run_dir / RUN_LOCK
-    self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      owner = os.pread(self._fd, 512, 0).decode(errors="replace").strip() or "another process"
-      os.close(self._fd)
-      self._fd = None
-      if e.errno not in (errno.EAGAIN, errno.EACCES):
-        raise
+    super().__init__(run_dir / RUN_LOCK)
+    if not self.acquire(blocking=False):
+      with open(self.path, "rb") as f:
+        owner = f.read(512).decode(errors="replace").strip() or "another process"
       raise RecipeError(f"{run_dir} is in use by another orchard-jax run ({owner}); wait for it "
                         f"to finish, or join its study with 'orchard-jax worker' (see "
-                        f"docs/distributed.md)") from None
+                        f"docs/distributed.md)")
     started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S")
-    os.ftruncate(self._fd, 0)
-    os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}".encode(),
+    os.ftruncate(self.fd, 0)
+    os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}".encode(),
               0)
 
   def release(self) -> None:
-    if self._fd is not None:
-      os.ftruncate(self._fd, 0)
-      os.close(self._fd)
-      self._fd = None
-
-  def __enter__(self) -> "RunFolderLock":
-    return self
-
-  def __exit__(self, *exc: Any) -> None:
-    self.release()
+    if self.fd is not None:
+      os.ftruncate(self.fd, 0)
+    super().release()
 
 
 # ------------------------------------------------ children die with parent --

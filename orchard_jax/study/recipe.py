@@ -37,11 +37,14 @@ import yaml
 from pydantic import BeforeValidator, Field, InstanceOf, WithJsonSchema
 
 from orchard_jax import bundled
-from orchard_jax.config import SEED_MAX, Int, Name, OptunaConfig, Says, TrainingConfig, validated
+from orchard_jax.config import SEED_MAX, OptunaConfig, TrainingConfig
+from orchard_jax.config_base import Says, validated
+from orchard_jax.config_fields import Int, Name
 from orchard_jax.study import checks as c
 from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.functions import module_file
-from orchard_jax.study.space import FUNCTION_PREFIX, Overrides, model_function, parse_overrides
+from orchard_jax.study.model_names import FUNCTION_PREFIX, model_function, registry_names
+from orchard_jax.study.space import Overrides, parse_overrides
 
 __all__ = ["ArchitectureSection", "ArchitectureSpec", "DatasetSpec", "Recipe", "RecipeError",
            "StudySpec", "TelemetrySpec", "apply_sets", "bundled_recipe_text", "load_recipe",
@@ -248,8 +251,7 @@ def _architecture(data: Any) -> ArchitectureSpec:
     raise RecipeError("architecture.pretrained / weight_variant: pretrained weights are not "
                       "supported by recipes; set pretrained: false and weight_variant: null")
   if function is None:
-    from orchard_jax.study.space import registry_names  # imports the models (jax)
-    names = registry_names()
+    names = registry_names()  # imports the models (jax)
     if spec.name not in names:
       hint = c.closest(spec.name, names) or (
           "; a model of your own is architecture.function: 'module:function'"
@@ -334,7 +336,6 @@ def _study(data: Any, training: TrainingConfig) -> StudySpec:
     if len(spec.model_pool) < 2:
       raise RecipeError(f"optuna.model_pool must name at least 2 architectures, got "
                         f"{c.brief(list(spec.model_pool))}")
-    from orchard_jax.study.space import registry_names
     for i, name in enumerate(spec.model_pool):
       entry = model_function(name)
       if entry is not None:

@@ -52,10 +52,10 @@ from typing import Any, NamedTuple, Union
 from orchard_jax.config import ConfigError, TrainingConfig
 from orchard_jax.study import checks as c
 from orchard_jax.study.checks import RecipeError
+from orchard_jax.study.model_names import default_pool, fits_input, input_side, takes_dropout
 
-__all__ = ["FUNCTION_PREFIX", "FloatRange", "IntRange", "Overrides", "SearchSpace", "apply_params",
-           "build_space", "default_pool", "fits_input", "input_side", "model_function",
-           "parse_overrides", "registry_names"]
+__all__ = ["FloatRange", "IntRange", "Overrides", "SearchSpace", "apply_params", "build_space",
+           "parse_overrides"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +122,6 @@ DEFAULTS: Mapping[str, Dist] = MappingProxyType({
 })
 AUGMENTATION = ("rotation_angle", "jitter_val", "min_scale")  # not implemented yet: refused
 _WHERE = "optuna.search_space_overrides"
-# Smallest input side of each model, for model search when the registry does not say.
-_MIN_INPUT_SIDE = MappingProxyType({"mlp": 1, "mini_cnn": 4, "resnet_18": 8,
-                                    "efficientnet_b0": 32, "convnext_tiny": 32, "vit_tiny": 16})
 
 
 def _param(key: str) -> Param:
@@ -275,54 +272,6 @@ def parse_overrides(data: Mapping[str, Any], training: TrainingConfig,
   return overrides
 
 
-# ----------------------------------------------------------------- models --
-
-
-# A model name that is a function of the user's: 'fn:module:function' or 'fn:path/file.py:function'
-# (architecture.function and optuna.model_pool entries; see orchard_jax.study.build).
-FUNCTION_PREFIX = "fn:"
-
-
-def model_function(name: str) -> str | None:
-  """The ``'module:function'`` of a model name ``'fn:module:function'``; None for a registry name."""
-  return name[len(FUNCTION_PREFIX):] if name.startswith(FUNCTION_PREFIX) else None
-
-
-def registry_names() -> tuple[str, ...]:
-  """The architectures :func:`orchard_jax.models.build_model` knows."""
-  from orchard_jax import models
-  names = getattr(models, "MODEL_NAMES", None)
-  if names is None:  # a registry without MODEL_NAMES
-    names = sorted(models._BUILDERS)  # pylint: disable=protected-access
-  return tuple(names)
-
-
-def input_side(input_shape: tuple[int, ...]) -> int | None:
-  """The image side (min of height and width) of a channels-last shape; None for vectors."""
-  return min(input_shape[:2]) if len(input_shape) == 3 else None
-
-
-def fits_input(name: str, input_shape: tuple[int, ...]) -> bool:
-  """Whether architecture ``name`` takes per-sample inputs of ``input_shape`` (channels last).
-
-  A function of the user's is taken to fit: it receives the shape and builds for it.
-  """
-  if name == "mlp" or model_function(name) is not None:
-    return True
-  side = input_side(input_shape)
-  return side is not None and side >= _MIN_INPUT_SIDE.get(name, 32)
-
-
-def default_pool(input_shape: tuple[int, ...]) -> tuple[str, ...]:
-  """Model search candidates: the registry's pool for the resolution (the reference's
-  ``resnet_18``/``mini_cnn`` below 224 px, its four ImageNet models from 224 on), else
-  every registry model; only those that fit the input."""
-  from orchard_jax import models
-  side, pool = input_side(input_shape), getattr(models, "available_models", None)
-  names = pool(side) if callable(pool) and side is not None else registry_names()
-  return tuple(n for n in names if fits_input(n, input_shape))
-
-
 # ------------------------------------------------------------------ space --
 
 
@@ -401,7 +350,6 @@ def build_space(study: Any, input_shape: tuple[int, ...], architecture: str) -> 
     raise RecipeError(f"architecture.name {architecture!r} cannot take inputs of shape "
                       f"{input_shape} (channels last); use 'mlp' for feature vectors")
   if "dropout" in dists:
-    from orchard_jax.study.build import takes_dropout
     if not any(takes_dropout(name) for name in pool or (architecture,)):
       del dists["dropout"]
   return SearchSpace(MappingProxyType(dists), pool)

@@ -1,4 +1,4 @@
-"""Where a study lives: storage URLs, opening them, heartbeats, and the study lock.
+"""Where a study lives: storage URLs, opening them, heartbeats, and storage faults.
 
 ==================================  ============================================================
 ``optuna.storage`` / ``--storage``  what it opens
@@ -29,59 +29,44 @@ SQLite waits up to :data:`SQLITE_BUSY_TIMEOUT_S` for a lock another
 process holds (Optuna's default, sqlite3's 5 s, failed trials whose worker
 met a longer write of another one).
 
-A journal file whose last line is torn (a full disk or a killed process in
-the middle of an append) is repaired when it is opened and before each
-append: the torn bytes are moved to ``<journal>.torn-<UTC time>`` and the file
-is cut back to its last complete line, under the lock Optuna's
-``JournalFileBackend`` takes for its appends (:func:`repair_journal`). An
-append of this module's backend that fails (``ENOSPC``) cuts its own partial
-line off at once. A bad line *followed by others* is a real corruption: it is
-left alone and named in a :class:`RecipeError`.
+A journal file's torn last line is repaired when it is opened
+(:mod:`orchard_jax.study.journal`).
 
 :func:`root_cause` and :func:`is_transient` read a storage exception's chain
 (Optuna's ``StorageInternalError``, SQLAlchemy's wrappers, the driver's
 error): its deepest cause in one line, and whether it is a fault of the
 storage (a lock, a full disk, a lost connection) rather than of the trial.
 
-The *study lock* (:func:`study_lock`) is held by a worker while it counts the
-stored trials and asks for the next one, so that workers together start
-exactly ``n_trials`` trials: a PostgreSQL advisory lock, a MySQL named lock,
-or an ``fcntl`` lock on a file next to a SQLite database or journal.
+The study lock that workers share is :mod:`orchard_jax.study.locks`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
 import errno
-import fcntl
 import importlib.util
 import inspect
-import json
 import logging
-import os
 import pathlib
 import re
 import sqlite3
 import warnings
-import zlib
 from typing import Any
 
 import optuna
-from optuna.storages.journal import JournalFileBackend
 
 from orchard_jax.errors import DRIVER_MODULES as _DRIVER_MODULES
 from orchard_jax.errors import cause_chain as _chain
 from orchard_jax.errors import os_error_code as _os_error_code
 from orchard_jax.errors import StorageFault, root_cause
 from orchard_jax.study.checks import RecipeError
+from orchard_jax.study.journal import open_journal
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DatabaseLock", "Heartbeat", "JOURNAL", "SQLITE_BUSY_TIMEOUT_S", "StudyLock",
-           "ask_trial", "disk_fault", "is_disk_fault", "is_transient", "masked", "open_storage",
-           "repair_journal", "retried_trial_number", "root_cause", "storage_url", "study_lock"]
+__all__ = ["Heartbeat", "JOURNAL", "SQLITE_BUSY_TIMEOUT_S", "ask_trial", "disk_fault",
+           "is_disk_fault", "is_transient", "masked", "open_storage", "retried_trial_number",
+           "root_cause", "storage_url"]
 
 JOURNAL = "journal:"
 DB_FILE, JOURNAL_FILE = "study.db", "study.journal"
@@ -245,7 +230,7 @@ def open_storage(url: str | None, heartbeat: Heartbeat | None = None,
     return None
   try:
     if url.startswith(JOURNAL):
-      return _open_journal(journal_path(url), where)
+      return open_journal(journal_path(url), where)
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
       pathlib.Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     return _rdb(url, heartbeat, sqlite_timeout)
@@ -256,195 +241,6 @@ def open_storage(url: str | None, heartbeat: Heartbeat | None = None,
       raise disk_fault(where, url, e) from e
     raise RecipeError(f"{where}: cannot open {masked(url)}: {type(e).__name__}: "
                       f"{_driver_message(e)}") from None
-
-
-# --------------------------------------------------------- journal files --
-
-
-def _journal_lock(path: pathlib.Path) -> Any:
-  """The lock of Optuna's ``JournalFileBackend`` appends to ``path`` (its default
-  ``lock_obj``: a symlink ``<path>.lock``, taken around each append)."""
-  from optuna.storages.journal import JournalFileSymlinkLock
-  return JournalFileSymlinkLock(str(path))
-
-
-@contextlib.contextmanager
-def _held(lock: Any) -> Any:
-  from optuna.storages.journal._file import get_lock_file
-  with get_lock_file(lock):
-    yield
-
-
-def _torn_tail(f: Any, size: int) -> int | None:
-  """The offset where the torn last line of the open journal ``f`` starts (None: not torn).
-
-  Torn: the file does not end with a newline, or its last line is not a JSON
-  object (what Optuna's appends write).
-  """
-  if size == 0:
-    return None
-  f.seek(size - 1)
-  ends_with_newline = f.read(1) == b"\n"
-  end = size - 1 if ends_with_newline else size  # the last line, without its newline
-  start, chunk = end, 1 << 16
-  while start > 0:  # back to the newline before the last line
-    lo = max(0, start - chunk)
-    f.seek(lo)
-    block = f.read(start - lo)
-    i = block.rfind(b"\n")
-    if i >= 0:
-      start = lo + i + 1
-      break
-    start = lo
-  if not ends_with_newline:
-    return start
-  f.seek(start)
-  return None if _is_record(f.read(end - start)) else start
-
-
-def _is_record(line: bytes) -> bool:
-  try:
-    record = json.loads(line)
-  except ValueError:  # JSONDecodeError, UnicodeDecodeError
-    return False
-  return isinstance(record, dict) and "op_code" in record
-
-
-def _torn_name(path: pathlib.Path) -> pathlib.Path:
-  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-  candidate, n = path.with_name(f"{path.name}.torn-{stamp}"), 1
-  while candidate.exists():
-    n += 1
-    candidate = path.with_name(f"{path.name}.torn-{stamp}-{n}")
-  return candidate
-
-
-def _cut_torn_tail(path: pathlib.Path) -> pathlib.Path | None:
-  """:func:`repair_journal`'s work; the caller holds the journal's append lock."""
-  try:
-    f = open(path, "r+b")  # pylint: disable=consider-using-with
-  except FileNotFoundError:
-    return None
-  with f:
-    size = os.fstat(f.fileno()).st_size
-    start = _torn_tail(f, size)
-    if start is None:
-      return None
-    f.seek(start)
-    torn = f.read(size - start)
-    aside = _torn_name(path)
-    try:
-      with open(aside, "xb") as out:
-        out.write(torn)
-        out.flush()
-        os.fsync(out.fileno())
-    except BaseException:
-      with contextlib.suppress(OSError):
-        aside.unlink()
-      raise
-    f.truncate(start)
-    f.flush()
-    os.fsync(f.fileno())
-  logger.warning("The journal %s ended with a torn line (%d bytes, an interrupted append); "
-                 "moved it to %s and cut the journal back to its last complete line",
-                 path, len(torn), aside)
-  return aside
-
-
-def repair_journal(path: str | os.PathLike, lock: Any = None) -> pathlib.Path | None:
-  """Moves a torn last line of the journal ``path`` aside; returns where (None: not torn).
-
-  Appends are sequential, so only the last line can be torn: a full disk or a
-  killed process left it without its newline, or (rarely) not a JSON record.
-  Its bytes go to ``<path>.torn-<UTC time>`` and ``path`` is cut back to its
-  last complete line, with a warning naming both files and the byte count.
-  The check and the cut hold ``lock`` (default: Optuna's ``JournalFileBackend``
-  lock of ``path``, the one its appends take), so the line of an append in
-  progress in another process is never taken for a torn one.
-
-  Raises:
-    OSError: the torn bytes could not be written aside (a disk still full);
-      the journal is then left as it was.
-  """
-  path = pathlib.Path(path)
-  try:
-    if path.stat().st_size == 0:
-      return None
-    with open(path, "rb") as f:  # unlocked first look: most journals are whole
-      if _torn_tail(f, os.fstat(f.fileno()).st_size) is None:
-        return None
-  except FileNotFoundError:
-    return None
-  with _held(_journal_lock(path) if lock is None else lock):
-    return _cut_torn_tail(path)
-
-
-class RepairingJournalFileBackend(JournalFileBackend):
-  """Optuna's ``JournalFileBackend`` whose appends never leave or extend a torn line.
-
-  Each append, under the backend's lock, first moves a torn last line aside
-  (another process's interrupted append: appending to it would glue the new
-  record to it and corrupt the journal for good), then writes the records as
-  Optuna does, and if that fails (a full disk) cuts its own partial line off
-  before the error propagates.
-  """
-
-  def append_logs(self, logs: list[dict[str, Any]]) -> None:
-    path = pathlib.Path(self._file_path)
-    data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs)
-            + "\n").encode("utf-8")
-    with _held(self._lock):
-      _cut_torn_tail(path)
-      fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-      try:
-        size, written = os.fstat(fd).st_size, 0
-        try:
-          while written < len(data):
-            written += os.write(fd, data[written:])
-        except BaseException:
-          with contextlib.suppress(OSError):  # freeing blocks needs no space
-            os.ftruncate(fd, size)
-          raise
-        os.fsync(fd)
-      finally:
-        os.close(fd)
-
-
-def _bad_journal_line(path: pathlib.Path) -> tuple[int, str] | None:
-  """The first line (1-based) of ``path`` that is not a journal record, and why."""
-  with open(path, "rb") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.endswith(b"\n"):
-        return number, "it has no newline"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        return number, f"not JSON: {e.msg} at character {e.pos + 1}"
-      except ValueError as e:  # UnicodeDecodeError
-        return number, f"not JSON: {e}"
-      if not isinstance(record, dict) or "op_code" not in record:
-        return number, "it is JSON but not an Optuna journal record"
-  return None
-
-
-def _open_journal(path: pathlib.Path, where: str) -> Any:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  try:
-    repair_journal(path)
-  except OSError as e:  # no room for the torn bytes: Optuna's reads skip a torn last line
-    logger.warning("The journal %s ends with a torn line that could not be moved aside (%s); "
-                   "it is left in place and moved before the next append", path, root_cause(e))
-  backend = RepairingJournalFileBackend(str(path))
-  try:
-    return optuna.storages.JournalStorage(backend)
-  except Exception as e:
-    bad = _bad_journal_line(path)
-    if bad is None:
-      raise
-    number, why = bad
-    raise RecipeError(f"{where}: the journal {path} is corrupt at line {number} ({why}) and "
-                      f"lines follow it, so it is no torn last append: restore the file from a "
-                      f"copy, or cut it off before that line to keep the trials above it") from e
 
 
 # -------------------------------------------------- storage fault causes --
@@ -508,142 +304,3 @@ def is_transient(e: BaseException) -> bool:
   ``ValueError`` of a model, a bad SQL statement) is not.
   """
   return any(_transient_one(link) for link in _chain(e))
-
-
-# ------------------------------------------------------------ study lock --
-
-
-class StudyLock:
-  """A lock over one study, shared by every worker of it, on any machine.
-
-  ``acquire`` blocks; ``release`` is idempotent, so a worker may release it
-  early (as soon as its trial exists) and again in a ``finally``. ``confirm``
-  raises a :class:`~orchard_jax.errors.StorageFault` when a lock taken is no
-  longer held (a database lock dies with its connection).
-  """
-
-  held = False
-
-  def acquire(self) -> None:
-    self._acquire()
-    self.held = True
-
-  def release(self) -> None:
-    if self.held:
-      self.held = False
-      self._release()
-
-  def confirm(self) -> None:
-    pass
-
-  def _acquire(self) -> None:
-    pass
-
-  def _release(self) -> None:
-    pass
-
-
-class FileLock(StudyLock):
-  """An ``fcntl`` lock on ``path`` (local file systems; NFS locks are unreliable)."""
-
-  def __init__(self, path: pathlib.Path):
-    self.path, self._fd = path, None
-
-  def _acquire(self) -> None:
-    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-  def _release(self) -> None:
-    fcntl.flock(self._fd, fcntl.LOCK_UN)
-    os.close(self._fd)
-    self._fd = None
-
-
-class DatabaseLock(StudyLock):
-  """A PostgreSQL advisory lock or a MySQL named lock, on a connection of its own.
-
-  The lock belongs to the server's session: the server releases it when the
-  worker dies, and when the connection breaks (a restart, a failover). So the
-  connection is the engine pool's, checked out only while the lock is held
-  (the pool's pre-ping replaces one that a restart broke, before the lock is
-  asked for); an ``acquire`` that fails drops its connection, and the
-  caller's retry (:func:`orchard_jax.study.workers.store`) takes the lock
-  afresh on a new one. ``release`` never fails: when the unlock cannot be
-  said, the connection is closed, and the lock ends with its session.
-  ``confirm`` asks the server whether this session still holds the lock.
-  """
-
-  _SQL = {"postgresql": ("SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)",
-                         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                         "AND pid = pg_backend_pid() AND classid = 0 AND objid::bigint = :key "
-                         "AND objsubid = 1"),
-          "mysql": ("SELECT GET_LOCK(:name, -1)", "SELECT RELEASE_LOCK(:name)",
-                    "SELECT IS_USED_LOCK(:name) = CONNECTION_ID()")}
-
-  def __init__(self, engine: Any, study_name: str):
-    self.engine, self._connection = engine, None
-    key = zlib.crc32(f"orchard_jax/{study_name}".encode())
-    self._params = {"key": key, "name": f"orchard_jax/{key}"}
-    self._lock, self._unlock, self._holds = self._SQL[engine.dialect.name]
-
-  def _execute(self, sql: str) -> Any:
-    import sqlalchemy
-    return self._connection.execute(sqlalchemy.text(sql), self._params).scalar()
-
-  def _drop(self) -> None:
-    """Closes the lock's connection for good (never back to the pool): its session ends, and
-    with it any lock it held."""
-    connection, self._connection = self._connection, None
-    if connection is not None:
-      with contextlib.suppress(Exception):
-        connection.invalidate()
-      with contextlib.suppress(Exception):
-        connection.close()
-
-  def _acquire(self) -> None:
-    self._drop()  # never a second lock on a session that may hold one
-    try:
-      self._connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-      self._execute(self._lock)
-    except BaseException:
-      self._drop()
-      raise
-
-  def _release(self) -> None:
-    try:
-      self._execute(self._unlock)
-    except Exception:  # pylint: disable=broad-except
-      self._drop()  # a broken connection took the lock with it; a live one ends its session
-      return
-    connection, self._connection = self._connection, None
-    connection.close()  # back to the pool, holding nothing
-
-  def confirm(self) -> None:
-    held = self.held and self._connection is not None and self._execute(self._holds)
-    if not held:
-      raise StorageFault("the study lock was lost with its database session")
-
-
-def _backend(storage: Any) -> Any:
-  """The storage under Optuna's cache wrapper (``study._storage`` is a ``_CachedStorage``)."""
-  return getattr(storage, "_backend", storage)
-
-
-def study_lock(storage: Any, url: str, study_name: str) -> StudyLock:
-  """The lock workers of ``study_name`` in ``storage`` (opened from ``url``) share.
-
-  Other databases get no lock (with a warning): workers may then start a few
-  more than ``n_trials`` trials between them.
-  """
-  if url.startswith(JOURNAL):
-    path = journal_path(url)
-    return FileLock(path.with_name(path.name + ".orchard-lock"))
-  engine = getattr(_backend(storage), "engine", None)
-  dialect = getattr(getattr(engine, "dialect", None), "name", None)
-  if dialect == "sqlite":
-    return FileLock(pathlib.Path(url[len("sqlite:///"):] + ".orchard-lock"))
-  if dialect in DatabaseLock._SQL:
-    return DatabaseLock(engine, study_name)
-  logger.warning("No study lock for %s databases: workers may start a few trials more than "
-                 "optuna.n_trials", dialect)
-  return StudyLock()

@@ -19,10 +19,11 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from orchard_jax.errors import StorageFault
-from orchard_jax.study.outputs import RETRY_OF, STORAGE_FAULT
-from orchard_jax.study.storage import (DatabaseLock, Heartbeat, ask_trial, is_transient,
-                                       open_storage, root_cause)
-from orchard_jax.study.workers import locked
+from orchard_jax.records import RETRY_OF, STORAGE_FAULT
+from orchard_jax.study.locks import DatabaseLock
+from orchard_jax.study.storage import (Heartbeat, ask_trial, is_transient, open_storage,
+                                       root_cause)
+from orchard_jax.study.storing import locked
 
 from tests.study.test_faults import check_exact, fault_recipe, finish, load, start, wait_for
 
@@ -137,7 +138,7 @@ def test_the_study_lock_is_taken_after_the_server_comes_back(postgres_to_restart
   restart.start()
   try:
     started = time.monotonic()
-    with caplog.at_level("WARNING", logger="orchard_jax.study.workers"):
+    with caplog.at_level("WARNING", logger="orchard_jax.study.storing"):
       assert locked(lock, lambda: "decided", "the study's next trial") == "decided"
     waited = time.monotonic() - started
   finally:

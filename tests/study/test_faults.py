@@ -23,11 +23,11 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from orchard_jax.records import CHECKPOINT_ERROR, CONFIG, RETRY_OF, STORAGE_FAULT
 from orchard_jax.study.liveness import RUN_LOCK
-from orchard_jax.study.outputs import (CHECKPOINT_ERROR, CONFIG, RETRY_OF, STORAGE_FAULT,
-                                      retry_source)
 from orchard_jax.study.storage import open_storage
-from orchard_jax.study.workers import finished_count
+from orchard_jax.study.tables import retry_source
+from orchard_jax.study.budget import finished_count
 
 TIMEOUT = 240
 
@@ -374,7 +374,7 @@ def test_a_run_that_trains_nothing_rewrites_no_record(workdir, warm_env, command
 def test_trials_csv_shows_heartbeat_retries_too(tmp_path):
   from optuna.distributions import FloatDistribution
   from optuna.trial import create_trial
-  from orchard_jax.study.outputs import write_trials_csv
+  from orchard_jax.study.tables import write_trials_csv
   study = optuna.create_study()
   dist = {"x": FloatDistribution(0, 1)}
   study.add_trial(create_trial(state=TrialState.FAIL, params={"x": 0.5}, distributions=dist))

@@ -14,11 +14,11 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+from orchard_jax.records import RETRY_OF, WORKER_ID
 from orchard_jax.study.checks import RecipeError
-from orchard_jax.study.liveness import (WORKER_ID, Liveness, RunFolderLock, is_dead,
-                                        new_worker_id, reap_dead)
-from orchard_jax.study.outputs import RETRY_OF, trial_error
-from orchard_jax.study.workers import budget_used, requeue_unfinished
+from orchard_jax.study.liveness import Liveness, RunFolderLock, is_dead, new_worker_id, reap_dead
+from orchard_jax.study.tables import trial_error
+from orchard_jax.study.budget import budget_used, requeue_unfinished
 
 HOLDER = """
 import sys, time

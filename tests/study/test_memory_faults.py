@@ -24,9 +24,9 @@ from optuna.trial import TrialState
 
 from orchard_jax.errors import LoaderError, memory_fault
 from orchard_jax.hostmem import _is_glibc
-from orchard_jax.study.outputs import ERROR, RESOURCE_FAULT, RETRY_OF
+from orchard_jax.records import ERROR, RESOURCE_FAULT, RETRY_OF
 from orchard_jax.study.storage import open_storage
-from orchard_jax.study.workers import finished_count
+from orchard_jax.study.budget import finished_count
 from tests.study.test_faults import fault_recipe
 
 TIMEOUT = 240
@@ -223,8 +223,8 @@ def test_an_attempt_out_of_memory_is_found_through_every_kind_of_retry():
   between: a retry of an interrupted retry, a heartbeat retry."""
   from optuna.distributions import FloatDistribution
   from optuna.trial import create_trial
-  from orchard_jax.study.outputs import INTERRUPTED
-  from orchard_jax.study.workers import memory_faulted_before
+  from orchard_jax.records import INTERRUPTED
+  from orchard_jax.study.budget import memory_faulted_before
   study = optuna.create_study()
 
   def add(state, system_attrs=None, **user_attrs):

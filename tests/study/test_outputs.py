@@ -17,10 +17,11 @@ import yaml
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from orchard_jax.study import outputs
-from orchard_jax.study.outputs import (ERROR, HISTORY, best_config_dict, best_trial, format_table,
-                                       relative_paths, save_study_plots, trial_history,
-                                       write_trials_csv)
+from orchard_jax.records import ERROR, HISTORY
+from orchard_jax.study import plots, tables
+from orchard_jax.study.best_files import best_config_dict, relative_paths
+from orchard_jax.study.plots import save_study_plots
+from orchard_jax.study.tables import best_trial, format_table, trial_history, write_trials_csv
 from orchard_jax.study.recipe import parse_recipe
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -115,7 +116,7 @@ def test_trials_csv_has_the_scalar_attributes_as_columns(tmp_path):
 def test_history_reads_one_attribute_per_epoch_and_the_former_history_list():
   epochs = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 0.9 / e, "val_accuracy": 0.1 * e,
              "val_auc": 0.5 + 0.01 * e, "val_f1": 0.05 * e} for e in range(1, 13)]
-  attrs = outputs.epoch_attrs(epochs, 12)
+  attrs = tables.epoch_attrs(epochs, 12)
   assert list(attrs) == [f"epoch_{e:02d}" for e in range(1, 13)]
   assert attrs["epoch_03"] == {k: v for k, v in epochs[2].items() if k != "epoch"}
   # optuna-dashboard cuts each attribute's JSON at 1,024 characters
@@ -123,22 +124,22 @@ def test_history_reads_one_attribute_per_epoch_and_the_former_history_list():
   shuffled = dict(reversed(list(attrs.items())))
   assert trial_history(trial(value=0.5, **shuffled, other={"x": 1})) == epochs
   assert trial_history(trial(value=0.5, **{HISTORY: epochs[:2]})) == epochs[:2]  # stored before
-  assert outputs.epoch_key(7, 120) == "epoch_007"
+  assert tables.epoch_key(7, 120) == "epoch_007"
 
 
 def test_best_trial_curves_come_from_the_epoch_attributes(tmp_path, monkeypatch):
   drawn = []
-  monkeypatch.setattr(outputs, "plot_history", lambda epochs, *a: drawn.append(epochs))
+  monkeypatch.setattr(plots, "plot_history", lambda epochs, *a: drawn.append(epochs))
   epochs = [{"epoch": 1, "train_loss": 1.0, "val_accuracy": 0.5},
             {"epoch": 2, "train_loss": 0.5, "val_accuracy": 0.7}]
-  one = study_of(trial(value=0.7, steps=(0.5, 0.7), **outputs.epoch_attrs(epochs)))
+  one = study_of(trial(value=0.7, steps=(0.5, 0.7), **tables.epoch_attrs(epochs)))
   save_study_plots(one, tmp_path, "accuracy", one.trials[0])
   assert drawn == [epochs]
 
 
 def test_plot_axes_say_epoch_and_the_metric(tmp_path, monkeypatch):
   figures = {}
-  monkeypatch.setattr(outputs, "_save_figure",
+  monkeypatch.setattr(plots, "_save_figure",
                       lambda fig, path, **kw: figures.setdefault(path.name, fig))
   study = study_of(trial(value=0.7, lr=0.1, steps=(0.5, 0.7)), trial(value=0.6, steps=(0.6,)))
   save_study_plots(study, tmp_path, "f1", study.trials[0])

@@ -122,7 +122,7 @@ def test_a_set_module_is_found_in_the_working_directory_and_the_error_names_the_
 
 
 def test_best_config_writes_a_module_of_the_working_directory_as_its_file(tmp_path, monkeypatch):
-  from orchard_jax.study.outputs import relative_paths
+  from orchard_jax.study.best_files import relative_paths
   (tmp_path / "cwd_module.py").write_text(MODULE)
   monkeypatch.chdir(tmp_path)
   monkeypatch.syspath_prepend(str(tmp_path))

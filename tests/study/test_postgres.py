@@ -18,10 +18,10 @@ import pytest
 from optuna.trial import TrialState
 
 from orchard_jax.cli import main
-from orchard_jax.study.outputs import INTERRUPTED, RETRY_OF
-from orchard_jax.study.runner import finished_count
+from orchard_jax.records import INTERRUPTED, RETRY_OF
+from orchard_jax.study.budget import finished_count
 from orchard_jax.study.storage import retried_trial_number, with_driver
-from orchard_jax.study.workers import WORKER
+from orchard_jax.records import WORKER
 
 HEARTBEAT = ["--heartbeat", "1", "--grace", "3"]
 TIMEOUT = 180

@@ -13,13 +13,14 @@ import yaml
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+from orchard_jax.records import INTERRUPTED, RETRY_OF
 from orchard_jax.study.checks import RecipeError
-from orchard_jax.study.outputs import INTERRUPTED, RETRY_OF
 from orchard_jax.study.recipe import parse_recipe
-from orchard_jax.study.callbacks import (FailureStreak, GracefulInterrupt, StudyEarlyStopping,
-                                         threshold_for)
-from orchard_jax.study.runner import (build_pruner, finished_count, open_study,
-                                      requeue_unfinished, storage_url)
+from orchard_jax.study.budget import finished_count, requeue_unfinished
+from orchard_jax.study.callbacks import FailureStreak, StudyEarlyStopping, threshold_for
+from orchard_jax.study.opening import build_pruner, open_study
+from orchard_jax.study.runner import storage_url
+from orchard_jax.study.signals import GracefulInterrupt
 
 
 def values_objective(values):
@@ -178,14 +179,14 @@ def test_second_sigint_stops_the_running_trial_at_once():
 
 
 def test_resuming_with_another_search_space_warns_but_more_trials_do_not(tmp_path, caplog):
-  from orchard_jax.study.runner import _warn_if_changed
+  from orchard_jax.study.opening import warn_if_changed
   stored_recipe = parse_recipe({"optuna": {"n_trials": 5}})
   (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(stored_recipe.to_dict()))
-  with caplog.at_level("WARNING", logger="orchard_jax.study.runner"):
-    _warn_if_changed(parse_recipe({"optuna": {"n_trials": 9}}), tmp_path / "recipe.yaml")
+  with caplog.at_level("WARNING", logger="orchard_jax.study.opening"):
+    warn_if_changed(parse_recipe({"optuna": {"n_trials": 9}}), tmp_path / "recipe.yaml")
     assert not caplog.records
     changed = {"optuna": {"search_space_overrides": {"dropout": None}}}
-    _warn_if_changed(parse_recipe(changed), tmp_path / "recipe.yaml")
+    warn_if_changed(parse_recipe(changed), tmp_path / "recipe.yaml")
   assert "optuna.search_space_overrides" in caplog.text
 
 

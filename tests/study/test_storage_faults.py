@@ -21,7 +21,7 @@ from orchard_jax.study.storage import (SQLITE_BUSY_TIMEOUT_S, is_transient, open
                                        root_cause, storage_url)
 
 NO_SPACE = "[Errno 28] No space left on device"
-STORAGE_LOGGER = "orchard_jax.study.storage"
+STORAGE_LOGGER = "orchard_jax.study.journal"  # the logger of journal repair
 
 
 def journal_url(folder: pathlib.Path) -> str:

@@ -20,13 +20,14 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from orchard_jax.cli import main
-from orchard_jax.study.callbacks import GracefulInterrupt
+from orchard_jax.records import INTERRUPTED, RETRY_OF, WORKER
+from orchard_jax.study.budget import Budget, budget_used
 from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.launch import _Forward, _worker_count, device_env, parse_workers
-from orchard_jax.study.outputs import INTERRUPTED, RETRY_OF
+from orchard_jax.study.locks import FileLock
 from orchard_jax.study.recipe import parse_recipe
-from orchard_jax.study.storage import FileLock, Heartbeat, storage_url, with_driver
-from orchard_jax.study.workers import WORKER, _Worker, budget_used
+from orchard_jax.study.storage import Heartbeat, storage_url, with_driver
+from orchard_jax.study.signals import GracefulInterrupt
 
 TIMEOUT = 180
 
@@ -62,23 +63,23 @@ def test_spent_budget_waits_for_running_trials_only_when_they_beat(heartbeat, ex
   study = optuna.create_study(direction="maximize")
   add(study, TrialState.COMPLETE)
   add(study, TrialState.RUNNING, **{WORKER: "elsewhere"})
-  assert _Worker(recipe_with(2), study, None, heartbeat).next_step() == expected
+  assert Budget(recipe_with(2), study, None, heartbeat).next_step() == expected
 
 
 def test_worker_runs_a_waiting_retry_even_when_the_budget_is_spent():
   study = optuna.create_study(direction="maximize")
   add(study, TrialState.COMPLETE)
   add(study, TrialState.FAIL, **{INTERRUPTED: True})
-  assert _Worker(recipe_with(1), study, None, False).next_step() == "run"
+  assert Budget(recipe_with(1), study, None, False).next_step() == "run"
   assert [t.state for t in study.trials][-1] == TrialState.WAITING  # requeued under the lock
 
 
 def test_worker_starts_trials_until_the_budget_is_spent():
   study = optuna.create_study(direction="maximize")
   add(study, TrialState.COMPLETE)
-  assert _Worker(recipe_with(2), study, None, False).next_step() == "run"
+  assert Budget(recipe_with(2), study, None, False).next_step() == "run"
   add(study, TrialState.RUNNING, **{WORKER: "w1"})
-  assert _Worker(recipe_with(2), study, None, False).next_step() == "done"
+  assert Budget(recipe_with(2), study, None, False).next_step() == "done"
 
 
 # -------------------------------------------------------- storage and lock --
@@ -222,7 +223,7 @@ def test_four_per_device_workers_complete_the_study(workdir, warm_env, command, 
 
 
 def test_stop_signals_are_restored_on_exit_and_left_alone_off_the_main_thread():
-  from orchard_jax.study.callbacks import StopSignals  # pylint: disable=import-outside-toplevel
+  from orchard_jax.study.signals import StopSignals  # pylint: disable=import-outside-toplevel
 
   class Seen(StopSignals):
     def _handle(self, signum, frame):
