@@ -1,9 +1,9 @@
 """The recipe's JSON Schema, built from its pydantic models (``orchard-jax schema``).
 
-Each section's schema is its model's: :class:`~.recipe.DatasetSpec`,
-:class:`~.recipe.ArchitectureSection`, :class:`~orchard_jax.config.TrainingConfig`,
+Each section's schema is its model's: :class:`~.sections.DatasetSpec`,
+:class:`~.sections.ArchitectureSection`, :class:`~orchard_jax.config.TrainingConfig`,
 :class:`~orchard_jax.config.OptunaConfig` with the study's own keys
-(:class:`~.recipe.StudySpec`) and :class:`~.recipe.TelemetrySpec`. Unknown keys and
+(:class:`~.sections.StudySpec`) and :class:`~.sections.TelemetrySpec`. Unknown keys and
 sections are refused (``additionalProperties: false``), as the recipe's parser
 does. A few rules the parser checks across sections (``dataset.path`` only for
 ``source: npz``, ...) are not in the schema; ``orchard-jax run`` still checks
@@ -20,8 +20,9 @@ from pydantic import TypeAdapter
 
 from orchard_jax.config import OptunaConfig, TrainingConfig
 from orchard_jax.study.checks import FOLDER_MAX
-from orchard_jax.study.recipe import (RECIPE_METRICS, SECTIONS, ArchitectureSection, DatasetSpec,
-                                      StudySpec, TelemetrySpec)
+from orchard_jax.study.recipe import SECTIONS
+from orchard_jax.study.sections import (RECIPE_METRICS, ArchitectureSection, DatasetSpec, StudySpec,
+                                        TelemetrySpec)
 
 __all__ = ["recipe_schema", "schema_json"]
 

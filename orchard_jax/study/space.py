@@ -321,7 +321,7 @@ def _brief(dist: Dist) -> str:
 
 
 def build_space(study: Any, input_shape: tuple[int, ...], architecture: str) -> SearchSpace:
-  """The search space of a :class:`~orchard_jax.study.recipe.StudySpec` for this input.
+  """The search space of a :class:`~orchard_jax.study.sections.StudySpec` for this input.
 
   Batch sizes come from ``batch_size_high_res`` when the input side is at
   least 224 px. With model search, the pool is ``optuna.model_pool`` or every

@@ -293,7 +293,7 @@ def test_digits_num_classes_of_10_is_accepted():
 
 
 def test_digits_source_refuses_another_num_classes_when_loading():
-  from orchard_jax.study.recipe import DatasetSpec
+  from orchard_jax.study.sections import DatasetSpec
   from orchard_jax.study.sources import load_source
   with pytest.raises(RecipeError) as info:
     load_source(DatasetSpec(num_classes=3), batch_size=8, seed=0)
@@ -375,7 +375,7 @@ def test_a_long_set_value_and_an_int_of_5000_digits_are_one_capped_line(tmp_path
 def test_sections_are_pydantic_dataclasses():
   import pydantic.dataclasses
 
-  from orchard_jax.study.recipe import ArchitectureSpec, DatasetSpec, StudySpec, TelemetrySpec
+  from orchard_jax.study.sections import ArchitectureSpec, DatasetSpec, StudySpec, TelemetrySpec
   for cls in (DatasetSpec, ArchitectureSpec, StudySpec, TelemetrySpec):
     assert pydantic.dataclasses.is_pydantic_dataclass(cls)
     assert cls.__pydantic_config__["extra"] == "forbid"

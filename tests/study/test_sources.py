@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from orchard_jax.study.checks import RecipeError
-from orchard_jax.study.recipe import DatasetSpec
+from orchard_jax.study.sections import DatasetSpec
 from orchard_jax.study.sources import (ArrayLoader, digits_arrays, load_source, resolve_function,
                                        stratified_split)
 

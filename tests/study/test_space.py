@@ -7,9 +7,10 @@ import pytest
 
 from orchard_jax.config import OptunaConfig, TrainingConfig
 from orchard_jax.models import available_models
-from orchard_jax.study.recipe import StudySpec
+from orchard_jax.study.model_names import fits_input
+from orchard_jax.study.sections import StudySpec
 from orchard_jax.study.space import (DEFAULTS, FULL, QUICK, FloatRange, IntRange, apply_params,
-                                     build_space, fits_input, parse_overrides)
+                                     build_space, parse_overrides)
 from orchard_jax.study.checks import RecipeError
 
 TRAINING = TrainingConfig(use_amp=False)
