@@ -44,23 +44,20 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
 import functools
 import hashlib
-import importlib.metadata
 import logging
 import os
 import pathlib
 import pickle
-import platform
 import queue
 import threading
 from typing import Any, Callable
 
 import jax
-import numpy as np
 
 from orchard_jax import fileio
+from orchard_jax.engine.executable_key import code_fingerprint, environment, portable
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +67,6 @@ FORMAT = 2  # 2: a checksum before the pickle
 _MAGIC = b"orchard_jax executable\n"
 _DIGEST = 32  # bytes of a SHA-256
 _LEGACY_TEMPORARY = ".tmp-"  # what writers before FORMAT 2 named their temporaries
-_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
-_PLAIN = (type(None), bool, int, float, complex, str, bytes, np.dtype)
-_TRUSTED_CODE = ("orchard_jax.", "flax.", "jax.", "jaxlib.", "optax.", "numpy", "ml_dtypes")
 
 _lock = threading.Lock()
 _memory: dict[Any, Callable[..., Any]] = {}
@@ -151,7 +145,7 @@ def compiled(jitted: Any, args: tuple, *, name: str, static: tuple = (),
     name: names the function in keys and files (e.g. ``"train_step"``).
     static: the leading static arguments (hashable).
     model: the model the program runs; the program goes to disk only when
-      :func:`_portable` accepts it.
+      :func:`~orchard_jax.engine.executable_key.portable` accepts it.
 
   Returns:
     A callable taking ``*args`` (no static arguments): ``jitted`` itself
@@ -322,9 +316,9 @@ def _devices(sig: tuple) -> list | None:
 
 
 def _path(name: str, static: tuple, tree: Any, sig: tuple, model: Any) -> pathlib.Path | None:
-  if _dir is None or not _portable(model) or _devices(sig) is None:
+  if _dir is None or not portable(model) or _devices(sig) is None:
     return None
-  text = repr((FORMAT, name, static, str(tree), sig, _code_fingerprint(), _environment()))
+  text = repr((FORMAT, name, static, str(tree), sig, code_fingerprint(), environment()))
   if " at 0x" in text:  # an object without a value repr: no stable key
     return None
   return _dir / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:40]}.exe"
@@ -395,64 +389,3 @@ def _sweep(directory: pathlib.Path) -> None:
   if removed:
     logger.info("orchard_jax: removed %d temporary files of interrupted writes from %s", removed,
                 directory)
-
-
-def _portable(model: Any) -> bool:
-  """Whether ``model``'s code and attributes are all covered by the disk key."""
-  from orchard_jax.models.base import LinenModel  # pylint: disable=import-outside-toplevel
-  return isinstance(model, LinenModel) and _plain_module(model.module)
-
-
-def _plain_module(module: Any) -> bool:
-  if not type(module).__module__.startswith("orchard_jax."):
-    return False
-  fields = [f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name")]
-  return all(_plain(getattr(module, f)) for f in fields)
-
-
-def _plain(value: Any) -> bool:
-  if isinstance(value, _PLAIN):
-    return True
-  if isinstance(value, (tuple, list, frozenset)):
-    return all(_plain(v) for v in value)
-  if isinstance(value, dict):
-    return all(_plain(k) and _plain(v) for k, v in value.items())
-  if dataclasses.is_dataclass(value) and hasattr(value, "parent"):  # a Linen submodule
-    return _plain_module(value)
-  if isinstance(value, type) or callable(value):  # e.g. nn.relu, jnp.float32
-    return (getattr(value, "__module__", None) or "").startswith(_TRUSTED_CODE)
-  return False
-
-
-@functools.cache
-def _code_fingerprint() -> str:
-  root = pathlib.Path(__file__).resolve().parents[1]
-  digest = hashlib.sha256()
-  for file in sorted(root.rglob("*.py")):
-    digest.update(str(file.relative_to(root)).encode())
-    digest.update(file.read_bytes())
-  for package in _PACKAGES:
-    try:
-      digest.update(f"{package}={importlib.metadata.version(package)}".encode())
-    except importlib.metadata.PackageNotFoundError:
-      digest.update(f"{package}=?".encode())
-  return digest.hexdigest()
-
-
-def _environment() -> tuple:
-  config = tuple(sorted((k, repr(v)) for k, v in jax.config.values.items()
-                        if "cache" not in k and "log" not in k))
-  device = jax.devices()[0]
-  return (config, os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""),
-          device.platform, device.client.platform_version, _cpu())
-
-
-@functools.cache
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      lines = [l for l in f if l.startswith(("model name", "flags"))]
-    return hashlib.sha256("".join(sorted(set(lines))).encode()).hexdigest()
-  except OSError:
-    return f"{platform.machine()} {platform.processor()}"
-

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from orchard_jax import MLP, create_train_state, evaluate, fileio, train_epoch
-from orchard_jax.engine import executables
+from orchard_jax.engine import executable_key, executables
 from orchard_jax.models import as_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ CHILD = textwrap.dedent("""
     import numpy as np
     import jax
     from orchard_jax import MLP, create_train_state, evaluate, fileio, train_epoch
-    from orchard_jax.engine import executables
+    from orchard_jax.engine import executable_key, executables
     executables.set_cache_dir(None if sys.argv[1] == "-" else sys.argv[1])
     if len(sys.argv) > 2:  # JAX's own persistent cache too
       jax.config.update("jax_compilation_cache_dir", sys.argv[2])
@@ -146,11 +146,11 @@ def _user_activation(x):
 
 
 def test_portability_needs_orchard_code_and_plain_attributes():
-  assert executables._portable(as_model(MLP(num_classes=3)))
-  assert not executables._portable(as_model(_UserModule()))
-  assert executables._plain((1, 2.0, "a", None, np.dtype("float32"), jnp.float32, nn.relu))
-  assert not executables._plain(_user_activation)
-  assert not executables._plain(object())
+  assert executable_key.portable(as_model(MLP(num_classes=3)))
+  assert not executable_key.portable(as_model(_UserModule()))
+  assert executable_key.plain((1, 2.0, "a", None, np.dtype("float32"), jnp.float32, nn.relu))
+  assert not executable_key.plain(_user_activation)
+  assert not executable_key.plain(object())
 
 
 def test_an_unreadable_file_is_reported_and_the_step_compiled_again(cache, caplog):
