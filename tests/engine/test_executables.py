@@ -28,7 +28,7 @@ CHILD = textwrap.dedent("""
     import numpy as np
     import jax
     from orchard_jax import MLP, create_train_state, evaluate, fileio, train_epoch
-    from orchard_jax.engine import executable_key, executables
+    from orchard_jax.engine import executables
     executables.set_cache_dir(None if sys.argv[1] == "-" else sys.argv[1])
     if len(sys.argv) > 2:  # JAX's own persistent cache too
       jax.config.update("jax_compilation_cache_dir", sys.argv[2])
