@@ -41,7 +41,7 @@ def test_digits_split_equals_orchard_jax_sources(torch_study, recipe):
 
 
 def test_search_space_matches_orchard_jax_space_for_the_bundled_recipe(torch_study, recipe):
-  from orchard_jax.study.runner import build_sampler
+  from orchard_jax.study.opening import build_sampler
   from orchard_jax.study.space import build_space
   space = build_space(recipe.study, (8, 8, 1), recipe.architecture.name)
   theirs = optuna.create_study(sampler=build_sampler("tpe", recipe.training.seed)).ask()

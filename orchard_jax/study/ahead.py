@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Any
 
-from orchard_jax.study.build import History, trial_config
+from orchard_jax.study.build import trial_config
 from orchard_jax.study.sources import ArraySource
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class CompileAhead:
 
     start = time.perf_counter()
     try:
-      cfg = trial_config(recipe, source, {}, output_dir=None, history=History())
+      cfg = trial_config(recipe, source, {}, output_dir=None)
       training = trial_training_config(cfg)
       state, cohort_size = initial_state(cfg, training), recipe.study.config.cohort_size
       if cohort_size > 1:  # the first cohort's programs, not a solo trial's

@@ -18,75 +18,18 @@ modules share compiled steps.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from orchard_jax.config import TrialConfig
-from orchard_jax.study.checks import RecipeError, clip, show, user_code_error
+from orchard_jax.study.checks import RecipeError, show, user_code_error
+from orchard_jax.study.model_names import (FUNCTION_PREFIX, accepts, function_where, input_side,
+                                           model_function, signature_of, takes_dropout)
 from orchard_jax.study.sources import one_line, resolve_function
-from orchard_jax.study.space import FUNCTION_PREFIX, apply_params, input_side, model_function
+from orchard_jax.study.space import apply_params
 
-__all__ = ["History", "architecture_for", "build_function_model", "model_for", "takes_dropout",
-           "trial_config"]
-
-
-class History:
-  """Per-epoch records of one run, kept by wrapping ``train_epoch`` and ``evaluate``.
-
-  ``epochs`` is a list of ``{"epoch", "train_loss", "val_<metric>"...}``
-  dicts (JSON-ready floats); an epoch whose validation failed has no
-  ``val_`` entries. Pass :meth:`train_fn` and :meth:`validate_fn` as the
-  ``TrialConfig`` task adapters; :meth:`user_attrs` is what a study's trial
-  stores of them.
-  """
-
-  def __init__(self):
-    self.epochs: list[dict[str, float]] = []
-
-  @classmethod
-  def from_logs(cls, logs: Any) -> "History":
-    """The records of a run's :class:`~orchard_jax.engine.EpochLog` s (a cohort member's):
-    the same entries the hooks make, no ``val_`` ones for an epoch whose validation failed."""
-    history = cls()
-    for log in logs:
-      entry = {"epoch": log.epoch, "train_loss": float(log.train_loss)}
-      if not log.validation_failed:
-        entry.update({f"val_{k}": float(v) for k, v in log.metrics.items()})
-      history.epochs.append(entry)
-    return history
-
-  def train_fn(self, state: Any, loader: Any, *, epoch: int, layout: str):
-    from orchard_jax.engine import train_epoch
-    state, loss = train_epoch(state, loader, epoch=epoch, layout=layout)
-    self.epochs.append({"epoch": epoch, "train_loss": float(loss)})
-    return state, loss
-
-  def validate_fn(self, state: Any, loader: Any, *, epoch: int, layout: str):
-    from orchard_jax.engine import evaluate
-    metrics = evaluate(state, loader, epoch=epoch, layout=layout)
-    if self.epochs and self.epochs[-1]["epoch"] == epoch:
-      self.epochs[-1].update({f"val_{k}": float(v) for k, v in metrics.items()})
-    return metrics
-
-  def best_epoch(self, metric: str, direction: str) -> int | None:
-    """The first epoch with the best finite ``val_<metric>``; None if none has one."""
-    sign = -1.0 if direction == "maximize" else 1.0
-    scored = [(sign * e[f"val_{metric}"], e["epoch"]) for e in self.epochs
-              if math.isfinite(e.get(f"val_{metric}", math.nan))]
-    return min(scored)[1] if scored else None
-
-  def user_attrs(self, metric: str, direction: str, epochs: int | None = None) -> dict[str, Any]:
-    """A trial's attributes of this run: ``epochs_run``, ``best_epoch`` (when an epoch had a
-    finite ``val_<metric>``) and one ``epoch_NN`` per epoch (zero-padded to the width of
-    ``epochs``, the trial's planned epochs), each far below optuna-dashboard's 1,024
-    characters."""
-    from orchard_jax.study.outputs import BEST_EPOCH, EPOCHS_RUN, epoch_attrs
-    best = self.best_epoch(metric, direction)
-    return {EPOCHS_RUN: len(self.epochs), **({} if best is None else {BEST_EPOCH: best}),
-            **epoch_attrs(self.epochs, epochs)}
+__all__ = ["architecture_for", "build_function_model", "model_for", "trial_config"]
 
 
 def _absolute(name: str) -> str:
@@ -133,7 +76,7 @@ def model_for(arch: Any, source: Any, *, where: str | None = None) -> Any:
   if entry is not None:
     return build_function_model(entry, source.num_classes, source.input_shape,
                                 dropout=arch.dropout, options=arch.options,
-                                where=where or _where(entry))
+                                where=where or function_where(entry))
   from orchard_jax.models import build_model
   shape = source.input_shape
   in_channels = shape[-1] if len(shape) == 3 else None
@@ -146,33 +89,6 @@ def model_for(arch: Any, source: Any, *, where: str | None = None) -> Any:
 
 
 # --------------------------------------------------------------- functions --
-
-
-def _where(entry: str) -> str:
-  return f"architecture.function {clip(repr(entry), 200)}"
-
-
-def _signature(fn: Any) -> inspect.Signature | None:
-  try:
-    return inspect.signature(fn)
-  except (TypeError, ValueError):  # e.g. a builtin without a signature: call it and see
-    return None
-
-
-def _accepts(signature: inspect.Signature | None, name: str) -> bool:
-  if signature is None:
-    return True
-  params = signature.parameters.values()
-  return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-             for p in params) or any(p.kind is p.VAR_KEYWORD for p in params)
-
-
-def takes_dropout(name: str) -> bool:
-  """Whether model ``name`` takes a dropout: every registry model; a function of the user's when
-  it has a ``dropout`` parameter or ``**kwargs`` (it is imported to see)."""
-  entry = model_function(name)
-  return entry is None or _accepts(_signature(resolve_function(entry, _where(entry))),
-                                   "dropout")
 
 
 def build_function_model(entry: str, num_classes: int, input_shape: tuple[int, ...], *,
@@ -190,13 +106,13 @@ def build_function_model(entry: str, num_classes: int, input_shape: tuple[int, .
   from flax import linen as nn
   from orchard_jax.models import as_model
 
-  where = where or _where(entry)
+  where = where or function_where(entry)
   fn = resolve_function(entry, where)
   attr = entry.rpartition(":")[2]
-  signature = _signature(fn)
+  signature = signature_of(fn)
   kwargs = dict(options or {})
   if dropout is not None:
-    if not _accepts(signature, "dropout"):
+    if not accepts(signature, "dropout"):
       raise RecipeError(f"{where}: architecture.dropout is {dropout}, but {attr}{signature} has "
                         f"no dropout parameter; add one (or **kwargs) or set architecture.dropout: "
                         f"null")
@@ -236,9 +152,8 @@ def build_function_model(entry: str, num_classes: int, input_shape: tuple[int, .
 
 
 def trial_config(recipe: Any, source: Any, params: Mapping[str, Any], *, output_dir: Any,
-                 history: History | None, reraise: bool = True) -> TrialConfig:
-  """The TrialConfig of one trial (or, with ``params={}``, of a single training run);
-  ``history`` None leaves the engine's own epoch functions (a cohort's member)."""
+                 reraise: bool = True) -> TrialConfig:
+  """The TrialConfig of one trial (or, with ``params={}``, of a single training run)."""
   training = apply_params(recipe.training, params)
   loaders = source.loaders(training.batch_size, training.seed)
   fields: dict[str, Any] = {}
@@ -248,7 +163,5 @@ def trial_config(recipe: Any, source: Any, params: Mapping[str, Any], *, output_
       model=model_for(architecture_for(recipe, params), source), train_loader=loaders.train,
       val_loader=loaders.val, num_classes=source.num_classes, training=training,
       log_interval=recipe.telemetry.log_interval, input_shape=source.input_shape,
-      layout=source.layout, train_labels=source.train_labels,
-      train_epoch_fn=None if history is None else history.train_fn,
-      validate_fn=None if history is None else history.validate_fn, output_dir=output_dir,
+      layout=source.layout, train_labels=source.train_labels, output_dir=output_dir,
       reraise_errors=reraise, **fields)

@@ -1,12 +1,12 @@
-"""Study callbacks of the runner, and its SIGINT handler.
+"""Study callbacks: early stopping, failure streak, progress, best checkpoint, outputs.
 
 Each callback is ``callback(study, frozen_trial)``, called by
 ``study.optimize`` after every finished trial. :class:`StudyOutputs` is the
 one for a study of one's own objective.
 
 One line per event: a study's :class:`Progress` logs each finished trial
-once, with why it failed; while the study's objective runs the engine's own
-"Trial N pruned/failed" lines are left out (:func:`engine_outcomes_muted`).
+once, with why it failed (the study's driver asks the engine not to log
+its own "Trial N pruned/failed" lines).
 """
 
 from __future__ import annotations
@@ -15,24 +15,22 @@ import logging
 import math
 import pathlib
 import shutil
-import contextlib
 import os
-import signal
-import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from orchard_jax.study.outputs import ERROR, best_trial, trial_error, write_outputs
+from orchard_jax.records import ERROR
+from orchard_jax.study.outputs import write_outputs
+from orchard_jax.study.tables import best_trial, trial_error
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_THRESHOLDS", "FailureStreak", "GracefulInterrupt", "KeepBestCheckpoint",
-           "Progress", "StudyEarlyStopping", "StudyOutputs", "engine_outcomes_muted",
-           "threshold_for"]
+__all__ = ["DEFAULT_THRESHOLDS", "FailureStreak", "KeepBestCheckpoint", "Progress",
+           "StudyEarlyStopping", "StudyOutputs", "threshold_for"]
 
 MAX_CONSECUTIVE_FAILURES = 3
 # The reference's default early-stopping thresholds (orchard-ml optimization/early_stopping.py).
@@ -157,41 +155,6 @@ class Progress:
       self.bar.set_postfix({"best": f"{best.value:.4f}", "trial": best.number})
 
 
-# The engine's lines that a study's Progress line says again (the engine logs them for
-# objectives of one's own, which have no Progress).
-_ENGINE_OUTCOMES = {"orchard_jax.engine.trial": ("Trial %d failed",),
-                    "orchard_jax.engine.cohort": ("Trial %d failed",),
-                    "orchard_jax.engine.callbacks": ("Trial %d pruned",)}
-
-
-class _MuteOutcomes(logging.Filter):
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (isinstance(record.msg, str) and
-                record.msg.startswith(_ENGINE_OUTCOMES.get(record.name, ())))
-
-
-_muted = {"count": 0, "lock": threading.Lock(), "filter": _MuteOutcomes()}
-
-
-@contextlib.contextmanager
-def engine_outcomes_muted() -> Iterator[None]:
-  """While entered (by any thread), the engine's "Trial N failed" and "Trial N pruned"
-  lines are not logged: the study's :class:`Progress` logs each finished trial once."""
-  with _muted["lock"]:
-    if _muted["count"] == 0:
-      for name in _ENGINE_OUTCOMES:
-        logging.getLogger(name).addFilter(_muted["filter"])
-    _muted["count"] += 1
-  try:
-    yield
-  finally:
-    with _muted["lock"]:
-      _muted["count"] -= 1
-      if _muted["count"] == 0:
-        for name in _ENGINE_OUTCOMES:
-          logging.getLogger(name).removeFilter(_muted["filter"])
-
-
 class StudyOutputs:
   """A study callback that writes a study's outputs after each finished trial.
 
@@ -221,73 +184,3 @@ class StudyOutputs:
       self.best = write_outputs(study, self.run_dir, metric=self.metric,
                                 direction=self.direction, checkpoint_dir=self.checkpoint_dir,
                                 plots=self.plots)
-
-
-class StopSignals:
-  """While entered, SIGINT and SIGTERM call ``self._handle(signum, frame)``.
-
-  The previous handlers come back on exit. Outside the main thread, where
-  Python cannot set signal handlers, entering changes nothing.
-  """
-
-  _previous: dict[int, Any]
-
-  def __enter__(self):
-    self._previous = {}
-    if threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGINT, signal.SIGTERM):
-        self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc: Any) -> None:
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-    self._previous = {}
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    raise NotImplementedError
-
-
-class GracefulInterrupt(StopSignals):
-  """SIGINT and SIGTERM handler of a study run (a context manager; main thread only).
-
-  * SIGINT (Ctrl-C): the first stops the study after the running trial, the
-    second stops at once.
-  * SIGTERM: stops at once. Inside a trial it raises ``KeyboardInterrupt``
-    there (the objective stores the trial as FAIL with ``interrupted``, so
-    it is retried); between trials the study stops before the next one.
-
-  The objective sets ``in_trial`` while it runs and raises
-  ``KeyboardInterrupt`` itself when :attr:`immediate` is already set (a
-  signal that came while the trial was being created). ``exit_status`` is
-  128 + the last signal (130 for SIGINT, 143 for SIGTERM).
-  """
-
-  def __init__(self, study: optuna.Study):
-    self.study, self.requested, self.immediate, self.in_trial = study, False, False, False
-    self.signum: int | None = None
-
-  @property
-  def exit_status(self) -> int:
-    return 128 + (self.signum or signal.SIGINT)
-
-  def _stop(self) -> None:
-    try:
-      self.study.stop()
-    except RuntimeError:  # not optimizing yet; the runner checks `requested` before optimize
-      pass
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    again, self.requested, self.signum = self.requested, True, signum
-    if signum == signal.SIGTERM or again:
-      self.immediate = True
-      if signum == signal.SIGTERM and not again:
-        print("\nTerminated: the running trial stops now and is stored as interrupted (it is "
-              "retried); then the outputs are written.", file=sys.stderr, flush=True)
-      self._stop()
-      if self.in_trial or signum == signal.SIGINT:
-        raise KeyboardInterrupt
-      return
-    print("\nInterrupted: the running trial finishes, then the study stops and its outputs are "
-          "written (Ctrl-C again stops now). The same command resumes.", file=sys.stderr, flush=True)
-    self._stop()

@@ -39,7 +39,6 @@ import logging
 import os
 import pathlib
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -49,14 +48,16 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from orchard_jax.study.callbacks import StopSignals
+from orchard_jax.study.budget import budget_used, reclaim_lost
 from orchard_jax.study.checks import RecipeError
-from orchard_jax.study.liveness import RunFolderLock, die_with_parent, reap_dead
+from orchard_jax.study.ending import exit_status, nothing_to_run
+from orchard_jax.study.liveness import RunFolderLock, die_with_parent
+from orchard_jax.study.locks import study_lock
+from orchard_jax.study.opening import join_study, warn_if_changed
 from orchard_jax.study.outputs import write_study_outputs
-from orchard_jax.study.runner import _warn_if_changed, finished_count
-from orchard_jax.study.storage import masked, storage_url, study_lock
-from orchard_jax.study.workers import (EXIT_SHORT, budget_used, join_study, locked, new_worker,
-                                       requeue_unfinished)
+from orchard_jax.study.signals import StopSignals
+from orchard_jax.study.storage import masked, storage_url
+from orchard_jax.study.storing import under_lock
 
 logger = logging.getLogger(__name__)
 
@@ -127,15 +128,11 @@ def _worker_count(requested: int | None, platform: str, available: int) -> int:
 
 def reclaim(joined: Any, lock: Any) -> list[int]:
   """Under the study lock: fails the running trials of dead workers, enqueues their
-  parameters again (and those of interrupted trials); returns the numbers failed."""
-  def reap() -> list[int]:
-    numbers = reap_dead(joined.study, joined.liveness)
-    requeue_unfinished(joined.study)
-    return numbers
-  try:
-    return locked(lock, reap, "the trials of dead workers")
-  finally:
-    lock.release()
+  parameters again (and those of interrupted trials); returns the numbers failed
+  (:func:`~orchard_jax.study.budget.reclaim_lost`)."""
+  with under_lock(lock, lambda: reclaim_lost(joined.study, joined.liveness, joined.heartbeat),
+                  "the trials of dead workers") as lost:
+    return lost
 
 
 class _Forward(StopSignals):
@@ -176,14 +173,13 @@ def launch_workers(recipe: Any, run_dir: pathlib.Path, workers: int | None,
     lock = study_lock(joined.storage, url, config.study_name)
     stored = study.get_trials(deepcopy=False)
     if stored:
-      _warn_if_changed(recipe, run_dir / "recipe.yaml")
+      warn_if_changed(recipe, run_dir / "recipe.yaml")
       reclaim(joined, lock)  # what a killed launch left RUNNING is retried, not counted
       stored = study.get_trials(deepcopy=False)
     before = len(stored)
     if budget_used(stored) >= config.n_trials and not any(
         t.state == TrialState.WAITING for t in stored):
-      logger.info("Nothing to run: the study has %d finished trials (optuna.n_trials=%d)",
-                  finished_count(stored), config.n_trials)
+      nothing_to_run(stored, config.n_trials)
       return 0 if write_study_outputs(study, recipe, run_dir, out=out,
                                       recipe_ran=False) is not None else 1
     launch = uuid.uuid4().hex[:6]
@@ -207,20 +203,7 @@ def launch_workers(recipe: Any, run_dir: pathlib.Path, workers: int | None,
                              "their parameters are enqueued again", name, proc.returncode, lost)
     trials = study.get_trials(deepcopy=False)
     best = write_study_outputs(study, recipe, run_dir, out=out, recipe_ran=len(trials) > before)
-    finished = finished_count(trials)
-    if forward.signum is not None:
-      cause = "SIGTERM" if forward.signum == signal.SIGTERM else "Ctrl-C"
-      print(f"\nStopped by {cause} after {finished}/{config.n_trials} trials; run the same "
-            f"command to continue.", file=out)
-      return 128 + forward.signum
-    early = new_worker(joined, recipe).early_stop_line(trials)
-    if early is not None:  # done: stopped early on purpose (each worker logged it)
-      print(f"\n{early}.", file=out)
-    elif finished < config.n_trials:
-      failed = {name: code for name, code in codes.items() if code not in (0, 1)}
-      why = (f"worker(s) exited abnormally: {', '.join(f'{n}: {c}' for n, c in failed.items())}"
-             if failed else "the workers stopped early")
-      print(f"\nThe study is short of optuna.n_trials: {finished}/{config.n_trials} trials "
-            f"finished ({why}); run the same command to continue.", file=out)
-      return EXIT_SHORT
-    return 0 if best is not None else 1
+    failed = {name: code for name, code in codes.items() if code not in (0, 1)}
+    why = (f"worker(s) exited abnormally: {', '.join(f'{n}: {c}' for n, c in failed.items())}"
+           if failed else "the workers stopped early")
+    return exit_status(trials, recipe, best, out, signum=forward.signum, why=why)

@@ -15,10 +15,11 @@ import pathlib
 import sys
 from typing import Any
 
-from orchard_jax.study.build import History, trial_config
+from orchard_jax.study.build import trial_config
 from orchard_jax.study.checks import RecipeError
-from orchard_jax.study.outputs import plot_history
-from orchard_jax.study.space import fits_input
+from orchard_jax.study.model_names import fits_input
+from orchard_jax.study.objective import History
+from orchard_jax.study.plots import plot_history
 
 __all__ = ["run_training"]
 
@@ -45,9 +46,8 @@ def run_training(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = Non
     raise RecipeError(f"architecture.name {arch.name!r} cannot take inputs of shape "
                       f"{source.input_shape} (channels last); use 'mlp' for feature vectors")
   run_dir.mkdir(parents=True, exist_ok=True)
-  history = History()
-  cfg = trial_config(recipe, source, {}, output_dir=run_dir, history=history)
-  result = fit(cfg)
+  result = fit(trial_config(recipe, source, {}, output_dir=run_dir))
+  history = History.from_logs(result.history)
   state = result.best_state if result.best_state is not None else result.state
   loaders = source.loaders(training.batch_size, training.seed)
   metrics = {"val": evaluate(state, loaders.val, layout=source.layout)}

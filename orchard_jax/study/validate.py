@@ -42,8 +42,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from orchard_jax.config import ConfigError
-from orchard_jax.study.build import History, takes_dropout, trial_config
+from orchard_jax.study.build import trial_config
 from orchard_jax.study.checks import RecipeError, user_code_error
+from orchard_jax.study.model_names import takes_dropout
 from orchard_jax.study.recipe import Recipe, load_recipe
 from orchard_jax.study.sources import load_source, one_line
 from orchard_jax.study.space import FloatRange, IntRange, SearchSpace, build_space
@@ -205,7 +206,7 @@ def _check(recipe: Recipe, source: Any, params: Mapping[str, Any]) -> int:
   from orchard_jax.engine.trial import trial_training_config
 
   where = _named(params, recipe)
-  cfg = trial_config(recipe, source, params, output_dir=None, history=History())
+  cfg = trial_config(recipe, source, params, output_dir=None)
   training = trial_training_config(cfg) if recipe.study is not None else cfg.training
   shape = tuple(cfg.input_shape)
   try:

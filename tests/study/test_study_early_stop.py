@@ -12,7 +12,8 @@ from optuna.trial import TrialState
 
 from orchard_jax.study.recipe import parse_recipe
 from orchard_jax.study.runner import run_study
-from orchard_jax.study.workers import join_study, run_worker
+from orchard_jax.study.opening import join_study
+from orchard_jax.study.workers import run_worker
 
 from tests.study.test_ahead import tiny_source  # noqa: E402  (the tiny data of the study tests)
 
