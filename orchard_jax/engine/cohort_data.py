@@ -1,7 +1,7 @@
 """What a cohort's members read: which data they share, and each member's own epoch order.
 
 Trials train in one cohort only when they read the same data
-(:func:`data_identity`, part of :func:`~orchard_jax.engine.cohort.cohort_key`),
+(:func:`data_identity`, part of :func:`~orchard_jax.engine.member.cohort_key`),
 so bad data fails exactly the trials that would fail on it alone.
 
 A member reads its own epoch's order, the one its solo run reads at that
@@ -18,7 +18,8 @@ step gathers each member's own rows
 Other loaders are read once per shared pass, in the cohort's order: a fixed
 order (a list of batches, an unshuffled DataLoader) is every member's own,
 but a member that joins a cohort of a shuffling loader after its first pass
-reads the cohort's current order (recorded as :data:`SHARED_ORDER`).
+reads the cohort's current order (recorded as
+:data:`~orchard_jax.records.SHARED_ORDER`).
 """
 
 from __future__ import annotations
@@ -28,13 +29,10 @@ import hashlib
 import sys
 from typing import Any
 
-import jax
 import numpy as np
 
 from orchard_jax.data import gather, resident
 from orchard_jax.data.adapter import Where, _convert_images, _convert_labels, loader_error
-
-SHARED_ORDER = "cohort_shared_order"  # the user attribute of a member that reads another order
 
 
 def _array_identity(a: Any) -> Any:

@@ -26,11 +26,12 @@ from orchard_jax.config import OptunaConfig, TrainingConfig, TrialConfig
 from orchard_jax.data import make_loader
 from orchard_jax.engine import cohort as engine_cohort
 from orchard_jax.engine import run_trial
-from orchard_jax.engine.cohort import COHORT, PROGRAMS_ENV
+from orchard_jax.engine.programs import PROGRAMS_ENV
 from orchard_jax.engine.driver import optimize
-from orchard_jax.engine.cohort_data import SHARED_ORDER, data_identity
+from orchard_jax.engine.cohort_data import data_identity
 from orchard_jax.errors import DataError
 from orchard_jax.models import MLP
+from orchard_jax.records import COHORT, SHARED_ORDER
 from orchard_jax.study.sources import array_source
 
 CLASSES = 10

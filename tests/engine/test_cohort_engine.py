@@ -15,10 +15,10 @@ import pytest
 from optuna.trial import TrialState
 
 from orchard_jax.engine import run_trial
-from orchard_jax.engine.cohort import COHORT
 from orchard_jax.engine.driver import optimize
 from orchard_jax.errors import ValidationFailedError
 from orchard_jax.models import MLP, MiniCNN
+from orchard_jax.records import COHORT
 
 from tests.engine.conftest import batches, synthetic  # noqa: E402  (the engine tests' data)
 
@@ -309,7 +309,7 @@ class ConvNet(__import__("flax").linen.Module):
 
 
 def test_the_program_rule_steps_xla_convolutions_member_by_member_on_cpu(make_cfg, monkeypatch):
-  from orchard_jax.engine.cohort import PROGRAMS_ENV, programs  # pylint: disable=import-outside-toplevel
+  from orchard_jax.engine.programs import PROGRAMS_ENV, programs  # pylint: disable=import-outside-toplevel
   from orchard_jax.engine.trial import initial_state  # pylint: disable=import-outside-toplevel
   from orchard_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
   from orchard_jax.models import as_model  # pylint: disable=import-outside-toplevel
@@ -332,7 +332,7 @@ def test_the_program_rule_steps_xla_convolutions_member_by_member_on_cpu(make_cf
 def test_members_stepped_in_turn_are_their_solo_trials_bit_for_bit(make_cfg, monkeypatch, kind,
                                                                    xla_compiles):
   # serial forced on an MLP; auto on a user's CNN with XLA convolutions (the rule's choice)
-  from orchard_jax.engine.cohort import PROGRAMS_ENV  # pylint: disable=import-outside-toplevel
+  from orchard_jax.engine.programs import PROGRAMS_ENV  # pylint: disable=import-outside-toplevel
   from orchard_jax.models import as_model  # pylint: disable=import-outside-toplevel
   monkeypatch.setenv(PROGRAMS_ENV, kind)
   model = MLP(num_classes=NUM_CLASSES, hidden=(16,)) if kind == "serial" else as_model(ConvNet())

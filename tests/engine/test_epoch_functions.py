@@ -11,7 +11,7 @@ from orchard_jax import (MLP, MiniCNN, create_train_state, eval_step, evaluate, 
                          train_step)
 from orchard_jax.engine import executables
 from orchard_jax.core.metrics import SUM_KEYS
-from orchard_jax.engine import epoch as epoch_module
+from orchard_jax.engine import passes as epoch_module
 from orchard_jax.errors import DataError, EmptyLoaderError, LoaderError, NonFiniteInputError
 
 C = 4

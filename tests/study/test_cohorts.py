@@ -15,8 +15,7 @@ import signal
 
 from optuna.trial import TrialState
 
-from orchard_jax.engine.cohort import COHORT
-from orchard_jax.records import CONFIG, EPOCHS_RUN, RETRY_OF, SECONDS
+from orchard_jax.records import COHORT, CONFIG, EPOCHS_RUN, RETRY_OF, SECONDS
 
 from tests.study.test_faults import check_exact, fault_recipe, finish, load, run, start, wait_for
 
