@@ -56,11 +56,6 @@ class Outcome(NamedTuple):
   history: tuple[EpochLog, ...] = ()
   seconds: float = 0.0
 
-  @property
-  def state(self) -> TrialState:
-    """``trial_state``, under the name a caller of an earlier version reads."""
-    return self.trial_state
-
 
 _FAILED_ON = ((DataError, "Trial %d failed on bad data: %s: %s"),
               ((SetupError, ConfigError), "Trial %d failed on its setup: %s: %s"),
