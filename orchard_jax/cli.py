@@ -52,24 +52,31 @@ def _parser() -> argparse.ArgumentParser:
                   "(such as a study's best_config.yaml) is a single training run that reports "
                   "validation and test metrics. Running the same command again resumes an "
                   "interrupted study.")
-  run.add_argument("recipe", nargs="?", metavar="RECIPE",
-                   help="YAML recipe (default: the bundled recipe, digits + MiniCNN)")
-  run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set optuna.n_trials=20 (repeatable; "
-                        "VALUE is read as YAML)")
-  run.add_argument("--output", metavar="DIR",
-                   help="run folder (default: telemetry.output_dir, else outputs/<study_name>, "
+  _recipe_arguments(run, "YAML recipe (default: the bundled recipe, digits + MiniCNN)",
+                    "override a recipe value, e.g. --set optuna.n_trials=20 (repeatable; VALUE "
+                    "is read as YAML)")
+  _output_argument(run, "run folder (default: telemetry.output_dir, else outputs/<study_name>, "
                         "or outputs/train for a single run)")
   run.add_argument("--workers", metavar="N|all",
                    help="run the study with N worker processes, one per local device (GPU, TPU "
                         "chip; on CPU, N single-device processes), 'all' for one per device; "
                         "they share <run folder>/study.journal, or the recipe's database URL")
-  run.add_argument("--debug", action="store_true",
-                   help="show Python tracebacks of unexpected errors and of warnings (e.g. a "
-                        "checkpoint that could not be written), and debug log lines")
+  _debug_argument(run, "show Python tracebacks of unexpected errors and of warnings (e.g. a "
+                       "checkpoint that could not be written), and debug log lines")
   run.set_defaults(func=_run)
   _worker_parser(commands)
-  _validate_parser(commands)
+  validate = commands.add_parser(
+      "validate", help="check a recipe in full without training",
+      description="Check a recipe without training or writing anything: it parses, its data "
+                  "source loads, and its model -- for a study, every boundary configuration of "
+                  "the search space: each model of the pool, the smallest and largest batch "
+                  "size and dropout, each choice of the other parameters -- builds, initialises "
+                  "on an input shaped like the data and gives logits of shape (batch, "
+                  "num_classes) (traced with jax.eval_shape: nothing is compiled). Exit status "
+                  "0 when it is valid, 2 with the problem in one line.")
+  _recipe_arguments(validate)
+  _debug_argument(validate, "show Python tracebacks of unexpected errors")
+  validate.set_defaults(func=_validate)
   init = commands.add_parser("init", help="write the commented default recipe",
                              description="Write the bundled, commented default recipe to PATH.")
   init.add_argument("path", nargs="?", default="recipe.yaml", metavar="PATH",
@@ -85,12 +92,22 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _recipe_arguments(parser: Any) -> None:
-  """RECIPE and --set, as ``run`` reads them."""
-  parser.add_argument("recipe", nargs="?", metavar="RECIPE",
-                      help="YAML recipe (default: the bundled recipe)")
+def _recipe_arguments(parser: Any, recipe_help: str = "YAML recipe (default: the bundled recipe)",
+                      set_help: str = "override a recipe value (repeatable), as for run") -> None:
+  """RECIPE and --set, as every command that reads a recipe takes them."""
+  parser.add_argument("recipe", nargs="?", metavar="RECIPE", help=recipe_help)
   parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a recipe value (repeatable), as for run")
+                      help=set_help)
+
+
+def _output_argument(parser: Any, help_text: str) -> None:
+  """--output DIR: the run folder."""
+  parser.add_argument("--output", metavar="DIR", help=help_text)
+
+
+def _debug_argument(parser: Any, help_text: str) -> None:
+  """--debug: tracebacks (and, where the command logs, debug log lines)."""
+  parser.add_argument("--debug", action="store_true", help=help_text)
 
 
 def _worker_parser(commands: Any) -> None:
@@ -107,8 +124,7 @@ def _worker_parser(commands: Any) -> None:
                       help="the shared study storage: postgresql://user:password@host:5432/db, "
                            "mysql+pymysql://..., sqlite:///path or journal:///path (default: "
                            "optuna.storage, which must then be one of those)")
-  worker.add_argument("--output", metavar="DIR",
-                      help="this worker's run folder: trial checkpoints and, at the end, the "
+  _output_argument(worker, "this worker's run folder: trial checkpoints and, at the end, the "
                            "study's outputs (default as for run)")
   worker.add_argument("--name", metavar="NAME",
                       help="the worker's name in logs and in each trial's 'worker' attribute "
@@ -123,26 +139,9 @@ def _worker_parser(commands: Any) -> None:
   worker.add_argument("--no-outputs", action="store_true",
                       help="write only trial checkpoints, not the study's outputs (run "
                            "--workers writes those once)")
-  worker.add_argument("--debug", action="store_true",
-                      help="show Python tracebacks of unexpected errors and of warnings, and "
-                           "debug log lines")
+  _debug_argument(worker, "show Python tracebacks of unexpected errors and of warnings, and "
+                          "debug log lines")
   worker.set_defaults(func=_worker)
-
-
-def _validate_parser(commands: Any) -> None:
-  validate = commands.add_parser(
-      "validate", help="check a recipe in full without training",
-      description="Check a recipe without training or writing anything: it parses, its data "
-                  "source loads, and its model -- for a study, every boundary configuration of "
-                  "the search space: each model of the pool, the smallest and largest batch "
-                  "size and dropout, each choice of the other parameters -- builds, initialises "
-                  "on an input shaped like the data and gives logits of shape (batch, "
-                  "num_classes) (traced with jax.eval_shape: nothing is compiled). Exit status "
-                  "0 when it is valid, 2 with the problem in one line.")
-  _recipe_arguments(validate)
-  validate.add_argument("--debug", action="store_true",
-                        help="show Python tracebacks of unexpected errors")
-  validate.set_defaults(func=_validate)
 
 
 def _validate(args: argparse.Namespace) -> int:

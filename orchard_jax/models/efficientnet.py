@@ -15,9 +15,8 @@ from orchard_jax.models.layers import BatchNorm, global_avg_pool
 from orchard_jax.models.resnet import (
     BN_EPSILON,
     BN_MOMENTUM,
-    batch_norm_mask,
+    MaskedClassifier,
     check_classifier_args,
-    check_input,
 )
 
 # torchvision: kaiming_normal_(mode="fan_out") convolutions, U(+-1/sqrt(out)) Linear weights.
@@ -115,7 +114,7 @@ class MBConv(nn.Module):
     return y
 
 
-class EfficientNetB0(nn.Module):
+class EfficientNetB0(MaskedClassifier):
   """torchvision's ``efficientnet_b0``.
 
   ::
@@ -171,11 +170,8 @@ class EfficientNetB0(nn.Module):
       raise ValueError(f"stem_stride must be 1 or 2, got stem_stride={self.stem_stride}")
     super().__post_init__()
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
-    """``x``: ``[B, H, W, C]`` -> logits ``[B, num_classes]``; ``mask`` as in MiniCNN."""
-    check_input("EfficientNetB0", x, self.in_channels)
-    bn_mask = batch_norm_mask(x, mask)
+  def logits(self, x: jax.Array, train: bool, bn_mask: jax.Array | None) -> jax.Array:
+    """The stem, the MBConv stages, the last conv, pooling, dropout and ``classifier_1``."""
     x = conv_bn_act(x, "features_0", train, bn_mask, self.stages[0][3], 3, self.stem_stride)
     total = sum(stage[-1] for stage in self.stages)
     block_id = 0

@@ -75,6 +75,26 @@ def check_classifier_args(num_classes: int, dropout: float, in_channels: int | N
     raise ValueError(f"in_channels must be >= 1 or None, got in_channels={in_channels}")
 
 
+class MaskedClassifier(nn.Module):
+  """An NHWC image classifier whose batch norms keep the padding rows of ``mask`` out of their
+  statistics (as :class:`~orchard_jax.models.MiniCNN`'s).
+
+  Its compact ``__call__`` checks the input (:func:`check_input`, naming the class), makes the
+  BatchNorm mask (:func:`batch_norm_mask`) and returns the logits that the subclass's
+  :meth:`logits` builds, its submodules defined there as in any compact method.
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
+    """``x``: ``[B, H, W, C]`` -> logits ``[B, num_classes]``; ``mask`` as in MiniCNN."""
+    check_input(type(self).__name__, x, self.in_channels)
+    return self.logits(x, train, batch_norm_mask(x, mask))
+
+  def logits(self, x: jax.Array, train: bool, bn_mask: jax.Array | None) -> jax.Array:
+    """The network on checked inputs ``x``, its batch norms masked by ``bn_mask``."""
+    raise NotImplementedError
+
+
 def max_pool_3x3_stride_2(x_BxHxWxC: jax.Array) -> jax.Array:
   """torch's ``nn.MaxPool2d(3, stride=2, padding=1)`` on NHWC: ``[B, (H-1)//2+1, (W-1)//2+1, C]``.
 
@@ -118,7 +138,7 @@ class BasicBlock(nn.Module):
     return nn.relu(y + x)
 
 
-class ResNet18(nn.Module):
+class ResNet18(MaskedClassifier):
   """torchvision's ``resnet18``, or the reference's low-resolution variant.
 
   Standard stem (``low_res=False``, for 64-224 px)::
@@ -175,11 +195,8 @@ class ResNet18(nn.Module):
       raise ValueError(f"width must be >= 1, got width={self.width}")
     super().__post_init__()
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
-    """``x``: ``[B, H, W, C]`` -> logits ``[B, num_classes]``; ``mask`` as in MiniCNN."""
-    check_input("ResNet18", x, self.in_channels)
-    bn_mask = batch_norm_mask(x, mask)
+  def logits(self, x: jax.Array, train: bool, bn_mask: jax.Array | None) -> jax.Array:
+    """The stem, the four stages, pooling, dropout and ``fc``."""
     if self.low_res:
       x = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                   kernel_init=_CONV_INIT, name="conv1")(x)
