@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,19 +44,36 @@ def _raise_interrupt(outcome: Outcome) -> None:
     raise outcome.error
 
 
+def _release_frames(error: BaseException | None) -> None:
+  """Clears the local variables of the finished frames in the tracebacks of ``error`` and its
+  causes (the arrays of the trial it ended); the tracebacks still say where it was raised."""
+  seen: set[int] = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    traceback.clear_frames(error.__traceback__)
+    error = error.__cause__ or error.__context__
+
+
+def _trained(trial: optuna.Trial, configure: Configure, log_outcome: bool) -> Outcome:
+  """The outcome of ``trial``, configured and trained alone (:func:`train_trial`)."""
+  try:
+    cfg = configure(trial)
+  except BaseException as e:  # pylint: disable=broad-except  # told, then an interrupt raised
+    return outcome_of(e, trial, None)
+  return train_trial(trial, cfg, log_outcome=log_outcome)
+
+
 def _one_by_one(ask: Ask, configure: Configure, tell: Tell, log_outcome: bool) -> int:
-  """Trains each trial alone (:func:`train_trial`) until ``ask`` has no more; returns how many
-  were told."""
+  """Trains each trial alone until ``ask`` has no more; returns how many were told."""
   told = 0
   while (trial := ask()) is not None:
     started = time.monotonic()
-    try:
-      cfg = configure(trial)
-    except BaseException as e:  # pylint: disable=broad-except  # told, then an interrupt raised
-      outcome = outcome_of(e, trial, None)
-    else:
-      outcome = train_trial(trial, cfg, log_outcome=log_outcome)
-    tell(trial, outcome._replace(seconds=time.monotonic() - started))
+    outcome = _trained(trial, configure, log_outcome)
+    # Told without its trained state, which goes first (the caller may give its memory back,
+    # and nothing of this trial lives on while the next one starts).
+    _release_frames(outcome.error)
+    outcome = outcome._replace(result=None, seconds=time.monotonic() - started)
+    tell(trial, outcome)
     told += 1
     _raise_interrupt(outcome)
   return told
