@@ -109,7 +109,7 @@ def reap_dead(study: optuna.Study, folder: pathlib.Path | None,
   """Fails the RUNNING trials of dead processes, with the user attribute ``lost``.
 
   Call it under the study lock, then
-  :func:`~orchard_jax.study.workers.requeue_unfinished`, which enqueues their
+  :func:`~orchard_jax.study.budget.requeue_unfinished`, which enqueues their
   parameters again (so a storage that fails between the two loses no
   retry). A RUNNING trial without a ``worker_id`` (one
   started by a user's own objective) is left alone: nothing tells whether

@@ -76,7 +76,7 @@ class DatabaseLock(StudyLock):
   connection is the engine pool's, checked out only while the lock is held
   (the pool's pre-ping replaces one that a restart broke, before the lock is
   asked for); an ``acquire`` that fails drops its connection, and the
-  caller's retry (:func:`orchard_jax.study.workers.store`) takes the lock
+  caller's retry (:func:`orchard_jax.study.storing.store`) takes the lock
   afresh on a new one. ``release`` never fails: when the unlock cannot be
   said, the connection is closed, and the lock ends with its session.
   ``confirm`` asks the server whether this session still holds the lock.
