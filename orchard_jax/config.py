@@ -59,7 +59,7 @@ __all__ = ["ConfigError", "DEFAULT_METRICS", "TrainingConfig", "OptunaConfig", "
 
 SEED_MAX = 2**32 - 1  # numpy's and Optuna's samplers take seeds in [0, 2**32)
 # The metrics the default validation (orchard_jax.engine.evaluate) returns; the
-# command line's recipes allow the same (study.recipe.RECIPE_METRICS).
+# command line's recipes allow the same (study.sections.RECIPE_METRICS).
 DEFAULT_METRICS = ("auc", "accuracy", "f1", "loss")
 
 
