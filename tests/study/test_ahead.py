@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from orchard_jax.engine import executables
-from orchard_jax.study import runner
+from orchard_jax.study import opening, runner
 from orchard_jax.study.ahead import CompileAhead, program_params
 from orchard_jax.study.recipe import parse_recipe
 from orchard_jax.study.sources import array_source
@@ -149,7 +149,7 @@ def test_a_study_that_fails_to_open_waits_for_the_compile_before_raising(tmp_pat
   def unreachable(recipe, url, *args, **kwargs):
     raise RuntimeError("storage is down")
 
-  monkeypatch.setattr(runner, "open_study", unreachable)
+  monkeypatch.setattr(opening, "open_study", unreachable)
   fresh_caches()
   with pytest.raises(RuntimeError, match="storage is down"):
     run(tmp_path)
