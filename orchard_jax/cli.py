@@ -163,8 +163,9 @@ def _configure_logging(level: str, prefix: str = "", debug: bool = False) -> Non
   if debug:  # its debug lines, and the tracebacks of warnings that have one
     package.setLevel(logging.DEBUG)
   package.propagate = False
-  # The runner logs one line per trial; the engine's per-trial summary would repeat it.
-  logging.getLogger("orchard_jax.engine.trial").setLevel(max(package.level, logging.WARNING))
+  # The runner logs one line per trial; the engine's per-trial start and summary would repeat it.
+  for name in ("orchard_jax.engine.start", "orchard_jax.engine.trial"):
+    logging.getLogger(name).setLevel(max(package.level, logging.WARNING))
   optuna.logging.set_verbosity(optuna.logging.ERROR)  # the runner logs each trial itself
   logging.getLogger("absl").setLevel(logging.WARNING)
   warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
