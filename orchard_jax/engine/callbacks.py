@@ -17,10 +17,19 @@ Orbax logs through absl's logger: INFO lines for every save, and, from its
 threads, ERROR tracebacks of a failed write (hundreds of lines per trial).
 While this module saves or restores, records from orbax's code are dropped
 there (:func:`quiet_orbax`); the caller's logging is left as it was.
+
+Orbax runs each write in a fresh event loop that it closes as soon as the
+first array fails, while TensorStore still writes the others; when such a
+write ends, TensorStore's thread hands its result to the closed loop, and
+the ``RuntimeError('Event loop is closed')`` goes to ``sys.unraisablehook``,
+which prints a bare traceback. The event loops made while this module saves
+or restores therefore wait for their unfinished tasks before they close, and
+a save or load ends only after the threads orbax started in it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import json
@@ -29,6 +38,7 @@ import math
 import os
 import pathlib
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -198,6 +208,84 @@ class _FromOrbax(logging.Filter):
     return not (self.roots and record.pathname.startswith(self.roots))
 
 
+# How long a closing event loop of orbax waits for its unfinished writes, and the end of a save or
+# load for the threads orbax started in it; then each goes on as before.
+_DRAIN_TIMEOUT_S = 60.0
+
+
+def _drain(loop: asyncio.AbstractEventLoop) -> None:
+  """Runs ``loop`` (stopped, not closed) until it has no unfinished task and has run the
+  callbacks already due (a ``gather`` takes its tasks' errors there), for at most
+  ``_DRAIN_TIMEOUT_S``; the errors of the tasks it waited for are taken, not logged."""
+  deadline, waited = time.monotonic() + _DRAIN_TIMEOUT_S, set()
+  while not (loop.is_closed() or loop.is_running()):
+    loop.run_until_complete(asyncio.sleep(0))
+    pending, left = asyncio.all_tasks(loop), deadline - time.monotonic()
+    if not pending or left <= 0:
+      break
+    waited |= pending
+    loop.run_until_complete(asyncio.wait(pending, timeout=left))
+  for task in waited:
+    if task.done() and not task.cancelled():
+      task.exception()  # asyncio logs an error nobody took when the task is freed
+
+
+def _drain_then_close(loop: asyncio.AbstractEventLoop) -> None:
+  """Makes ``loop.close()`` first :func:`_drain` the loop, so that no result of TensorStore
+  reaches it closed; a loop whose class takes no attribute closes as before."""
+  close = loop.close
+
+  def draining_close() -> None:
+    try:
+      _drain(loop)
+    except Exception:  # pylint: disable=broad-except  # the loop closes all the same
+      pass
+    finally:
+      close()
+
+  try:
+    loop.close = draining_close  # type: ignore[method-assign]
+  except (AttributeError, TypeError):
+    pass
+
+
+class _DrainingPolicy(asyncio.AbstractEventLoopPolicy):
+  """The current event loop policy, but each new loop drains its tasks before it closes."""
+
+  def __init__(self, base: asyncio.AbstractEventLoopPolicy):
+    self.base = base
+
+  def get_event_loop(self) -> asyncio.AbstractEventLoop:
+    return self.base.get_event_loop()
+
+  def set_event_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+    self.base.set_event_loop(loop)
+
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    loop = self.base.new_event_loop()
+    _drain_then_close(loop)
+    return loop
+
+  def get_child_watcher(self) -> Any:
+    return self.base.get_child_watcher()
+
+  def set_child_watcher(self, watcher: Any) -> None:
+    self.base.set_child_watcher(watcher)
+
+
+def _orbax_threads() -> set[threading.Thread]:
+  """The running threads of orbax's own thread classes (its commit threads)."""
+  return {t for t in threading.enumerate() if type(t).__module__.startswith("orbax.")}
+
+
+def _join_new(threads: set[threading.Thread]) -> None:
+  """Waits (at most ``_DRAIN_TIMEOUT_S`` in all) for orbax's threads not in ``threads``."""
+  deadline = time.monotonic() + _DRAIN_TIMEOUT_S
+  for thread in _orbax_threads() - threads - {threading.current_thread()}:
+    # threading's own join: orbax's raises the thread's error, which its save already raised
+    threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
+
+
 @contextlib.contextmanager
 def quiet_orbax() -> Iterator[None]:
   """Orbax's log records dropped while the block runs (held under ``_ORBAX_LOCK``).
@@ -208,18 +296,34 @@ def quiet_orbax() -> Iterator[None]:
   no handler, which would configure a program's logging for good: a
   ``NullHandler`` stands in on the root logger for the block instead. The
   levels and handlers of every logger are as they were after it.
+
+  The event loops made in the block (orbax makes one per write, in its own
+  threads) run their unfinished tasks to the end before they close: a write
+  that fails leaves none of TensorStore's results to arrive at a closed loop
+  and be printed as a bare traceback. A save that fails can also leave
+  orbax's commit threads running; the block ends when they have ended, so
+  that none logs or writes after it. The asyncio event loop policy is the
+  caller's again after the block.
   """
   absl, root, drop = logging.getLogger("absl"), logging.getLogger(), _FromOrbax()
   stand_in = None if root.handlers else logging.NullHandler()
+  policy, threads = asyncio.get_event_loop_policy(), _orbax_threads()
   absl.addFilter(drop)
   if stand_in is not None:
     root.addHandler(stand_in)
+  draining = _DrainingPolicy(policy)
+  asyncio.set_event_loop_policy(draining)
   try:
     yield
   finally:
-    absl.removeFilter(drop)
-    if stand_in is not None:
-      root.removeHandler(stand_in)
+    try:
+      _join_new(threads)
+    finally:
+      if asyncio.get_event_loop_policy() is draining:
+        asyncio.set_event_loop_policy(policy)
+      absl.removeFilter(drop)
+      if stand_in is not None:
+        root.removeHandler(stand_in)
 
 
 def save_best(directory: str | pathlib.Path, params: Any, model_state: Any,
