@@ -34,11 +34,11 @@ _EXPORTS = {
     **dict.fromkeys(("eval_step", "train_step"), "orchard_jax.core.steps"),
     **dict.fromkeys(("FitResult", "TrialTrainingExecutor", "evaluate", "fit", "load_best_state",
                      "run_trial", "train_epoch"), "orchard_jax.engine"),
-    **dict.fromkeys(("create_train_state", "state_from_config"), "orchard_jax.engine.state"),
+    **dict.fromkeys(("create_train_state", "state_from_config"), "orchard_jax.engine.first_state"),
     "optimize": "orchard_jax.engine.driver",
     **dict.fromkeys(("MLP", "MiniCNN", "Model", "as_model", "build_model"), "orchard_jax.models"),
     **dict.fromkeys(("write_outputs",), "orchard_jax.study.outputs"),
-    "StudyOutputs": "orchard_jax.study.callbacks",
+    "StudyOutputs": "orchard_jax.study.study_callbacks",
 }
 # Subpackages and modules, bound as attributes on first use as an import would.
 _MODULES = ("config", "core", "data", "engine", "errors", "fileio", "models", "study")
@@ -75,7 +75,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
   from orchard_jax.engine import (FitResult, TrialTrainingExecutor, evaluate, fit,
                                   load_best_state, run_trial, train_epoch)
   from orchard_jax.engine.driver import optimize
-  from orchard_jax.engine.state import create_train_state, state_from_config
+  from orchard_jax.engine.first_state import create_train_state, state_from_config
   from orchard_jax.models import MLP, MiniCNN, Model, as_model, build_model
-  from orchard_jax.study.callbacks import StudyOutputs
+  from orchard_jax.study.study_callbacks import StudyOutputs
   from orchard_jax.study.outputs import write_outputs

@@ -52,7 +52,7 @@ def test_search_space_matches_orchard_jax_space_for_the_bundled_recipe(torch_stu
 
 
 def test_study_settings_equal_the_bundled_recipe(torch_study, recipe):
-  from orchard_jax.study.callbacks import MAX_CONSECUTIVE_FAILURES, threshold_for
+  from orchard_jax.study.study_callbacks import MAX_CONSECUTIVE_FAILURES, threshold_for
   config, training, dataset = recipe.study.config, recipe.training, recipe.dataset
   expected = {
       "study_name": config.study_name, "seed": training.seed,

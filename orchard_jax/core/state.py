@@ -202,7 +202,7 @@ def create_train_state(model, *, input_shape, num_classes: int, seed: int = 42,
   structure would reuse) are built eagerly.
 
   ``orchard_jax.create_train_state`` is this function with ``compiled`` from
-  the executable cache (:func:`orchard_jax.engine.state.create_train_state`).
+  the executable cache (:func:`orchard_jax.engine.first_state.create_train_state`).
 
   Every array of the state is committed to the default device
   (:func:`default_device`), as the batches of

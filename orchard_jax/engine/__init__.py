@@ -10,7 +10,8 @@
 """
 
 from orchard_jax.engine.callbacks import (BestState, EarlyStopping, LRSchedulerStep,
-                                          OptunaReportPrune, load_best, read_summary, save_best)
+                                          OptunaReportPrune)
+from orchard_jax.engine.checkpoint import load_best, read_summary, save_best
 from orchard_jax.engine.epoch import compile_steps, evaluate, train_epoch
 from orchard_jax.engine.loop import (Callback, EpochLog, EpochLoop, LoopResult, fallback_metrics,
                                      run_loop, update_best, worst_value)

@@ -1,11 +1,11 @@
 """The engine's one ask/tell driver: trials one by one, or in cohorts, until the budget is spent.
 
 :func:`run_trials` takes ``ask``, ``configure`` and ``tell`` from its caller
-(the study's are :class:`orchard_jax.study.driver.StudyDriver`'s);
+(the study's are :class:`orchard_jax.study.ask_tell.StudyDriver`'s);
 :func:`optimize` is the Python API over a plain Optuna study. A trial trained
 alone goes through :func:`~orchard_jax.engine.trial.train_trial`, run_trial's
 path bit for bit; trials of one structure train together, vmapped, in a
-:class:`~orchard_jax.engine.cohort.Cohort` that :class:`CohortScheduler` forms
+:class:`~orchard_jax.engine.cohort_run.Cohort` that :class:`CohortScheduler` forms
 and refills at epoch boundaries.
 """
 
@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from orchard_jax.config import TrialConfig
-from orchard_jax.engine.cohort import Cohort, Member, devices_of, slots_for
+from orchard_jax.engine.cohort_run import Cohort, Member, devices_of, slots_for
 from orchard_jax.engine.outcome import Outcome, outcome_of
 from orchard_jax.engine.trial import train_trial
 
@@ -232,7 +232,7 @@ def run_trials(ask: Ask, configure: Configure, tell: Tell, cohort_size: int = 1,
     log_outcome: Whether the engine logs each trial's failure or pruning
       (False: the caller logs each finished trial itself).
 
-  A trial whose structure (:func:`~orchard_jax.engine.cohort.cohort_key`)
+  A trial whose structure (:func:`~orchard_jax.engine.cohort_run.cohort_key`)
   differs from its cohort's waits, already asked, for a cohort of its own
   kind. ``KeyboardInterrupt`` propagates, after every live trial is told FAIL.
   """

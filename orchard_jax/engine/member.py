@@ -2,7 +2,7 @@
 
 A :class:`Member` starts as :func:`~orchard_jax.engine.trial.run_trial` starts a trial
 (:func:`~orchard_jax.engine.start.prepare`: its settings line, callbacks, LR controller, loop
-and checked first state), then its cohort (:mod:`orchard_jax.engine.cohort`) trains its epochs
+and checked first state), then its cohort (:mod:`orchard_jax.engine.cohort_run`) trains its epochs
 and hands each epoch's loss and validation to :meth:`Member.end_epoch`, where its own run of the
 loop validates, reports, prunes and keeps its best. Whatever ends it ends it by the outcome rule
 of every trial (:func:`~orchard_jax.engine.outcome.outcome_of`). :func:`cohort_key` is what

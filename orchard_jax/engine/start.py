@@ -36,7 +36,7 @@ from orchard_jax.engine.callbacks import (BestState, LRSchedulerStep, OptunaRepo
                                           storage_call)
 from orchard_jax.engine.epoch import evaluate, train_epoch
 from orchard_jax.engine.loop import Callback, EpochLoop, LoopRun, ValidateFn
-from orchard_jax.engine.state import state_from_config
+from orchard_jax.engine.first_state import state_from_config
 from orchard_jax.errors import DataError, EmptyLoaderError, SetupError
 from orchard_jax.records import TRIAL_CONFIG
 

@@ -41,7 +41,8 @@ from optuna.trial import TrialState
 
 from orchard_jax.config import TrainingConfig, TrialConfig
 from orchard_jax.core.state import TrainState
-from orchard_jax.engine.callbacks import BestState, EarlyStopping, load_best, storage_call
+from orchard_jax.engine.callbacks import BestState, EarlyStopping, storage_call
+from orchard_jax.engine.checkpoint import load_best
 from orchard_jax.engine.loop import EpochLog, LoopResult, run_epochs
 from orchard_jax.engine.outcome import Outcome, outcome_of
 from orchard_jax.engine.start import (Prepared, best_state_dir, check_direction, initial_state,

@@ -4,9 +4,9 @@
 * :mod:`~orchard_jax.study.sources` -- digits, MedMNIST-format ``.npz``, user functions.
 * :mod:`~orchard_jax.study.space` -- the ``quick``/``full`` presets and their overrides.
 * :mod:`~orchard_jax.study.runner` -- ``orchard-jax run``: a study run (or resumed) and its outputs.
-* :mod:`~orchard_jax.study.opening` -- sampler, pruner and storage: a study created, loaded or joined.
+* :mod:`~orchard_jax.study.opening` -- sampler, pruner, storage: a study created, loaded, joined.
 * :mod:`~orchard_jax.study.storage` -- storage URLs, opening them, heartbeats, storage faults.
-* :mod:`~orchard_jax.study.driver` -- the study's ask and tell for the engine's one driver.
+* :mod:`~orchard_jax.study.ask_tell` -- the study's ask and tell for the engine's one driver.
 * :mod:`~orchard_jax.study.workers` -- a worker of a study shared by processes or machines.
 * :mod:`~orchard_jax.study.launch` -- ``run --workers``: one worker process per local device.
 * :mod:`~orchard_jax.study.outputs` -- trials.csv, best_config.yaml, plots, best model, together.

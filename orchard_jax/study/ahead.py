@@ -91,7 +91,7 @@ class CompileAhead:
       training = trial_training_config(cfg)
       state, cohort_size = initial_state(cfg, training), recipe.study.config.cohort_size
       if cohort_size > 1:  # the first cohort's programs, not a solo trial's
-        from orchard_jax.engine.cohort import compile_cohort_steps
+        from orchard_jax.engine.cohort_run import compile_cohort_steps
         compile_cohort_steps(state, cfg.train_loader, cfg.val_loader, layout=cfg.layout,
                              cohort_size=cohort_size)
       else:

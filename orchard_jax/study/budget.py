@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from orchard_jax.records import (INTERRUPTED, LOST, RESOURCE_FAULT, RETRY_OF, STORAGE_FAULT,
                                  WORKER, WORKER_ID)
-from orchard_jax.study.callbacks import FailureStreak, StudyEarlyStopping, threshold_for
+from orchard_jax.study.study_callbacks import FailureStreak, StudyEarlyStopping, threshold_for
 from orchard_jax.study.liveness import reap_dead
 from orchard_jax.study.locks import StudyLock
 from orchard_jax.study.opening import build_sampler

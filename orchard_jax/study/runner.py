@@ -8,7 +8,7 @@
   storage URL (see :mod:`orchard_jax.study.storage`). A database that cannot
   be opened stops the run before anything is written.
 * **One mechanism**: ``run`` takes its trials exactly as every worker does
-  (:mod:`orchard_jax.study.driver`, in ``optuna.n_jobs`` threads): under the
+  (:mod:`orchard_jax.study.ask_tell`, in ``optuna.n_jobs`` threads): under the
   study lock, counting the budget (:mod:`orchard_jax.study.budget`), failing
   the trials of dead processes and retrying their parameters. ``n_trials``
   is the study's total, so the same command continues an interrupted or
@@ -29,7 +29,7 @@
   1.000000 >= threshold 0.9999 in 2 consecutive trials; the study stopped
   after 2 of 50 trials (48 not run)``; exit status 0), and after three failed
   trials in a row. Only the current best trial's checkpoint is
-  kept (see :mod:`orchard_jax.study.callbacks`).
+  kept (see :mod:`orchard_jax.study.study_callbacks`).
 * **Exit status** (:mod:`orchard_jax.study.ending`): 0 done with a best
   trial; 1 no trial completed; 3 the study ended short of ``n_trials`` (said
   on stdout); 130/143 after a signal.
@@ -44,8 +44,8 @@ from typing import Any
 
 from orchard_jax.study.ahead import CompileAhead
 from orchard_jax.study.budget import finished_count
-from orchard_jax.study.callbacks import KeepBestCheckpoint, Progress
-from orchard_jax.study.driver import drive_threads, new_budgets
+from orchard_jax.study.study_callbacks import KeepBestCheckpoint, Progress
+from orchard_jax.study.ask_tell import drive_threads, new_budgets
 from orchard_jax.study.ending import conclude, nothing_to_run, ran_and_stopped_by
 from orchard_jax.study.liveness import RunFolderLock
 from orchard_jax.study.objective import Objective

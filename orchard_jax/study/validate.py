@@ -202,7 +202,7 @@ def _check(recipe: Recipe, source: Any, params: Mapping[str, Any]) -> int:
   # pylint: disable=import-outside-toplevel  # JAX and the engine: only once a recipe is read
   import jax
   import jax.numpy as jnp
-  from orchard_jax.engine.state import state_from_config
+  from orchard_jax.engine.first_state import state_from_config
   from orchard_jax.engine.trial import trial_training_config
 
   where = _named(params, recipe)

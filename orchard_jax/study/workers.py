@@ -3,7 +3,7 @@
 A worker joins the study in the recipe's storage (:func:`join_study`; a
 database URL, or the journal file of ``run --workers``) and runs its trials
 exactly as ``orchard-jax run`` and every other worker do
-(:mod:`orchard_jax.study.driver`): under the study lock it decides, counts the
+(:mod:`orchard_jax.study.ask_tell`): under the study lock it decides, counts the
 budget and asks for the next trial (:mod:`orchard_jax.study.budget`), so any
 mix of processes together runs exactly ``optuna.n_trials`` trials.
 
@@ -25,8 +25,8 @@ import sys
 from typing import Any
 
 from orchard_jax.study.budget import finished_count
-from orchard_jax.study.callbacks import KeepBestCheckpoint, Progress
-from orchard_jax.study.driver import drive, new_budgets
+from orchard_jax.study.study_callbacks import KeepBestCheckpoint, Progress
+from orchard_jax.study.ask_tell import drive, new_budgets
 from orchard_jax.study.ending import conclude
 from orchard_jax.study.objective import Objective
 from orchard_jax.study.opening import Joined, join_study

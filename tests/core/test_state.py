@@ -1,6 +1,6 @@
 """create_train_state: one compiled program that equals eager initialisation.
 
-``orchard_jax.create_train_state`` (``orchard_jax.engine.state``) takes the
+``orchard_jax.create_train_state`` (``orchard_jax.engine.first_state``) takes the
 program from the executable cache; the core's own takes it from ``jax.jit``.
 """
 
@@ -75,7 +75,7 @@ def test_the_cores_build_uses_jits_own_cache_and_equals_the_cached_one():
 @pytest.mark.parametrize("alpha, epochs, mixup", [(0.2, 3, True), (0.0, 3, False), (0.2, 0, False)])
 def test_a_state_is_built_without_mixup_when_mixup_can_never_run(alpha, epochs, mixup):
   from orchard_jax import TrainingConfig
-  from orchard_jax.engine.state import state_from_config
+  from orchard_jax.engine.first_state import state_from_config
 
   cfg = TrainingConfig(mixup_alpha=alpha, mixup_epochs=epochs)
   state = state_from_config(MLP(num_classes=3, hidden=(5,)), cfg, input_shape=(2, 3, 1),

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from orchard_jax.config import OptunaConfig, TrainingConfig, TrialConfig
 from orchard_jax.data import make_loader
-from orchard_jax.engine import cohort as engine_cohort
+from orchard_jax.engine import cohort_run as engine_cohort
 from orchard_jax.engine import run_trial
 from orchard_jax.engine.programs import PROGRAMS_ENV
 from orchard_jax.engine.driver import optimize
@@ -198,7 +198,7 @@ def test_a_loader_read_once_per_shared_pass_records_the_member_that_reads_its_or
   shared = train_loader(collate_fn=lambda rows: default_collate(rows)), val_loader()
   configure = configurator(loaders=lambda number: shared,
                            epochs=lambda number: 1 if number == 1 else 2)
-  with caplog.at_level(logging.WARNING, logger="orchard_jax.engine.cohort"):
+  with caplog.at_level(logging.WARNING, logger="orchard_jax.engine.cohort_run"):
     _, cohort = solo_and_cohort(configure, RATES, cohort_size=2)
   assert states(cohort) == {"COMPLETE": 4}
   records = {t.number: t.user_attrs.get(SHARED_ORDER) for t in cohort.trials}

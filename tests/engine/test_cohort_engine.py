@@ -243,7 +243,7 @@ import jax, optuna
 from tests.engine.conftest import batches, synthetic
 from orchard_jax.config import OptunaConfig, TrainingConfig, TrialConfig
 from orchard_jax.engine import run_trial
-from orchard_jax.engine import cohort as engine_cohort
+from orchard_jax.engine import cohort_run as engine_cohort
 from orchard_jax.engine.driver import optimize
 from orchard_jax.models import MiniCNN
 optuna.logging.set_verbosity(optuna.logging.WARNING)

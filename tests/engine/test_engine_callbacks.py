@@ -12,7 +12,8 @@ import pytest
 from orchard_jax.core.schedules import LRController
 from orchard_jax.core.state import create_train_state
 from orchard_jax.engine.callbacks import (BestState, EarlyStopping, LRSchedulerStep,
-                                          OptunaReportPrune, load_best, read_summary)
+                                          OptunaReportPrune)
+from orchard_jax.engine.checkpoint import load_best, read_summary
 from orchard_jax.engine.loop import EpochLoop, run_loop
 from orchard_jax.models import MLP
 

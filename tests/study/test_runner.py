@@ -17,7 +17,7 @@ from orchard_jax.records import INTERRUPTED, RETRY_OF
 from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.recipe import parse_recipe
 from orchard_jax.study.budget import finished_count, requeue_unfinished
-from orchard_jax.study.callbacks import FailureStreak, StudyEarlyStopping, threshold_for
+from orchard_jax.study.study_callbacks import FailureStreak, StudyEarlyStopping, threshold_for
 from orchard_jax.study.opening import build_pruner, open_study
 from orchard_jax.study.runner import storage_url
 from orchard_jax.study.signals import GracefulInterrupt
