@@ -79,23 +79,44 @@ def python_child(checkout: pathlib.Path, code: str, args: list[str], what: str) 
   return json.loads(line[len("RESULT"):] if line.startswith("RESULT") else line)
 
 
-def one_round(checkout: pathlib.Path, side: str, work: pathlib.Path) -> dict[str, float]:
+GROUPS = ("study", "first", "cohort")
+
+
+def one_round(checkout: pathlib.Path, side: str, work: pathlib.Path,
+              groups: tuple[str, ...] = GROUPS) -> dict[str, float]:
   figures: dict[str, float] = {}
-  cache = work / f"{side}_cache"
-  cache.mkdir()
-  figures["study cold"] = study(checkout, work, f"{side}_cold", cache)
-  figures["study warm"] = study(checkout, work, f"{side}_warm", cache)
-  cohort_cache = work / f"{side}_cohort_cache"
-  cohort_cache.mkdir()
-  figures["cohort study (mlp, K=4)"] = study(
-      checkout, work, f"{side}_cohort", cohort_cache,
-      ("architecture.name=mlp", "optuna.cohort_size=4"))
+  if "study" in groups:
+    cache = work / f"{side}_cache"
+    cache.mkdir()
+    figures["study cold"] = study(checkout, work, f"{side}_cold", cache)
+    figures["study warm"] = study(checkout, work, f"{side}_warm", cache)
+    cohort_cache = work / f"{side}_cohort_cache"
+    cohort_cache.mkdir()
+    figures["cohort study (mlp, K=4)"] = study(
+        checkout, work, f"{side}_cohort", cohort_cache,
+        ("architecture.name=mlp", "optuna.cohort_size=4"))
+  if "first" in groups:
+    figures.update(first_trials(checkout))
+  if "cohort" in groups:
+    figures.update(cohort_trial_figures(checkout))
+  return figures
+
+
+def first_trials(checkout: pathlib.Path) -> dict[str, float]:
+  """The first trial's seconds, per model, of ``first_trial.py``'s child."""
+  figures = {}
   for model in first_trial.MODELS:
     out = python_child(checkout, first_trial.CHILD, [model], f"first trial {model}")
     where = pathlib.Path(out["module"]).resolve()
     if checkout.resolve() not in where.parents:
       raise SystemExit(f"the child imported {where}, not orchard_jax of {checkout}")
     figures[f"first trial ({model})"] = out["seconds"][0]
+  return figures
+
+
+def cohort_trial_figures(checkout: pathlib.Path) -> dict[str, float]:
+  """``cohort_trials.py``'s tabular case: the process (cold), and its trials again (warm)."""
+  figures = {}
   n, k = cohort_trials.CASES["tabular"]
   out = python_child(checkout, cohort_trials.CHILD, ["tabular", str(n), str(k)],
                      "cohort trials")
@@ -110,6 +131,8 @@ def main() -> None:
                       help="a checkout of the commit to compare with (git worktree add)")
   parser.add_argument("--new", type=pathlib.Path, default=ROOT)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS),
+                      help="which figures: the studies, the first trials, the cohort trials")
   args = parser.parse_args()
   if args.repeats < 1:
     parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -118,7 +141,7 @@ def main() -> None:
     order = ("old", "new") if repeat % 2 == 0 else ("new", "old")
     for side in order:
       with tempfile.TemporaryDirectory(prefix=f"checkouts_{side}_") as work:
-        figures = one_round(getattr(args, side), side, pathlib.Path(work))
+        figures = one_round(getattr(args, side), side, pathlib.Path(work), tuple(args.only))
       rounds[side].append(figures)
       print(f"round {repeat + 1} {side}: " + ", ".join(f"{key} {value:.2f} s"
                                                       for key, value in figures.items()),
