@@ -141,6 +141,8 @@ def _worker_parser(commands: Any) -> None:
                            "--workers writes those once)")
   _debug_argument(worker, "show Python tracebacks of unexpected errors and of warnings, and "
                           "debug log lines")
+  # started by run --workers on a study it has just opened: a restarting server is waited out
+  worker.add_argument("--launched", action="store_true", help=argparse.SUPPRESS)
   worker.set_defaults(func=_worker)
 
 
@@ -301,7 +303,8 @@ def _worker(args: argparse.Namespace) -> int:
   validate(recipe, source)  # run's checks: a recipe validate refuses joins no study
   import optuna
   optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in RDB ..."
-  joined = join_study(recipe, url, heartbeat, "--storage" if args.storage else "optuna.storage")
+  joined = join_study(recipe, url, heartbeat, "--storage" if args.storage else "optuna.storage",
+                      patient=args.launched)
   _setup(recipe, prefix=f"[{name}] ", debug=args.debug)
   return run_worker(recipe, source, _run_dir(recipe, args.output), joined, name=name,
                     write_outputs=not args.no_outputs)

@@ -151,7 +151,7 @@ class _Forward(StopSignals):
 def _command(recipe_args: Sequence[str], url: str, run_dir: pathlib.Path, name: str,
              debug: bool) -> list[str]:
   return [sys.executable, "-m", "orchard_jax.cli", "worker", *recipe_args, "--storage", url,
-          "--output", str(run_dir.absolute()), "--name", name, "--no-outputs",
+          "--output", str(run_dir.absolute()), "--name", name, "--no-outputs", "--launched",
           *(["--debug"] if debug else [])]
 
 

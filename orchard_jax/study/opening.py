@@ -23,10 +23,12 @@ from typing import Any, NamedTuple
 import optuna
 import yaml
 
+from orchard_jax.errors import StorageFault
 from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.outputs import name_metric
 from orchard_jax.study.storage import (Heartbeat, JOURNAL, disk_fault, is_disk_fault,
-                                       journal_path, masked, open_storage)
+                                       is_transient, journal_path, masked, open_storage)
+from orchard_jax.study.storing import store
 
 logger = logging.getLogger(__name__)
 
@@ -148,20 +150,34 @@ def liveness_folder(url: str | None) -> pathlib.Path | None:
 
 
 def join_study(recipe: Any, url: str | None, heartbeat: Heartbeat | None = None,
-               where: str = "--storage", *, join: bool = True) -> Joined:
+               where: str = "--storage", *, join: bool = True, patient: bool = False) -> Joined:
   """Opens ``url`` and joins (or creates) the recipe's study.
 
   A database server gets Optuna's ``heartbeat``; a file storage gets
   liveness locks instead (no writes, no grace period). ``join=False``
-  (``orchard-jax run``) honours ``optuna.load_if_exists``.
+  (``orchard-jax run``) honours ``optuna.load_if_exists``. ``patient``
+  (a worker that ``run --workers`` started, on a study it has just opened):
+  a storage that fails as a restarting server does (:func:`is_transient`)
+  is tried again for the storage patience, as every later call is
+  (:func:`~orchard_jax.study.storing.store`).
 
   Raises:
     RecipeError: the storage cannot be opened (unreachable, credentials
       refused, no driver), or its study has the other direction; nothing is
       written then.
+    StorageFault: ``patient``, and the storage still failed after the patience.
   """
   folder = liveness_folder(url)
-  storage = open_storage(url, heartbeat if folder is None else None, where=where)
-  study = open_study(recipe, url, storage, join=join, where=where)
-  return Joined(url, storage, study, heartbeat is not None and folder is None and url is not None,
-                folder)
+
+  def attempt() -> Joined:
+    try:
+      storage = open_storage(url, heartbeat if folder is None else None, where=where)
+      study = open_study(recipe, url, storage, join=join, where=where)
+    except RecipeError as e:  # its one line hides the driver's error, still its context
+      if patient and e.__context__ is not None and is_transient(e.__context__):
+        raise StorageFault(str(e)) from e.__context__
+      raise
+    return Joined(url, storage, study,
+                  heartbeat is not None and folder is None and url is not None, folder)
+
+  return store(attempt, "the worker's join of the study") if patient else attempt()

@@ -75,6 +75,28 @@ def test_a_worker_waits_out_a_restart_of_the_server(postgres_to_restart, workdir
   assert (output / "trials.csv").is_file() and (output / "best_config.yaml").is_file()
 
 
+def test_a_launched_worker_waits_out_a_server_that_restarts_while_it_joins(
+    postgres_to_restart, workdir, warm_env, command):
+  # run --workers opens the study, then starts its workers: a restart in between used to end a
+  # worker at its join ("--storage: cannot open ...: the database system is shutting down").
+  url = postgres_to_restart.create_database()
+  path = fault_recipe(workdir, "pg_restart_join", n_trials=1, epochs=2, storage=url)
+  env = {**warm_env, "ORCHARD_JAX_STORE_PATIENCE_S": str(PATIENCE_S)}
+  postgres_to_restart.stop("fast")
+  try:
+    proc, seen = start(command, ["worker", path, "--name", "w", "--launched"], env, workdir), []
+    wait_for(proc, "retrying for up to", seen)
+  finally:
+    postgres_to_restart.start()
+  done = finish(proc, seen)
+  assert done.returncode == 0, done.stderr[-3000:]
+  check_exact(load(url, "pg_restart_join"), 1)
+  [line] = [line for line in done.stderr.splitlines() if "retrying for up to" in line]
+  assert SERVER_AWAY.search(line) and line.endswith(f"; retrying for up to {PATIENCE_S} s"), line
+  for text in ("error:", "Traceback", "InvalidatePoolError"):
+    assert text not in done.stderr, done.stderr[-3000:]
+
+
 def test_a_run_in_cohorts_waits_out_a_crash_of_the_server(postgres_to_restart, workdir,
                                                          warm_env, command):
   url = postgres_to_restart.create_database()
