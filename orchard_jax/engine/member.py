@@ -82,7 +82,7 @@ class Member:
     try:
       check_direction(self.trial, self.cfg)
     except ValueError as e:  # as run_trial: raised before the trial starts
-      self._end(Outcome(TrialState.FAIL, error=e))
+      self._end(outcome_of(e, self.trial, None))
       return
     with self._guard():
       record_config(self.trial, self.cfg)

@@ -124,7 +124,7 @@ def train_trial(trial: optuna.Trial, cfg: TrialConfig, *, log_outcome: bool = Tr
   try:
     check_direction(trial, cfg)
   except ValueError as e:  # before the trial starts: nothing logged or recorded
-    return Outcome(TrialState.FAIL, error=e, seconds=time.monotonic() - started)
+    return outcome_of(e, trial, None)._replace(seconds=time.monotonic() - started)
   try:
     record_config(trial, cfg)
     executor = TrialTrainingExecutor(cfg, log_pruned=log_outcome)
