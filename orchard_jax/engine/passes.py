@@ -112,6 +112,12 @@ class Sums:
 # ----------------------------------------------------------------- steppers ---
 
 
+def _solo_program(train: bool, state: TrainState, batch: Any):
+  """The solo training or evaluation step's executable for ``state`` and ``batch``'s shapes."""
+  fn, name = (train_step, "train_step") if train else (eval_step, "eval_step")
+  return compiled(fn, name, state, batch)
+
+
 class Solo:
   """One state, stepped by its solo program; ``state`` is the state after the last step (a
   training stepper donates it to each step)."""
@@ -126,8 +132,7 @@ class Solo:
     return self.state
 
   def _program(self, batch: Any):
-    fn, name = (train_step, "train_step") if self.train else (eval_step, "eval_step")
-    return compiled(fn, name, self.state, batch)
+    return _solo_program(self.train, self.state, batch)
 
   def start(self, batch: Any, role: str, epoch: int | None) -> None:
     """Checks the pass's first batch and compiles (or loads) the step for its shapes."""
@@ -179,8 +184,7 @@ class InTurn:
   def start(self, batch: Any, role: str, epoch: int | None) -> None:
     batch = batch[self.live[0]] if _each_own(batch) else batch
     check_input_shape(self.first, batch, role, epoch)
-    fn, name = (train_step, "train_step") if self.train else (eval_step, "eval_step")
-    self._step = compiled(fn, name, self.first, batch)
+    self._step = _solo_program(self.train, self.first, batch)
 
   def step(self, batch: Any) -> dict[int, Mapping[str, jax.Array]]:
     own, outs = (batch if _each_own(batch) else None), {}
