@@ -44,17 +44,10 @@ import first_trial  # noqa: E402  pylint: disable=wrong-import-position
 CLI = "import sys; from orchard_jax.cli import console; sys.exit(console(sys.argv[1:]))"
 
 
-def _env(checkout: pathlib.Path) -> dict[str, str]:
-  env = {**os.environ, "PYTHONPATH": str(checkout),
-         "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-  for key in ("JAX_COMPILATION_CACHE_DIR", "JAX_LOG_COMPILES"):
-    env.pop(key, None)
-  return env
-
-
 def _run(cmd: list[str], checkout: pathlib.Path, what: str) -> tuple[float, str]:
   started = time.perf_counter()
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(checkout), cwd="/")
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=first_trial.checkout_env(checkout),
+                        cwd="/")
   seconds = time.perf_counter() - started
   if proc.returncode != 0:
     sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
@@ -72,11 +65,10 @@ def study(checkout: pathlib.Path, work: pathlib.Path, name: str, cache: pathlib.
   return _run(cmd, checkout, f"the study {name}")[0]
 
 
-def python_child(checkout: pathlib.Path, code: str, args: list[str], what: str) -> dict:
-  """The JSON line a benchmark child prints, after checking it imported ``checkout``."""
+def json_child(checkout: pathlib.Path, code: str, args: list[str], what: str) -> dict:
+  """The JSON line a benchmark child's ``code`` prints last, run with ``checkout``'s package."""
   _, stdout = _run([sys.executable, "-c", code, *args], checkout, what)
-  line = stdout.strip().splitlines()[-1]
-  return json.loads(line[len("RESULT"):] if line.startswith("RESULT") else line)
+  return json.loads(stdout.strip().splitlines()[-1])
 
 
 GROUPS = ("study", "first", "cohort")
@@ -106,11 +98,7 @@ def first_trials(checkout: pathlib.Path) -> dict[str, float]:
   """The first trial's seconds, per model, of ``first_trial.py``'s child."""
   figures = {}
   for model in first_trial.MODELS:
-    out = python_child(checkout, first_trial.CHILD, [model], f"first trial {model}")
-    where = pathlib.Path(out["module"]).resolve()
-    if checkout.resolve() not in where.parents:
-      raise SystemExit(f"the child imported {where}, not orchard_jax of {checkout}")
-    figures[f"first trial ({model})"] = out["seconds"][0]
+    figures[f"first trial ({model})"] = first_trial.child(checkout, model)["seconds"][0]
   return figures
 
 
@@ -118,7 +106,7 @@ def cohort_trial_figures(checkout: pathlib.Path) -> dict[str, float]:
   """``cohort_trials.py``'s tabular case: the process (cold), and its trials again (warm)."""
   figures = {}
   n, k = cohort_trials.CASES["tabular"]
-  out = python_child(checkout, cohort_trials.CHILD, ["tabular", str(n), str(k)],
+  out = json_child(checkout, cohort_trials.CHILD, ["tabular", str(n), str(k)],
                      "cohort trials")
   figures[f"cohort trials cold (tabular, K={k})"] = out["cold"]
   figures[f"cohort trials warm (tabular, K={k})"] = out["warm"]
@@ -127,10 +115,7 @@ def cohort_trial_figures(checkout: pathlib.Path) -> dict[str, float]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--old", type=pathlib.Path, required=True,
-                      help="a checkout of the commit to compare with (git worktree add)")
-  parser.add_argument("--new", type=pathlib.Path, default=ROOT)
-  parser.add_argument("--repeats", type=int, default=3)
+  first_trial.checkout_arguments(parser)
   parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS),
                       help="which figures: the studies, the first trials, the cohort trials")
   args = parser.parse_args()

@@ -81,13 +81,27 @@ print("RESULT" + json.dumps({"seconds": seconds, "first_compiles": [first[s] for
 '''
 
 
-def child(checkout: pathlib.Path, model: str) -> dict:
+def checkout_env(checkout: pathlib.Path) -> dict[str, str]:
+  """A child's environment: ``orchard_jax`` from ``checkout``, on the CPU unless said, with no
+  persistent compilation cache and no compile log."""
   env = {**os.environ, "PYTHONPATH": str(checkout), "JAX_PLATFORMS":
          os.environ.get("JAX_PLATFORMS", "cpu")}
   for key in ("JAX_COMPILATION_CACHE_DIR", "JAX_LOG_COMPILES"):
     env.pop(key, None)
+  return env
+
+
+def checkout_arguments(parser: argparse.ArgumentParser) -> None:
+  """``--old``, ``--new`` and ``--repeats``: the two checkouts and the rounds."""
+  parser.add_argument("--old", type=pathlib.Path, required=True,
+                      help="a checkout of the commit to compare with (git worktree add)")
+  parser.add_argument("--new", type=pathlib.Path, default=ROOT)
+  parser.add_argument("--repeats", type=int, default=3)
+
+
+def child(checkout: pathlib.Path, model: str) -> dict:
   proc = subprocess.run([sys.executable, "-c", CHILD, model], capture_output=True, text=True,
-                        env=env, cwd="/")
+                        env=checkout_env(checkout), cwd="/")
   if proc.returncode:
     sys.stderr.write(proc.stderr[-4000:])
     raise SystemExit(f"the {model} child of {checkout} failed ({proc.returncode})")
@@ -100,10 +114,7 @@ def child(checkout: pathlib.Path, model: str) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--old", type=pathlib.Path, required=True,
-                      help="a checkout of the commit to compare with (git worktree add)")
-  parser.add_argument("--new", type=pathlib.Path, default=ROOT)
-  parser.add_argument("--repeats", type=int, default=3)
+  checkout_arguments(parser)
   parser.add_argument("--only", choices=MODELS)
   args = parser.parse_args()
   models = [args.only] if args.only else list(MODELS)
