@@ -22,7 +22,7 @@ Cases (``--only`` picks some):
 
 ``--programs vmap`` or ``serial`` forces the cohort's programs
 (``ORCHARD_JAX_COHORT_PROGRAMS``; default ``auto``, the rule of
-:func:`orchard_jax.engine.cohort_run.programs`), to measure the rule itself.
+:func:`orchard_jax.engine.programs.programs`), to measure the rule itself.
 
 Run::
 

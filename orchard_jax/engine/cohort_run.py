@@ -52,17 +52,16 @@ from orchard_jax.engine import cohort_data
 from orchard_jax.engine.callbacks import storage_call
 from orchard_jax.engine.epoch import compile_steps
 from orchard_jax.engine.feed import batches
-from orchard_jax.engine.member import Member, cohort_key
+from orchard_jax.engine.member import Member
 from orchard_jax.engine.passes import (InTurn, Solo, Stacked, compile_pass, first_batch,
                                        train_pass, validation_pass)
-from orchard_jax.engine.programs import PROGRAMS_ENV, devices_of, mesh_of, programs, slots_for
+from orchard_jax.engine.programs import mesh_of, programs, slots_for
 from orchard_jax.errors import DataError
 from orchard_jax.records import COHORT, SHARED_ORDER
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Cohort", "Member", "PROGRAMS_ENV", "cohort_key", "compile_cohort_steps",
-           "devices_of", "programs", "slots_for"]
+__all__ = ["Cohort", "compile_cohort_steps"]
 
 
 class Cohort:

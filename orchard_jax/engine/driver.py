@@ -23,8 +23,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from orchard_jax.config import TrialConfig
-from orchard_jax.engine.cohort_run import Cohort, Member, devices_of, slots_for
+from orchard_jax.engine.cohort_run import Cohort
+from orchard_jax.engine.member import Member
 from orchard_jax.engine.outcome import Outcome, outcome_of
+from orchard_jax.engine.programs import devices_of, slots_for
 from orchard_jax.engine.trial import train_trial
 
 logger = logging.getLogger(__name__)
@@ -232,7 +234,7 @@ def run_trials(ask: Ask, configure: Configure, tell: Tell, cohort_size: int = 1,
     log_outcome: Whether the engine logs each trial's failure or pruning
       (False: the caller logs each finished trial itself).
 
-  A trial whose structure (:func:`~orchard_jax.engine.cohort_run.cohort_key`)
+  A trial whose structure (:func:`~orchard_jax.engine.member.cohort_key`)
   differs from its cohort's waits, already asked, for a cohort of its own
   kind. ``KeyboardInterrupt`` propagates, after every live trial is told FAIL.
   """

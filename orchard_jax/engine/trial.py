@@ -48,11 +48,11 @@ from orchard_jax.engine.outcome import Outcome, outcome_of
 from orchard_jax.engine.start import (Prepared, best_state_dir, check_direction, initial_state,
                                       prepare, record_config, start_run, trial_record,
                                       trial_training_config)
-from orchard_jax.records import CHECKPOINT_ERROR, TRIAL_CONFIG
+from orchard_jax.records import CHECKPOINT_ERROR
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FitResult", "TRIAL_CONFIG", "TrialTrainingExecutor", "best_state_dir", "fit",
+__all__ = ["FitResult", "TrialTrainingExecutor", "best_state_dir", "fit",
            "initial_state", "load_best_state", "run_trial", "train_trial", "trial_completed",
            "trial_record", "trial_training_config"]
 
