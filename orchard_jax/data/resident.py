@@ -18,17 +18,18 @@ on a device, and only for batches on one device (not for a batch sharding
 over several devices). Every array of a batch is committed to that device,
 as the trial's state is: a step sees one placement and compiles once.
 
-:func:`member_batches` (a cohort's members each reading their own epoch's
-order) also reads a loader of in-memory numpy arrays that serves its epochs'
-orders itself (:func:`serves_epochs`; the command line's
-:class:`~orchard_jax.study.sources.ArrayLoader`), through four members:
+A loader of in-memory numpy arrays that serves its epochs' orders itself
+(:func:`serves_epochs`; the command line's
+:class:`~orchard_jax.study.sources.ArrayLoader`) is kept resident too, for a
+trial's own passes (:func:`batches`) and a cohort's members each reading their
+own epoch's order (:func:`member_batches`). It has four members:
 ``resident_arrays()``, its ``(images, labels)`` (images ``[N, ...]`` as its
 batches hold them, integer labels ``[N]``), which must not be modified in
 place while it is read; ``batch_size``; ``position``, where its shuffling
 is (read and written: a member's own position is restored before and saved
 after each of its draws); and ``epoch_indices()``, the index arrays of the
 batches the next ``iter(loader)`` yields, advancing ``position`` as that
-does. Its solo reads (:func:`batches`) do not change: they iterate it.
+does.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from orchard_jax.core.state import default_device
 from orchard_jax.data import gather
 from orchard_jax.errors import DataError
 
-__all__ = ["CHUNK", "MAX_BYTES", "batches", "fits", "member_batches", "member_fits",
+__all__ = ["CHUNK", "MAX_BYTES", "batches", "fits", "member_batches",
            "serves_epochs"]
 
 MAX_BYTES = 512 * 2**20  # float32 NHWC images kept on the device, at most
@@ -58,7 +59,12 @@ _resident: dict[tuple, tuple[Any, jax.Array]] = {}  # (id, layout, device) -> (v
 
 
 def fits(loader: Any) -> bool:
-  """Whether ``loader``'s images are read from a device-resident copy."""
+  """Whether ``loader``'s images are read from a device-resident copy: it :func:`serves_epochs`
+  or :func:`orchard_jax.data.gather.gathers` reads it, and its images take at most
+  :data:`MAX_BYTES` as float32."""
+  if serves_epochs(loader):
+    images = loader.resident_arrays()[0]
+    return images.ndim >= 2 and images.size * 4 <= MAX_BYTES
   if not gather.gathers(loader):
     return False
   (images, _), _ = gather.tensor_source(loader.dataset)
@@ -69,15 +75,6 @@ def serves_epochs(loader: Any) -> bool:
   """Whether ``loader`` is a loader of in-memory arrays that serves its epochs' orders (see the
   module docstring)."""
   return all(callable(getattr(loader, name, None)) for name in ("resident_arrays", "epoch_indices"))
-
-
-def member_fits(loader: Any) -> bool:
-  """Whether :func:`member_batches` reads ``loader``'s images from a device-resident copy: it
-  :func:`fits`, or it :func:`serves_epochs` and its images do."""
-  if not serves_epochs(loader):
-    return fits(loader)
-  images = loader.resident_arrays()[0]
-  return images.ndim >= 2 and images.size * 4 <= MAX_BYTES
 
 
 def _device_images(images: Any, layout: str, convert: Callable[[np.ndarray, str, Any], np.ndarray],
@@ -195,7 +192,7 @@ def batches(loader: Any, *, num_classes: int, layout: str,
   data = _dataset(loader, layout, convert_images, where(None), device)
   row_ids = _row_ids(device)
   try:
-    sampler = gather.epoch_sampler(loader)
+    sampler = iter(loader.epoch_indices()) if serves_epochs(loader) else gather.epoch_sampler(loader)
   except BaseException as e:
     raise loader_error(e, where(0)) from e
   full, first = loader.batch_size, 0
@@ -214,7 +211,7 @@ def member_batches(loader: Any, orders: list, *, num_classes: int, layout: str,
                    stacked: bool, device: Any) -> Iterator[IndexedBatch | tuple]:
   """One pass in which member ``i`` of a cohort reads its own batches, ``orders[i]`` (its epoch's
   index lists, all of one length; None for a free slot), of ``loader``'s dataset
-  (:func:`member_fits` must hold).
+  (:func:`fits` must hold).
 
   ``stacked``: each step's batch is one :class:`IndexedBatch` whose ``index``, ``label`` and
   ``count`` have a leading member axis (a free slot reads the first member's rows), for the

@@ -90,7 +90,7 @@ def _sampler_kinds() -> tuple[type, ...]:
 
 def own_orders(loader: Any) -> bool:
   """Whether a cohort can give each member its own epoch order of ``loader`` (on one device)."""
-  if not resident.member_fits(loader):
+  if not resident.fits(loader):
     return False
   if resident.serves_epochs(loader):
     return True

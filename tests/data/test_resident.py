@@ -182,3 +182,24 @@ def test_every_array_of_a_resident_batch_is_committed_to_its_device():
   one = jax.sharding.SingleDeviceSharding(device)  # a one-device sharding stays resident
   assert all(isinstance(b, IndexedBatch)
              for b in device_batches(loader, num_classes=2, sharding=one, indexed=True))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_an_array_loader_s_own_passes_are_resident_and_equal_its_batches(shuffle):
+  # The command line's loader of in-memory arrays serves its epochs' orders: a trial's own passes
+  # gather its rows on the device (IndexedBatch), in the order iterating it yields, epoch by epoch.
+  from orchard_jax.study.sources import ArrayLoader
+  rng = np.random.default_rng(1)
+  x, y = rng.normal(size=(21, 4, 3, 1)).astype(np.float32), rng.integers(0, 3, 21)
+  loader, twin = (ArrayLoader(x, y, 8, shuffle=shuffle, seed=5) for _ in range(2))
+  assert resident.fits(loader)
+  for _ in range(2):
+    indexed = list(device_batches(loader, num_classes=3, layout="NHWC", indexed=True))
+    assert all(isinstance(b, IndexedBatch) for b in indexed)
+    want = _host(device_batches(list(iter(twin)), num_classes=3, layout="NHWC"))
+    got = _host(materialize(b) for b in indexed)
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+      for key in w:
+        np.testing.assert_array_equal(g[key], w[key], err_msg=key)
+  assert loader.position == twin.position == (2 if shuffle else 0)
