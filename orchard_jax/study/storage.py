@@ -25,6 +25,14 @@ looks, and Optuna's retry callback enqueues its parameters again (at most
 ``max_retry`` times); the retry's system attribute ``failed_trial`` names the
 original (``retried_trial_number``).
 
+A SQLite file is kept in write-ahead-log mode with ``synchronous=NORMAL``
+(:func:`write_ahead`): a commit appends to ``study.db-wal`` without waiting
+for the disk, so an epoch's report or a trial's tell costs a fraction of
+what a rollback journal's two flushes cost. A committed write survives the
+crash of any process (the log is replayed when the file is next opened); a
+power loss or an operating-system crash may lose the last commits before
+the log's next checkpoint, never the file's consistency.
+
 SQLite waits up to :data:`SQLITE_BUSY_TIMEOUT_S` for a lock another
 process holds (Optuna's default, sqlite3's 5 s, failed trials whose worker
 met a longer write of another one).
@@ -202,11 +210,38 @@ def _rdb(url: str, heartbeat: Heartbeat | None,
       with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+      if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        write_ahead(storage.engine)
+      return storage
     except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
       if attempt == _CREATE_ATTEMPTS - 1:  # another worker was creating the tables: try again
         raise
   raise AssertionError("unreachable")
+
+
+def write_ahead(engine: Any) -> None:
+  """Puts ``engine``'s SQLite file in write-ahead-log mode (kept in the file) and makes each of
+  its connections commit with ``synchronous=NORMAL`` (see the module docstring)."""
+  import sqlalchemy
+  import sqlalchemy.exc
+
+  def normal(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+  sqlalchemy.event.listen(engine, "connect", normal)
+  engine.dispose()  # the connections Optuna made at its start had no such setting
+  try:
+    with engine.connect() as connection:  # waits out another process's lock, as writes do
+      mode = connection.exec_driver_sql("PRAGMA journal_mode=WAL").scalar()
+  except sqlalchemy.exc.OperationalError as e:
+    if "readonly" not in str(e).replace(" ", "").lower():
+      raise
+    mode = "unchanged (read-only)"  # a study that is only read keeps its file as it is
+  if str(mode).lower() != "wal":
+    logger.debug("SQLite kept journal mode %s for %s", mode, engine.url)
 
 
 def open_storage(url: str | None, heartbeat: Heartbeat | None = None,
