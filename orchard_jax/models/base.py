@@ -40,14 +40,17 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import zlib
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax import nnx
+
+if TYPE_CHECKING:
+  from flax import nnx
 
 Params = Any  # pytree of trainable arrays
 ModelState = Any  # pytree of non-trainable arrays (e.g. BatchNorm statistics)
@@ -232,6 +235,8 @@ class NNXModel:
   @classmethod
   def from_module(cls, module: nnx.Module) -> NNXModel:
     """Captures ``module``'s structure and current state; ``module`` is not modified."""
+    from flax import nnx  # pylint: disable=import-outside-toplevel  # only NNX models need it
+
     if not isinstance(module, nnx.Module):
       raise TypeError(f"module must be a flax.nnx.Module, got {type(module).__name__}")
     copy = nnx.merge(*nnx.split(module))
@@ -274,6 +279,8 @@ class NNXModel:
     return jax.tree_util.tree_unflatten(self.rng_treedef, leaves)
 
   def apply(self, params, model_state, x, *, train, rng, mask=None):
+    from flax import nnx  # pylint: disable=import-outside-toplevel  # only NNX models need it
+
     train = _static_bool(train)
     key = _as_typed_key(rng)
     # Fresh Variables (tree.map rebuilds them in the current trace): merging
@@ -299,6 +306,14 @@ class NNXModel:
 
 
 # ------------------------------------------------------------------ as_model --
+
+
+def _is_nnx_module(obj: Any) -> bool:
+  """Whether ``obj`` is a flax NNX module, without importing ``flax.nnx``: an NNX module exists
+  only once something has imported it, so a process that never did (a Linen model's study)
+  does not pay for its import."""
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(obj, nnx.Module)
 
 
 def as_model(obj: Any, *, train_kwarg: str = "train", invert: bool = False) -> Model:
@@ -328,7 +343,7 @@ def as_model(obj: Any, *, train_kwarg: str = "train", invert: bool = False) -> M
         "train_kwarg and invert apply only to flax Linen modules, got"
         f" {type(obj).__name__} with train_kwarg={train_kwarg!r}, invert={invert!r}"
     )
-  if isinstance(obj, nnx.Module):
+  if _is_nnx_module(obj):
     return NNXModel.from_module(obj)
   if callable(getattr(obj, "init", None)) and callable(getattr(obj, "apply", None)):
     return obj
