@@ -275,7 +275,7 @@ def _run(args: argparse.Namespace) -> int:
   logger.info("Study %r: %d trials of %d epochs, %s preset, %s sampler, pruning %s, on %s -> %s; "
               "searching %s", config.study_name, config.n_trials, config.epochs,
               config.search_space_preset, config.sampler_type,
-              config.pruner_type if config.enable_pruning else "off", _describe(source), run_dir,
+              config.pruner if config.enable_pruning else "off", _describe(source), run_dir,
               space.describe())
   url = storage_url(config.storage, run_dir)
   if url is not None and url.startswith(("sqlite:", "journal:")):

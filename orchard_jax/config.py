@@ -197,8 +197,12 @@ class OptunaConfig(_Config):
     enable_pruning: Whether trials report to a pruner and may be pruned.
     pruning_warmup_epochs: First epoch at which a trial may be pruned,
       ``>= 0``; must be ``< epochs`` when pruning.
-    pruner_type: ``'median'``, ``'percentile'`` (25th), ``'hyperband'`` or
-      ``'none'``; ``'none'`` needs ``enable_pruning=False``.
+    pruner_type: ``'median'``, ``'percentile'`` (25th), ``'hyperband'``,
+      ``'successive_halving'``, ``'same_epoch'`` (a trial against every trial at
+      its epoch, cohort peers included: see
+      :class:`orchard_jax.engine.pruning.SameEpochPruner`) or ``'none'``;
+      ``'none'`` needs ``enable_pruning=False``. None (the default): ``'median'``
+      with ``cohort_size`` 1, as the reference, and ``'same_epoch'`` for cohorts.
     sampler_type: ``'tpe'``, ``'cmaes'`` or ``'random'``.
     storage: ``'sqlite'`` (a file the caller places), ``'memory'``, or a
       database URL such as ``'postgresql://user:pass@host/db'`` or
@@ -223,7 +227,8 @@ class OptunaConfig(_Config):
   timeout: float | None = Field(None, gt=0)
   enable_pruning: bool = True
   pruning_warmup_epochs: Int = Field(5, ge=0)
-  pruner_type: Literal["median", "percentile", "hyperband", "none"] = "median"
+  pruner_type: Literal["median", "percentile", "hyperband", "successive_halving", "same_epoch",
+                       "none"] | None = None
   sampler_type: Literal["tpe", "cmaes", "random"] = "tpe"
   storage: Storage = "sqlite"
   load_if_exists: bool = True
@@ -246,15 +251,24 @@ class OptunaConfig(_Config):
   def _check_combinations(self) -> OptunaConfig:
     if self.enable_pruning and self.pruner_type == "none":
       raise ConfigError(
-          "OptunaConfig.pruner_type must be 'median', 'percentile' or "
-          "'hyperband' when enable_pruning=True, got 'none'; or set "
-          "enable_pruning=False")
+          "OptunaConfig.pruner_type must be 'median', 'percentile', 'hyperband', "
+          "'successive_halving', 'same_epoch' or null when enable_pruning=True, got 'none'; "
+          "or set enable_pruning=False")
     if self.enable_pruning and self.pruning_warmup_epochs >= self.epochs:
       raise ConfigError(
           f"OptunaConfig.pruning_warmup_epochs must be < epochs when "
           f"enable_pruning=True, got pruning_warmup_epochs="
           f"{self.pruning_warmup_epochs}, epochs={self.epochs}")
     return self
+
+  @property
+  def pruner(self) -> str:
+    """The pruner the study uses: :attr:`pruner_type`, or its default for the cohort size."""
+    if not self.enable_pruning:
+      return "none"
+    if self.pruner_type is not None:
+      return self.pruner_type
+    return "median" if self.cohort_size == 1 else "same_epoch"
 
 
 def _closest_metric(name: str) -> str:

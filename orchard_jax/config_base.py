@@ -174,10 +174,12 @@ class _Config:
     if kind == "value_error":  # a field's own check: the text after the field's name
       text = str(problem)
       return f"{where}{'' if text.startswith('=') else ' '}{text}"
-    if kind == "literal_error":
-      options = get_args(field.annotation)
-      return (f"{where} must be one of {', '.join(map(repr, options))}, got {brief(value)}"
-              f"{closest(value, options)}")
+    if kind == "literal_error":  # a Literal, or an optional one (null allowed, said last)
+      literal = next((a for a in get_args(field.annotation) if get_args(a)), field.annotation)
+      options = get_args(literal)
+      null = " or null" if literal is not field.annotation else ""
+      return (f"{where} must be one of {', '.join(map(repr, options))}{null}, got "
+              f"{brief(value)}{closest(value, options)}")
     if kind in _RANGES:
       return f"{where} must be {_allowed(field)}, got {brief(value)}"
     if kind in _KINDS:

@@ -39,9 +39,21 @@ def test_training_defaults_equal_reference():
 
 
 def test_optuna_defaults_equal_reference_except_study_name():
-  # cohort_size is ours (trials trained together); 1 trains each alone, as the reference does
-  assert OptunaConfig().to_dict() == {**REFERENCE_OPTUNA, "study_name": "orchard_jax",
-                                      "cohort_size": 1}
+  # cohort_size is ours (trials trained together); 1 trains each alone, as the reference does.
+  # pruner_type unset is the reference's median one by one, and the same-epoch rule in cohorts.
+  config = OptunaConfig()
+  assert config.to_dict() == {**REFERENCE_OPTUNA, "study_name": "orchard_jax", "cohort_size": 1,
+                              "pruner_type": None}
+  assert config.pruner == REFERENCE_OPTUNA["pruner_type"]
+
+
+@pytest.mark.parametrize("kwargs, pruner", [
+    ({}, "median"), ({"cohort_size": 8}, "same_epoch"),
+    ({"cohort_size": 8, "pruner_type": "median"}, "median"),
+    ({"pruner_type": "successive_halving"}, "successive_halving"),
+    ({"cohort_size": 8, "enable_pruning": False}, "none")])
+def test_the_pruner_unset_is_median_one_by_one_and_same_epoch_in_cohorts(kwargs, pruner):
+  assert OptunaConfig(**kwargs).pruner == pruner
 
 
 # (field, value, other fields needed so that only `field` is under test)
@@ -140,7 +152,8 @@ ENUMS = [
     (TrainingConfig, "monitor_direction", ("maximize", "minimize"), "maximise",
      "maximize", {}),
     (TrainingConfig, "criterion_type", ("cross_entropy", "focal"), "Focal", "focal", {}),
-    (OptunaConfig, "pruner_type", ("median", "percentile", "hyperband", "none"),
+    (OptunaConfig, "pruner_type", ("median", "percentile", "hyperband", "successive_halving",
+                                   "same_epoch", "none", None),
      "medain", "median", {"enable_pruning": False}),
     (OptunaConfig, "sampler_type", ("tpe", "cmaes", "random"), "cmaess", "cmaes", {}),
     (OptunaConfig, "search_space_preset", ("quick", "full"), "ful", "full", {}),
@@ -155,7 +168,8 @@ def test_enum_accepts_every_option(cls, field, options, typo, suggestion, extra)
 @pytest.mark.parametrize("cls,field,options,typo,suggestion,extra", ENUMS)
 def test_enum_refuses_typo_and_suggests_closest(cls, field, options, typo,
                                                 suggestion, extra):
-  allowed = ", ".join(map(repr, options))
+  allowed = ", ".join(repr(o) for o in options if o is not None)
+  allowed += " or null" if None in options else ""  # an optional Literal
   expected = (f"{cls.__name__}.{field} must be one of {allowed}, got {typo!r} "
               f"(did you mean {suggestion!r}?)")
   with pytest.raises(ConfigError, match=f"^{re.escape(expected)}$"):
@@ -484,8 +498,8 @@ CAPPED = "'" + "x" * 59 + "… (5000 characters)"
      "OptunaConfig.storage must be 'sqlite', 'memory' or a database URL such as "
      "'postgresql://user:pass@host/db' or 'sqlite:///path/study.db', got " + CAPPED),
     (OptunaConfig, "pruner_type",
-     "OptunaConfig.pruner_type must be one of 'median', 'percentile', 'hyperband', 'none', "
-     f"got {CAPPED}"),
+     "OptunaConfig.pruner_type must be one of 'median', 'percentile', 'hyperband', "
+     f"'successive_halving', 'same_epoch', 'none' or null, got {CAPPED}"),
 ])
 def test_a_5000_character_value_is_echoed_capped(cls, field, expected):
   with pytest.raises(ConfigError) as info:

@@ -1,7 +1,8 @@
 """Epoch-end callbacks of :func:`orchard_jax.engine.loop.run_loop`.
 
-* :class:`OptunaReportPrune` -- ``trial.report`` (NaN skipped) and, from
-  ``pruning_warmup_epochs`` on, ``trial.should_prune()`` -> ``TrialPruned``.
+* :class:`OptunaReportPrune` -- ``trial.report`` (NaN skipped) once the value is measured and,
+  from ``pruning_warmup_epochs`` on, ``trial.should_prune()`` -> ``TrialPruned`` (a cohort's
+  members: one :class:`~orchard_jax.engine.pruning.EpochView` per epoch).
 * :class:`LRSchedulerStep` -- one scheduler step per epoch; the plateau
   scheduler gets the monitored value.
 * :class:`EarlyStopping` -- stops after ``patience`` epochs without a new best.
@@ -27,6 +28,7 @@ from orchard_jax.core.schedules import LRController
 from orchard_jax.core.state import TrainState
 from orchard_jax.engine.checkpoint import save_best
 from orchard_jax.engine.loop import Callback, EpochLog, LoopResult
+from orchard_jax.engine.pruning import EpochView
 from orchard_jax.errors import StorageFault, root_cause
 
 logger = logging.getLogger(__name__)
@@ -44,11 +46,12 @@ def storage_call(method: Any, *args: Any) -> Any:
 class OptunaReportPrune(Callback):
   """Reports each epoch's value to an Optuna trial and prunes after warmup.
 
-  ``trial.report(value, epoch)`` unless the value is NaN. When pruning is
-  enabled and ``epoch >= warmup_epochs``, asks ``trial.should_prune()`` and,
-  if so, logs (unless ``log_pruned`` is False: a caller that logs each
-  finished trial itself) and raises ``optuna.TrialPruned``. With warmup 2 the
-  first possible prune is at epoch 2, as in the reference.
+  ``trial.report(value, epoch)`` unless the value is NaN, as soon as the value is measured.
+  When pruning is enabled and ``epoch >= warmup_epochs``, asks ``trial.should_prune()`` (or,
+  for a cohort's member, its cohort's :attr:`view` of the epoch) and, if so, logs (unless
+  ``log_pruned`` is False: a caller that logs each finished trial itself) and raises
+  ``optuna.TrialPruned``. With warmup 2 the first possible prune is at epoch 2, as in the
+  reference.
   """
 
   def __init__(self, trial: optuna.Trial, *, enable_pruning: bool, warmup_epochs: int,
@@ -56,12 +59,20 @@ class OptunaReportPrune(Callback):
     self.trial, self.enable_pruning = trial, enable_pruning
     self.warmup_epochs, self.metric_name = warmup_epochs, metric_name
     self.log_pruned = log_pruned
+    self.view: EpochView | None = None  # a cohort's, set for each of its epochs
 
-  def on_epoch_end(self, log: EpochLog, state: TrainState) -> bool:
+  def on_epoch_measured(self, log: EpochLog) -> None:
     if not math.isnan(log.value):
       storage_call(self.trial.report, log.value, log.epoch)
-    if (self.enable_pruning and log.epoch >= self.warmup_epochs
-        and storage_call(self.trial.should_prune)):
+
+  def on_epoch_end(self, log: EpochLog, state: TrainState) -> bool:
+    if not self.enable_pruning or log.epoch < self.warmup_epochs:
+      return False
+    if self.view is None:
+      prune = storage_call(self.trial.should_prune)
+    else:
+      prune = storage_call(self.view.should_prune, self.trial)
+    if prune:
       if self.log_pruned:
         logger.info("Trial %d pruned at epoch %d (%s=%.4f)", self.trial.number, log.epoch,
                     self.metric_name, log.value)

@@ -56,6 +56,7 @@ from orchard_jax.engine.member import Member
 from orchard_jax.engine.passes import (InTurn, Solo, Stacked, compile_pass, first_batch,
                                        train_pass, validation_pass)
 from orchard_jax.engine.programs import mesh_of, programs, slots_for
+from orchard_jax.engine.pruning import EpochView
 from orchard_jax.errors import DataError
 from orchard_jax.records import COHORT, SHARED_ORDER
 
@@ -155,7 +156,8 @@ class Cohort:
           type(loader).__name__, SHARED_ORDER)
 
   def epoch(self) -> None:
-    """Trains and validates every live member once; each runs its own epoch end."""
+    """Trains and validates every live member once; each runs its own epoch end, in two halves:
+    every member's value is reported before any member is judged."""
     live, cfg = self.live, self.cfg
     self.passes += 1
     lrs, mixups = np.zeros(self.size, np.float32), np.zeros(self.size, bool)
@@ -190,9 +192,14 @@ class Cohort:
       for i in live:
         self.slots[i].fail(e)
       return
-    for i in live:  # a NaN or Inf loss: that member's divergence, in its LoopRun
-      self.slots[i].end_epoch(self.states[i] if self.serial_train else
-                              _MemberView(self.state, i), losses[i], validations[i])
+    states = {i: self.states[i] if self.serial_train else _MemberView(self.state, i)
+              for i in live}
+    for i in live:  # each reports first (a NaN or Inf loss: that member's divergence)
+      self.slots[i].measure(states[i], losses[i], validations[i])
+    view = EpochView()  # then each is judged, from one read of the study
+    for i in live:
+      if self.slots[i].live:
+        self.slots[i].conclude(states[i], view)
 
 
 class _MemberView:

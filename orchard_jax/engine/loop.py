@@ -75,13 +75,18 @@ class EpochLog(NamedTuple):
 class Callback:
   """Epoch-end hook of :func:`run_loop`. Subclasses override what they need.
 
-  ``on_epoch_end`` runs after validation with the epoch's log and the trained
+  ``on_epoch_measured`` runs first, once the epoch's value is known (a trial's report to its
+  study: a cohort reports every member's value before any member is judged). ``on_epoch_end``
+  runs after it with the epoch's log and the trained
   state, and returns True to stop the run after this epoch. Raising stops the
   run too (``optuna.TrialPruned``). The state is donated to the next epoch's
   ``train_step``: copy any array that must outlive the call.
   ``on_train_end`` runs once after the last epoch of a run that was not
   stopped by an exception.
   """
+
+  def on_epoch_measured(self, log: EpochLog) -> None:
+    del log
 
   def on_epoch_end(self, log: EpochLog, state: TrainState) -> bool:
     del log, state
@@ -224,7 +229,8 @@ class LoopRun:
 
   Per epoch: :meth:`begin_epoch` gives the epoch, its learning rate and MixUp switch; the driver
   trains with them; :meth:`end_epoch` validates (``loop.validate_fn``), tracks the best, runs
-  the callbacks and logs, as :func:`run_loop` does. :meth:`finish` ends the run.
+  the callbacks and logs, as :func:`run_loop` does (a cohort calls its two halves,
+  :meth:`measure` and :meth:`conclude`, for every member in turn). :meth:`finish` ends the run.
   """
 
   def __init__(self, loop: EpochLoop, callbacks: Sequence[Callback] = ()):
@@ -233,6 +239,7 @@ class LoopRun:
     self.history: list[EpochLog] = []
     self.epoch, self.stop = 0, False
     self._lr, self._mixup = 0.0, False
+    self._error: Exception | None = None  # the last measured epoch's validation failure
 
   @property
   def done(self) -> bool:
@@ -248,13 +255,18 @@ class LoopRun:
 
   def end_epoch(self, state: TrainState, train_loss: float) -> EpochLog:
     """Checks the epoch's loss, validates the trained ``state``, updates the best, runs the
-    callbacks and logs.
+    callbacks and logs: :meth:`measure`, then :meth:`conclude`.
 
     Raises:
       RuntimeError: the loss is NaN or Inf (:func:`diverged`), or validation failed three
         consecutive times.
       orchard_jax.errors.ValidationFailedError: the run ended with every validation failed.
     """
+    return self.conclude(self.measure(state, train_loss), state)
+
+  def measure(self, state: TrainState, train_loss: float) -> EpochLog:
+    """The first half of :meth:`end_epoch`: checks the loss, validates, updates the best and
+    runs the callbacks' ``on_epoch_measured``."""
     loop, epoch = self.loop, self.epoch
     train_loss = float(train_loss)  # a training function's device scalar: the epoch's one fetch
     divergence = diverged(train_loss, epoch)
@@ -269,6 +281,14 @@ class LoopRun:
     log = EpochLog(epoch, loop.epochs, self._lr, self._mixup, train_loss, metrics, value,
                    self.best, improved, error is not None)
     self.history.append(log)
+    self._error = error
+    for callback in self.callbacks:
+      callback.on_epoch_measured(log)
+    return log
+
+  def conclude(self, log: EpochLog, state: TrainState) -> EpochLog:
+    """The second half of :meth:`end_epoch`: runs the callbacks' ``on_epoch_end`` and logs."""
+    loop, epoch, error = self.loop, self.epoch, self._error
     self.stop = _run_callbacks(self.callbacks, log, state)
     if epoch % loop.log_interval == 0 or epoch == loop.epochs or self.stop:
       _log_epoch(loop, log)

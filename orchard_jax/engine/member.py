@@ -3,8 +3,10 @@
 A :class:`Member` starts as :func:`~orchard_jax.engine.trial.run_trial` starts a trial
 (:func:`~orchard_jax.engine.start.prepare`: its settings line, callbacks, LR controller, loop
 and checked first state), then its cohort (:mod:`orchard_jax.engine.cohort_run`) trains its epochs
-and hands each epoch's loss and validation to :meth:`Member.end_epoch`, where its own run of the
-loop validates, reports, prunes and keeps its best. Whatever ends it ends it by the outcome rule
+and hands each epoch's loss and validation to :meth:`Member.measure`, where its own run of the
+loop validates, reports and keeps its best, and then, once every member has reported, judges
+it in :meth:`Member.conclude` (pruning, from one :class:`~orchard_jax.engine.pruning.EpochView`
+of the study for the whole cohort). Whatever ends it ends it by the outcome rule
 of every trial (:func:`~orchard_jax.engine.outcome.outcome_of`). :func:`cohort_key` is what
 members of one cohort share.
 """
@@ -22,9 +24,11 @@ from optuna.trial import TrialState
 from orchard_jax.config import TrainingConfig, TrialConfig
 from orchard_jax.core.state import TrainState
 from orchard_jax.engine import cohort_data
-from orchard_jax.engine.loop import LoopRun
+from orchard_jax.engine.callbacks import OptunaReportPrune
+from orchard_jax.engine.loop import EpochLog, LoopRun
 from orchard_jax.engine.outcome import Outcome, outcome_of
 from orchard_jax.engine.passes import Validation
+from orchard_jax.engine.pruning import EpochView
 from orchard_jax.engine.start import check_direction, prepare, record_config
 from orchard_jax.engine.trial import trial_completed
 
@@ -65,6 +69,7 @@ class Member:
     self.run: LoopRun | None = None
     self.training: TrainingConfig | None = None
     self._validation: Validation | None = None
+    self._log: EpochLog | None = None  # the epoch measured, to conclude
     self.started = time.monotonic()
     self.best, self.stream = None, None
 
@@ -103,12 +108,21 @@ class Member:
     del state, epoch
     return self._validation.checked()
 
-  def end_epoch(self, state: Any, train_loss: float, validation: Validation) -> None:
-    """The epoch end of run_trial's loop, with the cohort's loss and validation for this member
-    (a NaN or Inf loss: its loop's divergence)."""
+  def measure(self, state: Any, train_loss: float, validation: Validation) -> None:
+    """The first half of run_trial's epoch end, with the cohort's loss and validation for this
+    member (a NaN or Inf loss: its loop's divergence): its value, reported to its study."""
     with self._guard():
       self._validation = validation
-      self.run.end_epoch(state, train_loss)
+      self._log = self.run.measure(state, train_loss)
+
+  def conclude(self, state: Any, view: EpochView) -> None:
+    """The second half: its callbacks, pruning judged by the cohort epoch's ``view``; a run that
+    has ended completes its trial."""
+    with self._guard():
+      for callback in self.run.callbacks:
+        if isinstance(callback, OptunaReportPrune):
+          callback.view = view
+      self.run.conclude(self._log, state)
       if self.run.done:
         result = self.run.finish(state)
         trial_completed(self.trial, self.training, self.best, result)

@@ -6,8 +6,12 @@
   never draw alike.
 * **Pruner**: ``median`` and ``percentile`` (25th) with
   ``optuna.pruner_startup_trials`` unpruned trials (Optuna's default 5),
-  ``hyperband`` with Optuna's defaults; ``NopPruner`` without pruning. The
-  engine asks the pruner from ``pruning_warmup_epochs`` on.
+  ``hyperband`` and ``successive_halving`` with Optuna's defaults,
+  ``same_epoch`` (:class:`~orchard_jax.engine.pruning.SameEpochPruner`, judging
+  once ``pruner_startup_trials`` other trials reached the epoch); ``NopPruner``
+  without pruning. Unset, it is ``median`` one by one and ``same_epoch`` for
+  cohorts (``OptunaConfig.pruner``). The engine asks the pruner from
+  ``pruning_warmup_epochs`` on.
 * **Storage**: opened by :func:`~orchard_jax.study.storage.open_storage`; a
   database that cannot be opened stops the run before anything is written.
   A database server gets Optuna's heartbeat, a file storage the liveness
@@ -23,6 +27,7 @@ from typing import Any, NamedTuple
 import optuna
 import yaml
 
+from orchard_jax.engine.pruning import SameEpochPruner
 from orchard_jax.errors import StorageFault
 from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.outputs import name_metric
@@ -49,13 +54,19 @@ def build_sampler(kind: str, seed: int, parallel: bool = False) -> optuna.sample
 
 
 def build_pruner(config: Any, startup_trials: int) -> optuna.pruners.BasePruner:
-  if not config.enable_pruning:
-    return optuna.pruners.NopPruner()
-  if config.pruner_type == "median":
+  """The study's pruner, ``config.pruner`` (see the module docstring)."""
+  kind = config.pruner
+  if kind == "median":
     return optuna.pruners.MedianPruner(n_startup_trials=startup_trials)
-  if config.pruner_type == "percentile":
+  if kind == "percentile":
     return optuna.pruners.PercentilePruner(25.0, n_startup_trials=startup_trials)
-  return optuna.pruners.HyperbandPruner()
+  if kind == "hyperband":
+    return optuna.pruners.HyperbandPruner()
+  if kind == "successive_halving":
+    return optuna.pruners.SuccessiveHalvingPruner()
+  if kind == "same_epoch":
+    return SameEpochPruner(max(startup_trials, 1))
+  return optuna.pruners.NopPruner()
 
 
 def open_study(recipe: Any, url: str | None, storage: Any = None, *, join: bool = False,

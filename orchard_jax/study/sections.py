@@ -136,7 +136,9 @@ class StudySpec(c.Section):
       "also search the architecture among models that fit the input"))
   model_pool: Annotated[tuple[Name, ...] | None, BeforeValidator(_listed)] = Field(
       None, description="architectures the search picks from (registry names, 'fn:mod:function')")
-  pruner_startup_trials: Int = Field(5, ge=0, description="median/percentile: trials never pruned")
+  pruner_startup_trials: Int = Field(
+      5, ge=0, description="median/percentile: trials never pruned; same_epoch: other trials "
+                           "at the epoch before it judges")
   show_progress_bar: bool = True
   save_plots: bool = True
   save_best_config: bool = True
