@@ -5,8 +5,8 @@ A program goes to disk only when its model is fully described by the key
 plain data, :func:`plain`). The key then holds a fingerprint of everything
 else the program could depend on: the source of the orchard_jax package, the
 versions of jax, jaxlib, flax, optax and numpy (:func:`code_fingerprint`),
-JAX's configuration, ``XLA_FLAGS``, the backend and the CPU
-(:func:`environment`). :mod:`orchard_jax.engine.executables` names its files
+JAX's configuration, ``XLA_FLAGS``, the backend, the CPU and the convolution lowerings
+chosen on it (:func:`environment`). :mod:`orchard_jax.engine.executables` names its files
 by it.
 """
 
@@ -19,10 +19,14 @@ import importlib.metadata
 import os
 import pathlib
 import platform
+import sys
 from typing import Any
 
 import jax
 import numpy as np
+
+from orchard_jax.core import conv_choice
+from orchard_jax.engine import conv_store
 
 __all__ = ["code_fingerprint", "environment", "plain", "portable"]
 
@@ -78,13 +82,26 @@ def code_fingerprint() -> str:
 
 
 def environment() -> tuple:
-  """JAX's configuration (but its cache and log settings), the XLA flags, the backend and the
-  CPU: what else a compiled program depends on."""
+  """JAX's configuration (but its cache and log settings), the XLA flags, the backend, the
+  CPU and the convolution lowerings (:func:`conv_lowerings`): what else a compiled program
+  depends on."""
   config = tuple(sorted((k, repr(v)) for k, v in jax.config.values.items()
                         if "cache" not in k and "log" not in k))
   device = jax.devices()[0]
   return (config, os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""),
-          device.platform, device.client.platform_version, _cpu())
+          device.platform, device.client.platform_version, _cpu(), conv_lowerings())
+
+
+def conv_lowerings() -> tuple[str, str | None]:
+  """What decides the convolution lowerings a program is traced with: ``ORCHARD_JAX_CONV``
+  and, under ``auto``, the table of choices kept beside the executables, attached here to
+  the executables' directory (:mod:`orchard_jax.engine.conv_store`). Its choices never
+  change, so a program keyed with it holds the choices a later process would make."""
+  # executables imports this module (and is the caller): looked up, not imported
+  executables = sys.modules.get("orchard_jax.engine.executables")
+  directory = executables.cache_dir() if executables is not None else None
+  conv_store.attach(directory, _cpu())
+  return conv_choice.key_part()
 
 
 @functools.cache

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen.dtypes import canonicalize_dtype
 
+from orchard_jax.core import conv_choice
+
 
 def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
   """2x2 max pooling with stride 2, as torch's ``nn.MaxPool2d(2, 2)``.
@@ -56,26 +58,38 @@ def global_avg_pool(x_BxHxWxC: jax.Array) -> jax.Array:
 
 
 def conv3x3_same(x_BxHxWxC: jax.Array, kernel_3x3xCxO: jax.Array, *, im2col: bool = True) -> jax.Array:
-  """3x3 stride-1 "SAME" convolution (NHWC, HWIO), fast on every backend.
+  """3x3 stride-1 "SAME" convolution (NHWC, HWIO): im2col on XLA:CPU, else XLA's own.
 
-  On XLA:CPU the convolution's backward pass is slow; the same convolution
+  On XLA:CPU the convolution's backward pass is often slow; the same convolution
   written as im2col (nine shifted views concatenated, then one matmul) runs
-  its forward and backward passes on the fast matmul path: measured on 2 CPU
-  cores, value-and-gradient 1.7-6x faster on MiniCNN's layers, and bit-equal
-  in float32 on those shapes (``benchmarks/conv_im2col.py``). Other backends
-  keep ``lax.conv_general_dilated`` (cuDNN and TPU convolutions are faster
-  than im2col there), and so does ``im2col=False``: a forward-only pass
-  (evaluation) is faster with XLA:CPU's own convolution. The backend is read
-  at trace time.
+  its forward and backward passes on the matmul path: measured on 2 cores of an
+  AMD EPYC, value-and-gradient 1.7-6x faster on MiniCNN's layers, and equal
+  in float32 to rounding on those shapes (``benchmarks/conv_im2col.py``). Other backends,
+  and ``im2col=False``, use ``lax.conv_general_dilated``. The backend is read
+  at trace time. :class:`Conv3x3` chooses per layer instead (see
+  :mod:`orchard_jax.core.conv_choice`).
   """
   if not im2col or jax.default_backend() != "cpu":
-    return jax.lax.conv_general_dilated(x_BxHxWxC, kernel_3x3xCxO, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return conv3x3_xla(x_BxHxWxC, kernel_3x3xCxO)
+  return conv3x3_im2col(x_BxHxWxC, kernel_3x3xCxO)
+
+
+def conv3x3_xla(x_BxHxWxC: jax.Array, kernel_3x3xCxO: jax.Array) -> jax.Array:
+  """3x3 "SAME" convolution by ``lax.conv_general_dilated``."""
+  return jax.lax.conv_general_dilated(x_BxHxWxC, kernel_3x3xCxO, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv3x3_im2col(x_BxHxWxC: jax.Array, kernel_3x3xCxO: jax.Array) -> jax.Array:
+  """3x3 "SAME" convolution as im2col: nine shifted views concatenated, one matmul."""
   b, h, w, c = x_BxHxWxC.shape
   padded = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
   cols = jnp.concatenate([padded[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], -1)
   out = cols.reshape(b * h * w, 9 * c) @ kernel_3x3xCxO.reshape(9 * c, -1)
   return out.reshape(b, h, w, -1)
+
+
+LOWERINGS = {"im2col": conv3x3_im2col, "xla": conv3x3_xla}
 
 
 # A forward-only (evaluation) convolution uses im2col on images of fewer than
@@ -85,32 +99,52 @@ def conv3x3_same(x_BxHxWxC: jax.Array, kernel_3x3xCxO: jax.Array, *, im2col: boo
 # 2.4, so MiniCNN's evaluation step on 8x8 digits takes 0.20x the time. On
 # larger images im2col does not pay: alone, 7x7x64->128 measured 0.83x, but
 # inside MiniCNN's 28x28 evaluation step it made the step 1.5x slower;
-# 14x14x32->64 2.9x, 32x32x3->32 1.3x. Training always uses im2col on XLA:CPU.
+# 14x14x32->64 2.9x, 32x32x3->32 1.3x. Training is measured per layer.
 IM2COL_FORWARD_PIXELS = 25
 
 
+def conv3x3_lowering(x_BxHxWxC: jax.Array, kernel: jax.Array, train: bool,
+                     timer: conv_choice.Timer | None = None) -> str:
+  """``"im2col"`` or ``"xla"``: the lowering a :class:`Conv3x3` layer uses, at trace time.
+
+  :envvar:`ORCHARD_JAX_CONV` (``im2col`` or ``xla``) forces one everywhere. Else, on
+  XLA:CPU, training takes the faster for this layer, measured once on this machine
+  (:func:`orchard_jax.core.conv_choice.choose`; vmapped over the weights, measured
+  vmapped), and evaluation uses im2col on images under :data:`IM2COL_FORWARD_PIXELS`
+  pixels; other backends use XLA's convolution (cuDNN's, TPU's).
+  """
+  lowering = conv_choice.forced()
+  if lowering is not None:
+    return lowering
+  if jax.default_backend() != "cpu":
+    return "xla"
+  if not train:
+    return "im2col" if x_BxHxWxC.shape[1] * x_BxHxWxC.shape[2] < IM2COL_FORWARD_PIXELS else "xla"
+  key = conv_choice.layer_key(x_BxHxWxC, kernel, x_BxHxWxC.dtype)
+  return conv_choice.choose(key, LOWERINGS, timer)
+
+
 class Conv3x3(nn.Module):
-  """``nn.Conv(features, (3, 3), padding="SAME")`` computed by :func:`conv3x3_same`.
+  """``nn.Conv(features, (3, 3), padding="SAME")`` computed by the lowering
+  :func:`conv3x3_lowering` chooses for the layer.
 
   Same parameter names, shapes and initialisers as ``nn.Conv`` (``kernel``
   HWIO, LeCun-normal; ``bias`` zeros), so checkpoints and weight converters
   are unchanged. Computes in the promoted dtype of inputs and parameters, as
-  ``nn.Conv`` with ``dtype=None`` does. On XLA:CPU, training uses im2col,
-  and so does evaluation on images under :data:`IM2COL_FORWARD_PIXELS`
-  pixels (such as the last layers of MiniCNN on 8x8 digits).
+  ``nn.Conv`` with ``dtype=None`` does.
   """
   features: int
   use_bias: bool = True
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array, train: bool = True) -> jax.Array:
-    """``train`` selects im2col on XLA:CPU (fast backward); False: the plain convolution,
-    except on small images (see :data:`IM2COL_FORWARD_PIXELS`)."""
+    """``train`` selects the training rule of :func:`conv3x3_lowering` (measured per layer on
+    XLA:CPU); False the evaluation rule."""
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (3, 3, x_BxHxWxC.shape[-1], self.features), jnp.float32)
     dtype = jnp.promote_types(x_BxHxWxC.dtype, kernel.dtype)
-    small = x_BxHxWxC.shape[1] * x_BxHxWxC.shape[2] < IM2COL_FORWARD_PIXELS
-    y = conv3x3_same(x_BxHxWxC.astype(dtype), kernel.astype(dtype), im2col=train or small)
+    x, kernel = x_BxHxWxC.astype(dtype), kernel.astype(dtype)
+    y = LOWERINGS[conv3x3_lowering(x, kernel, train)](x, kernel)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
     return y
