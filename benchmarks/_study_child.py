@@ -7,8 +7,8 @@ arguments after wrapping ``orchard_jax.engine.passes._pass``, the one function
 that ``train_pass`` and ``validation_pass`` call (by its global name) for every
 pass of a solo trial or a cohort, in a ``time.perf_counter`` accumulator. At
 exit it writes ``{"pass_s": seconds in passes, "passes": how many, "t0":
-time.time() when this file started running}`` to the JSON path in
-``STUDY_TIME_OUT``. The exit status is the command's.
+time.time() when this file started running, "module": the orchard_jax
+package's __init__.py it imported}`` to the JSON path in ``STUDY_TIME_OUT``. The exit status is the command's.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ OUT = os.environ.get("STUDY_TIME_OUT")
 if not OUT:
   raise SystemExit("_study_child.py: set STUDY_TIME_OUT to the JSON file the pass times go to")
 
+import orchard_jax  # noqa: E402
 from orchard_jax.cli import console  # noqa: E402
 from orchard_jax.engine import passes  # noqa: E402
 
-TOTALS = {"pass_s": 0.0, "passes": 0, "t0": T0}
+TOTALS = {"pass_s": 0.0, "passes": 0, "t0": T0, "module": orchard_jax.__file__}
 
 
 def timed_pass(inner):

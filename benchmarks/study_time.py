@@ -16,8 +16,10 @@ validation pass (``orchard_jax.engine.passes._pass``). Sides:
 
 Every side shares one JAX compilation cache (``--set
 telemetry.compilation_cache=DIR``), which a first unmeasured run of each
-side fills: the measured runs are warm. Each run has its own ``--output``
-folder and study (SQLite, ``--storage memory`` for none); the order of the
+side fills: the measured runs are warm (``--no-warm-up``: the first round's
+are cold). Each run has its own ``--output``
+folder and study (SQLite, ``--storage memory`` for none; ``--checkout DIR``
+imports orchard_jax from DIR, checked per run); the order of the
 sides alternates between rounds (``--repeats``, default 3). Wall seconds are
 timed around ``subprocess.run`` (interpreter start-up and imports count).
 
@@ -34,7 +36,7 @@ side's best of the same round (pruned trials do not count). Then medians
 [min - max] over the rounds, the ratios to solo and the issue's targets.
 
   python benchmarks/study_time.py [--repeats 3] [--arch mlp|mini_cnn] [--pruners median hyperband]
-  python benchmarks/study_time.py --smoke     # 4 trials of 2 epochs, 1 round
+  python benchmarks/study_time.py --smoke     # 4 trials of 2 epochs, 1 round, no warm-up
 """
 
 from __future__ import annotations
@@ -95,15 +97,18 @@ def _common_sets(args: argparse.Namespace, cache: pathlib.Path) -> dict[str, obj
   return sets
 
 
-def _run(sets: dict[str, object], out: pathlib.Path, totals: pathlib.Path, what: str
-         ) -> tuple[float, float, str]:
-  """Runs the study in a fresh child process; returns its wall seconds, the wall clock when it
-  was started and its log. Raises Refused on exit status 2 (a refused setting)."""
+def _run(sets: dict[str, object], out: pathlib.Path, totals: pathlib.Path, what: str,
+         checkout: pathlib.Path | None) -> tuple[float, float, str]:
+  """Runs the study in a fresh child process (orchard_jax imported from ``checkout`` when one is
+  given); returns its wall seconds, the wall clock when it was started and its log. Raises
+  Refused on exit status 2 (a refused setting)."""
   cmd = [sys.executable, str(CHILD), "run", "--output", str(out)]
   for key, value in sets.items():
     cmd += ["--set", f"{key}={value}"]
   env = dict(os.environ, STUDY_TIME_OUT=str(totals))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the CLI skips its own setting when this is set
+  if checkout is not None:
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(checkout), env.get("PYTHONPATH"))))
   started = time.time()
   start = time.perf_counter()
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -115,6 +120,9 @@ def _run(sets: dict[str, object], out: pathlib.Path, totals: pathlib.Path, what:
   if proc.returncode != 0:
     sys.stderr.write(log[-6000:])
     raise SystemExit(f"{what} failed with exit status {proc.returncode}: {' '.join(cmd)}")
+  module = pathlib.Path(json.loads(totals.read_text())["module"]).resolve()
+  if checkout is not None and checkout.resolve() not in module.parents:
+    raise SystemExit(f"{what} imported {module}, not orchard_jax of --checkout {checkout}")
   return seconds, started, log
 
 
@@ -152,7 +160,7 @@ def measure(sets: dict[str, object], out: pathlib.Path, args: argparse.Namespace
             ) -> dict:
   """One measured run of a side: its times, counts and COMPLETE trials' (end, value)."""
   totals_path = out.parent / f"{out.name}.passes.json"
-  wall, started, log = _run(sets, out, totals_path, what)
+  wall, started, log = _run(sets, out, totals_path, what, args.checkout)
   (out.parent / f"{out.name}.log").write_text(log)
   totals = json.loads(totals_path.read_text())
   trials, direction = read_trials(out, args.storage)
@@ -184,24 +192,29 @@ def seconds_to(result: dict, target: float | None) -> float | None:
   return next((end for end, value in result["completions"] if better(value)), None)
 
 
-def warm_up(sides: dict, common: dict, work: pathlib.Path) -> dict:
+def skip(sides: dict, name: str, e: Refused) -> None:
+  """Drops a side whose settings orchard_jax refuses, in one line; solo or cohort refused ends
+  the benchmark."""
+  if name in ("solo", "cohort"):
+    raise SystemExit(f"orchard_jax refused the {name} side: {e}")
+  print(f"  {name}: skipped, the installed orchard_jax refuses it: {e}", flush=True)
+  del sides[name]
+
+
+def warm_up(sides: dict, common: dict, work: pathlib.Path, checkout: pathlib.Path | None) -> None:
   """One unmeasured run of each side, filling the shared cache; drops (and says so) the sides
   whose settings orchard_jax refuses."""
-  kept = {}
-  for name, own in sides.items():
+  for name, own in list(sides.items()):
     out = work / f"warmup_{name}"
     try:
-      seconds, _, _ = _run({**common, **own}, out, work / f"warmup_{name}.passes.json",
-                           f"warm-up of {name}")
+      totals = work / f"warmup_{name}.passes.json"
+      seconds, _, _ = _run({**common, **own}, out, totals, f"warm-up of {name}", checkout)
     except Refused as e:
-      if name in ("solo", "cohort"):
-        raise SystemExit(f"orchard_jax refused the {name} side: {e}") from None
-      print(f"  {name}: skipped, the installed orchard_jax refuses it: {e}", flush=True)
+      skip(sides, name, e)
       continue
-    print(f"  warm-up {name}: {seconds:.1f} s", flush=True)
+    module = json.loads(totals.read_text())["module"]
+    print(f"  warm-up {name}: {seconds:.1f} s (orchard_jax from {module})", flush=True)
     shutil.rmtree(out, ignore_errors=True)
-    kept[name] = own
-  return kept
 
 
 def _num(value: float | None, spec: str = ".1f") -> str:
@@ -290,19 +303,25 @@ def report(rounds: list[dict], names: list[str]) -> bool:
 
 def run_round(index: int, sides: dict, common: dict, args: argparse.Namespace,
               work: pathlib.Path) -> dict:
-  names = list(sides)
-  order = tuple(names) if index % 2 == 0 else tuple(reversed(names))
+  """One measured run of each side (in turn, the order reversed every other round); drops the
+  sides orchard_jax refuses (without a warm-up, the first round finds them)."""
+  order = tuple(sides) if index % 2 == 0 else tuple(reversed(sides))
   results = {}
   for name in order:
     out = work / f"round_{index + 1}" / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    results[name] = measure({**common, **sides[name]}, out, args, f"{name} (round {index + 1})")
+    try:
+      results[name] = measure({**common, **sides[name]}, out, args, f"{name} (round {index + 1})")
+    except Refused as e:
+      skip(sides, name, e)
+      continue
     if not args.keep:
       shutil.rmtree(out, ignore_errors=True)
   target = results["solo"]["best"]
   for r in results.values():
     r["to_target_s"] = seconds_to(r, target)
-  round_lines(index, order, {name: results[name] for name in names})
+  order = tuple(name for name in order if name in sides)
+  round_lines(index, order, {name: results[name] for name in sides})
   return results
 
 
@@ -322,8 +341,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--pruners", nargs="+", default=[], metavar="P",
                       help=f"an extra side per name: cohort_size={COHORT_SIZE} and "
                            "optuna.pruner_type=P")
+  parser.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                      help="no unmeasured first run per side: each side's first round is cold")
   parser.add_argument("--smoke", action="store_true",
-                      help=f"n_trials {SMOKE[0]}, epochs {SMOKE[1]}, 1 round")
+                      help=f"n_trials {SMOKE[0]}, epochs {SMOKE[1]}, 1 round, no warm-up")
+  parser.add_argument("--checkout", type=pathlib.Path, metavar="DIR",
+                      help="import orchard_jax from DIR (PYTHONPATH; e.g. `git archive HEAD "
+                           "orchard_jax | tar -x -C DIR` when the working tree is being edited); "
+                           "default: as this interpreter imports it")
   parser.add_argument("--keep", metavar="DIR",
                       help="keep every run's folder, log and pass times under DIR")
   args = parser.parse_args(argv)
@@ -331,7 +356,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   args.n_trials = n_trials if args.n_trials is None else args.n_trials
   args.epochs = epochs if args.epochs is None else args.epochs
   if args.smoke:
-    args.repeats = 1
+    args.repeats, args.warm_up = 1, False
   if args.repeats < 1 or (args.epochs is not None and args.epochs < 2) or (
       args.n_trials is not None and args.n_trials < 1):
     parser.error(f"--repeats and --n-trials must be >= 1 and --epochs >= 2, got "
@@ -356,8 +381,10 @@ def main(argv: list[str] | None = None) -> int:
       shutil.rmtree(work, ignore_errors=True)
       work.mkdir(parents=True)
     common = _common_sets(args, work / "jax_cache")
-    print("warm-up (unmeasured, fills the shared compilation cache):", flush=True)
-    sides = warm_up(_sides(args.pruners), common, work)
+    sides = _sides(args.pruners)
+    if args.warm_up:
+      print("warm-up (unmeasured, fills the shared compilation cache):", flush=True)
+      warm_up(sides, common, work, args.checkout)
     rounds = [run_round(i, sides, common, args, work) for i in range(args.repeats)]
   met = report(rounds, list(sides))
   print(f"\n{'all targets met' if met else 'some targets missed'}")
