@@ -96,8 +96,12 @@ def _conv_params(side=6, channels=3):
   return module, jax.jit(module.init, static_argnums=2)(jax.random.key(1), x, False), x
 
 
-def _traced_lowering(module, params, x, train, wrap=lambda f: f):
-  jaxpr = str(jax.make_jaxpr(wrap(lambda p, x: module.apply(p, x, train)))(params, x))
+def _traced_lowering(module, params, x, train, wrap=lambda f: f, grad=False):
+  def run(p, x):
+    if grad:  # a training step: the kernel is differentiated
+      return jax.grad(lambda p: module.apply(p, x, train).sum())(p)
+    return module.apply(p, x, train)
+  jaxpr = str(jax.make_jaxpr(wrap(run))(params, x))
   return "xla" if "conv_general_dilated" in jaxpr else "im2col"
 
 
@@ -119,14 +123,16 @@ def test_a_layer_in_training_uses_the_lowering_measured_faster(monkeypatch, fast
   timer = _fake_timer({faster: 1.0, slower: 2.0}, calls)
   monkeypatch.setattr(conv_choice, "min_times", timer)
   module, params, x = _conv_params()
-  assert _traced_lowering(module, params, x, True) == faster
-  grad = lambda p, x: jax.grad(lambda p: module.apply(p, x, True).sum())(p)  # noqa: E731
-  jax.make_jaxpr(grad)(params, x)
+  assert _traced_lowering(module, params, x, True, grad=True) == faster
+  assert _traced_lowering(module, params, x, True, grad=True) == faster
   cohort = jax.tree.map(lambda p: jnp.stack([p, p]), params)
-  assert _traced_lowering(module, cohort, x, True, lambda f: jax.vmap(f, in_axes=(0, None))) == faster
+  vmap = lambda f: jax.vmap(f, in_axes=(0, None))  # noqa: E731
+  assert _traced_lowering(module, cohort, x, True, vmap, grad=True) == faster
   keys = list(conv_choice.measurements())
   assert [(k.vmapped, k.input_gradient) for k in keys] == [(False, False), (True, False)]
-  assert len(calls) == 2  # the forward pass and its gradient share the layer's choice
+  assert len(calls) == 2  # once per layer: solo and vmapped
+  # a training-mode pass without a gradient (a program's inspection) keeps im2col, unmeasured
+  assert _traced_lowering(module, params, x, True) == "im2col" and len(calls) == 2
 
 
 def test_a_layer_knows_when_its_weights_and_inputs_are_vmapped_and_differentiated():

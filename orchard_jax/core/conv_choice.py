@@ -19,7 +19,6 @@ the compiled executables, whose key holds :func:`key_part`). This module does no
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 import os
 import threading
@@ -146,7 +145,7 @@ def layer_key(x: Any, kernel: Any, dtype: Any) -> LayerKey:
 def choose(key: LayerKey, candidates: dict[str, Callable[[jax.Array, jax.Array], jax.Array]],
            timer: Timer | None = None) -> str:
   """The faster of ``candidates`` (lowering name -> ``f(x, kernel)``) for the layer ``key``:
-  from this process's choices, the attached store, or measured now (on a thread of its own,
+  from this process's choices, the attached store, or measured now (on this thread,
   outside any trace in progress). ``timer`` maps zero-argument programs to seconds
   (default :func:`min_times`)."""
   with _lock:
@@ -155,8 +154,11 @@ def choose(key: LayerKey, candidates: dict[str, Callable[[jax.Array, jax.Array],
     store = _store[0] if _store else None
   lowering = store.get(key) if store is not None else None
   if lowering not in candidates:
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="orchard_jax-conv") as pool:
-      times = pool.submit(_measure, key, candidates, timer or min_times).result()
+    # JAX's private door out of the trace in progress (a thread of its own would also do, but
+    # would compile elsewhere than where the caller compiles)
+    from jax._src.core import eval_context  # pylint: disable=import-outside-toplevel
+    with eval_context():
+      times = _measure(key, candidates, timer or min_times)
     lowering = min(candidates, key=lambda name: (times[name], list(candidates).index(name)))
     with _lock:
       _measured[key] += 1
@@ -191,9 +193,8 @@ def min_times(programs: dict[str, Callable[[], Any]], repeats: int = 5,
               budget_s: float = 0.15) -> dict[str, float]:
   """The least of ``repeats`` timed calls of each program (after a warm call), in turns; the
   rounds stop early once ``budget_s`` is spent (at least two are timed)."""
-  with concurrent.futures.ThreadPoolExecutor(len(programs)) as pool:  # compiles side by side
-    for warm in [pool.submit(program) for program in programs.values()]:
-      jax.block_until_ready(warm.result())
+  for program in programs.values():
+    jax.block_until_ready(program())
   best = {name: math.inf for name in programs}
   start = time.perf_counter()
   for round_ in range(repeats):

@@ -108,10 +108,12 @@ def conv3x3_lowering(x_BxHxWxC: jax.Array, kernel: jax.Array, train: bool,
   """``"im2col"`` or ``"xla"``: the lowering a :class:`Conv3x3` layer uses, at trace time.
 
   :envvar:`ORCHARD_JAX_CONV` (``im2col`` or ``xla``) forces one everywhere. Else, on
-  XLA:CPU, training takes the faster for this layer, measured once on this machine
-  (:func:`orchard_jax.core.conv_choice.choose`; vmapped over the weights, measured
-  vmapped), and evaluation uses im2col on images under :data:`IM2COL_FORWARD_PIXELS`
-  pixels; other backends use XLA's convolution (cuDNN's, TPU's).
+  XLA:CPU, a training step (the kernel differentiated) takes the faster for this layer,
+  measured once on this machine (:func:`orchard_jax.core.conv_choice.choose`; vmapped over
+  the weights, measured vmapped); a training-mode pass that is not differentiated (a
+  program's inspection, as the cohort rule's) uses im2col, and evaluation uses im2col on
+  images under :data:`IM2COL_FORWARD_PIXELS` pixels; other backends use XLA's convolution
+  (cuDNN's, TPU's).
   """
   lowering = conv_choice.forced()
   if lowering is not None:
@@ -120,6 +122,8 @@ def conv3x3_lowering(x_BxHxWxC: jax.Array, kernel: jax.Array, train: bool,
     return "xla"
   if not train:
     return "im2col" if x_BxHxWxC.shape[1] * x_BxHxWxC.shape[2] < IM2COL_FORWARD_PIXELS else "xla"
+  if not conv_choice.differentiated(kernel):
+    return "im2col"
   key = conv_choice.layer_key(x_BxHxWxC, kernel, x_BxHxWxC.dtype)
   return conv_choice.choose(key, LOWERINGS, timer)
 
