@@ -65,7 +65,13 @@ def import_ahead(recipe: Any) -> None:
   (:mod:`orchard_jax.study.ahead`). These imports (orbax for the best
   states; matplotlib, optuna's plots and scikit-learn's forests for
   fANOVA's parameter importances) take about 2 s on 2 CPU cores; here they
-  overlap the compile instead of adding to the study's wall time.
+  overlap the compile instead of adding to the study's wall time. With a
+  warm cache the programs are loaded before this is called, and the imports
+  take the same time here as they would when the plots are drawn; a thread
+  importing them while the trials run made a warm study of MLP cohorts
+  slower on 2 cores (it holds the GIL the trials' host work needs;
+  docs/performance.md, "Imports and outputs"). Without ``save_plots`` none
+  of the plotting modules is imported, here or later.
   """
   import orbax.checkpoint  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   if recipe.study.save_plots:
