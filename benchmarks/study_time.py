@@ -140,8 +140,9 @@ def read_trials(run_dir: pathlib.Path, storage: str) -> tuple[list[dict], str]:
   if storage == "memory":
     with open(run_dir / "trials.csv", newline="") as f:
       rows = list(csv.DictReader(f))
-    recipe = (run_dir / "recipe.yaml").read_text()
-    direction = "minimize" if "monitor_direction: minimize" in recipe else "maximize"
+    import yaml
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    direction = recipe["training"]["monitor_direction"]
     return [{"state": r["state"], "value": float(r["value"]) if r["value"] else None,
              "start": _stamp(r["datetime_start"]), "end": _stamp(r["datetime_complete"]),
              "epochs": int(r["epochs"] or 0)} for r in rows], direction
@@ -224,7 +225,7 @@ def _num(value: float | None, spec: str = ".1f") -> str:
 def round_lines(index: int, order: tuple, results: dict) -> None:
   print(f"round {index + 1} ({', '.join(order)}):", flush=True)
   for name, r in results.items():
-    print(f"  {name:22s} wall {r['wall_s']:6.1f} s  passes {r['pass_s']:6.1f} s ({r['passes']})  "
+    print(f"  {name:26s} wall {r['wall_s']:6.1f} s  passes {r['pass_s']:6.1f} s ({r['passes']})  "
           f"host/trial-epoch {r['host_te_s'] * 1e3:6.1f} ms (in study "
           f"{r['study_host_te_s'] * 1e3:6.1f} ms)  before {r['before_s']:5.1f} s (interpreter "
           f"{r['startup_s']:.1f})  after {r['after_s']:5.1f} s  trial-epochs {r['trial_epochs']}  "
@@ -265,9 +266,9 @@ def report(rounds: list[dict], names: list[str]) -> bool:
     diff = [None if r[name]["best"] is None or r["solo"]["best"] is None
             else r[name]["best"] - r["solo"]["best"] for r in rounds]
     ratios[name] = (wall, good, diff)
-    print(f"    {name + ' wall':42s} {_spread(wall)}")
-    print(f"    {name + ' time to good value':42s} {_spread(good)}")
-    print(f"    {name + ' best - solo best':42s} {_spread(diff)}")
+    print(f"    {name + ' wall':46s} {_spread(wall)}")
+    print(f"    {name + ' time to good value':46s} {_spread(good)}")
+    print(f"    {name + ' best - solo best':46s} {_spread(diff)}")
 
   def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
