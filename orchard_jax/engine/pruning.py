@@ -10,7 +10,7 @@ storage and into the view, so a later member sees it as it would have read it ba
 member sees all the cohort's values of the epoch, whatever its place in the cohort.
 
 :class:`SameEpochPruner` is the rule made for cohorts: a trial is compared with every other
-trial that reached its epoch, running (its cohort's other members), pruned or complete.
+trial at its epoch, running (its cohort's other members), pruned or complete.
 """
 
 from __future__ import annotations
@@ -84,13 +84,17 @@ class EpochView:
 
 
 class SameEpochPruner(optuna.pruners.BasePruner):
-  """Prunes a trial whose value at its epoch is worse than the median of the values every
-  other trial reported at that epoch, running, pruned or complete, once there are at least
-  ``min_trials`` of them.
+  """Prunes a trial whose value at its epoch is worse than the median of the other trials'
+  values there, once at least ``min_trials`` other trials have one.
 
-  Optuna's median pruner compares with complete trials only, so a study's first cohort, whose
-  members all run at once, is never pruned; this rule lets a cohort's members compete at the
-  epoch they share, with every trial that got there before them. A NaN value is pruned.
+  A running trial counts with its value at the epoch, if it reported one (a cohort's other
+  members have: each reports before any is judged); a finished one (complete or pruned) with
+  its value at the epoch or, if it stopped before it, its last value before it. A pruned trial
+  so stays in the field it was pruned from: the trials that outlive it are not halved again
+  at each epoch among themselves. Optuna's median pruner compares with complete trials only,
+  so a study's first cohort, whose members all run at once, is never pruned; this rule lets
+  a cohort's members compete at the epoch they share, with every trial that came before
+  them. A NaN value is pruned.
   """
 
   def __init__(self, min_trials: int = 4):
@@ -105,12 +109,25 @@ class SameEpochPruner(optuna.pruners.BasePruner):
     value = trial.intermediate_values[step]
     if math.isnan(value):
       return True
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    others = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=states)
-              if t.number != trial.number and step in t.intermediate_values
-              and not math.isnan(t.intermediate_values[step])]
+    others = [v for t in study.get_trials(deepcopy=False) if t.number != trial.number
+              for v in [_value_at(t, step)] if v is not None and not math.isnan(v)]
     if len(others) < self.min_trials:
       return False
     median = statistics.median(others)
     return value < median if study.direction == optuna.study.StudyDirection.MAXIMIZE \
         else value > median
+
+
+def _value_at(trial: optuna.trial.FrozenTrial, step: int) -> float | None:
+  """``trial``'s value at ``step``; a finished trial's last one before it if it stopped
+  earlier; None for a running trial not there yet (or a failed or waiting one)."""
+  values = trial.intermediate_values
+  if step in values:
+    return values[step] if trial.state in _COUNTED else None
+  if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+    return None
+  before = [s for s in values if s < step]
+  return values[max(before)] if before else None
+
+
+_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)

@@ -80,6 +80,27 @@ def test_the_same_epoch_rule_compares_with_every_trial_at_the_epoch():
   assert decisions == [True, False, True, False, True, False]
 
 
+def test_the_same_epoch_rule_counts_a_finished_trial_at_later_epochs_with_its_last_value():
+  # Two trials pruned at step 0 stay in the field at step 1 with their step-0 values, so the
+  # survivors are not halved again among themselves; a running trial behind counts not yet.
+  study = optuna.create_study(direction="maximize", pruner=SameEpochPruner(3))
+  for value in (0.1, 0.2):
+    pruned = study.ask()
+    pruned.report(value, 0)
+    study.tell(pruned, state=TrialState.PRUNED)
+  survivors = [study.ask() for _ in range(3)]
+  behind = study.ask()
+  behind.report(0.9, 0)
+  for trial, value in zip(survivors, (0.5, 0.6, 0.7)):
+    trial.report(value, 0)
+    trial.report(value, 1)
+  # the first survivor's field at step 1: 0.1, 0.2 (carried), 0.6, 0.7: median 0.4 < 0.5
+  assert [t.should_prune() for t in survivors] == [False, False, False]
+  # at step 2 only the two finished trials count (the running ones are not there yet): too few
+  survivors[0].report(0.15, 2)
+  assert not survivors[0].should_prune()
+
+
 def test_the_same_epoch_rule_waits_for_enough_trials_and_prunes_nan():
   study = optuna.create_study(direction="minimize", pruner=SameEpochPruner(2))
   first, second, third = (study.ask() for _ in range(3))
