@@ -4,9 +4,10 @@ A 3x3 convolution can run as XLA's own convolution (``lax.conv_general_dilated``
 im2col (shifted views concatenated, then one matmul). Which is faster for a training step
 depends on the CPU (XLA:CPU's convolution backward is slow on some, fast on others) and on
 the layer's shapes. :func:`choose` times the forward and backward pass of one layer alone
-with each lowering -- a few warm repetitions, the minimum of each -- and keeps the faster, once
-per layer: ``(backend, device kind, input shape, kernel shape, dtype, whether vmapped over
-the weights, and over the inputs)``. A layer vmapped over its weights (a cohort's members)
+with each lowering -- a few warm repetitions, the minimum of each, about a tenth of a second
+of running after two small compiles -- and keeps the faster, once per layer (:class:`LayerKey`:
+backend, device kind, shapes, dtype, whether vmapped over the weights and over the inputs,
+whether the input's gradient is taken). A layer vmapped over its weights (a cohort's members)
 is measured vmapped, over two members: there XLA's convolution becomes one with the members'
 outputs side by side (inputs shared) or a grouped one (inputs vmapped too, as after a
 cohort's first layer), im2col a matmul or a batched matmul.

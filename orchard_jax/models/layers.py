@@ -103,8 +103,7 @@ LOWERINGS = {"im2col": conv3x3_im2col, "xla": conv3x3_xla}
 IM2COL_FORWARD_PIXELS = 25
 
 
-def conv3x3_lowering(x_BxHxWxC: jax.Array, kernel: jax.Array, train: bool,
-                     timer: conv_choice.Timer | None = None) -> str:
+def conv3x3_lowering(x_BxHxWxC: jax.Array, kernel: jax.Array, train: bool) -> str:
   """``"im2col"`` or ``"xla"``: the lowering a :class:`Conv3x3` layer uses, at trace time.
 
   :envvar:`ORCHARD_JAX_CONV` (``im2col`` or ``xla``) forces one everywhere. Else, on
@@ -125,7 +124,7 @@ def conv3x3_lowering(x_BxHxWxC: jax.Array, kernel: jax.Array, train: bool,
   if not conv_choice.differentiated(kernel):
     return "im2col"
   key = conv_choice.layer_key(x_BxHxWxC, kernel, x_BxHxWxC.dtype)
-  return conv_choice.choose(key, LOWERINGS, timer)
+  return conv_choice.choose(key, LOWERINGS)
 
 
 class Conv3x3(nn.Module):
