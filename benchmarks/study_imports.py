@@ -13,6 +13,8 @@ folder, the order rotating between rounds; the figures are medians:
   first cohort's trials end together);
 * ``last``: from the last such line to the exit (the outputs, then the
   interpreter's exit);
+* ``pruned``: how many trials were pruned (sides that prune differently
+  train different amounts);
 * ``imports`` (``--importtime``, one more run per side and round): the seconds
   of ``-X importtime``'s outermost imports (in any thread).
 
@@ -57,10 +59,11 @@ def run_once(checkout: pathlib.Path, work: pathlib.Path, cache: pathlib.Path,
   start = time.perf_counter()
   proc = subprocess.Popen(cmd, env=env, cwd=out, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  trials, imports, module = [], 0.0, None
+  trials, pruned, imports, module = [], 0, 0.0, None
   for line in proc.stderr:
-    if _TRIAL.match(line):
+    if m := _TRIAL.match(line):
       trials.append(time.perf_counter() - start)
+      pruned += m[1] == "PRUNED"
     elif (m := _IMPORT.match(line)) and not m[2].startswith(" "):
       imports += int(m[1]) / 1e6
     elif line.startswith("MODULE "):
@@ -73,7 +76,7 @@ def run_once(checkout: pathlib.Path, work: pathlib.Path, cache: pathlib.Path,
   if module is None or not module.is_relative_to(checkout.resolve()):
     raise SystemExit(f"{checkout}'s study imported orchard_jax from {module}")
   result = {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "first": trials[0],
-            "last": wall - trials[-1]}
+            "last": wall - trials[-1], "pruned": pruned}
   return {**result, "imports": imports} if importtime else result
 
 
@@ -101,13 +104,15 @@ def main() -> None:
       if args.importtime:
         figure["imports"] = run_once(checkout, work, caches[name], True, sets)["imports"]
       figures[name].append(figure)
-      print(f"round {r + 1} {name}: " + "  ".join(f"{k} {v:.2f}" for k, v in figure.items()),
+      print(f"round {r + 1} {name}: " + "  ".join(f"{k} {v:.2f}" if k != "pruned" else f"{k} {v}"
+                                                  for k, v in figure.items()),
             flush=True)
   first = sides[0][0]
   for name, _ in sides:
     medians = {k: statistics.median(f[k] for f in figures[name]) for k in figures[name][0]}
     ratio = statistics.median(a["wall"] / b["wall"] for a, b in zip(figures[name], figures[first]))
-    print(f"{name}: " + "  ".join(f"{k} {v:.2f} s" for k, v in medians.items())
+    print(f"{name}: " + "  ".join(f"{k} {v:.2f}" + ("" if k == "pruned" else " s")
+                                  for k, v in medians.items())
           + f"  wall ratio to {first} {ratio:.3f}")
 
 

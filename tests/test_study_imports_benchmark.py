@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+NUMBER = r"(\d+\.\d+)"
 
 
 def test_smoke_run_prints_each_sides_figures_and_the_wall_ratio():
@@ -16,12 +17,11 @@ def test_smoke_run_prints_each_sides_figures_and_the_wall_ratio():
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
-  number = r"(\d+\.\d+)"
   for side in ("a", "b"):
-    assert any(re.fullmatch(rf"round 1 {side}: wall {number}  cpu {number}  first {number}  "
-                            rf"last {number}  imports {number}", line) for line in lines), lines
-  summary = [re.fullmatch(rf"b: wall {number} s  cpu {number} s  first {number} s  "
-                          rf"last {number} s  imports {number} s  wall ratio to a {number}", line)
-             for line in lines]
-  match = next(m for m in summary if m)
-  assert float(match[5]) > 0.5  # jax alone takes about a second to import
+    row = (rf"round 1 {side}: wall {NUMBER}  cpu {NUMBER}  first {NUMBER}  last {NUMBER}  "
+           rf"pruned 0  imports {NUMBER}")  # --smoke turns pruning off
+    assert any(re.fullmatch(row, line) for line in lines), lines
+  summary = (rf"b: wall {NUMBER} s  cpu {NUMBER} s  first {NUMBER} s  last {NUMBER} s  "
+             rf"pruned {NUMBER}  imports {NUMBER} s  wall ratio to a {NUMBER}")
+  match = next(m for m in map(lambda line: re.fullmatch(summary, line), lines) if m)
+  assert float(match[6]) > 0.5  # jax alone takes about a second to import
