@@ -202,7 +202,8 @@ class OptunaConfig(_Config):
       its epoch, cohort peers included: see
       :class:`orchard_jax.engine.pruning.SameEpochPruner`) or ``'none'``;
       ``'none'`` needs ``enable_pruning=False``. None (the default): ``'median'``
-      with ``cohort_size`` 1, as the reference, and ``'same_epoch'`` for cohorts.
+      with ``cohort_size`` 1, as the reference, and ``'successive_halving'`` for
+      cohorts (it reached a good value soonest: docs/performance.md).
     sampler_type: ``'tpe'``, ``'cmaes'`` or ``'random'``.
     storage: ``'sqlite'`` (a file the caller places), ``'memory'``, or a
       database URL such as ``'postgresql://user:pass@host/db'`` or
@@ -268,7 +269,7 @@ class OptunaConfig(_Config):
       return "none"
     if self.pruner_type is not None:
       return self.pruner_type
-    return "median" if self.cohort_size == 1 else "same_epoch"
+    return "median" if self.cohort_size == 1 else "successive_halving"
 
 
 def _closest_metric(name: str) -> str:

@@ -48,11 +48,11 @@ def test_optuna_defaults_equal_reference_except_study_name():
 
 
 @pytest.mark.parametrize("kwargs, pruner", [
-    ({}, "median"), ({"cohort_size": 8}, "same_epoch"),
+    ({}, "median"), ({"cohort_size": 8}, "successive_halving"),
     ({"cohort_size": 8, "pruner_type": "median"}, "median"),
-    ({"pruner_type": "successive_halving"}, "successive_halving"),
+    ({"pruner_type": "same_epoch"}, "same_epoch"),
     ({"cohort_size": 8, "enable_pruning": False}, "none")])
-def test_the_pruner_unset_is_median_one_by_one_and_same_epoch_in_cohorts(kwargs, pruner):
+def test_the_pruner_unset_is_median_one_by_one_and_successive_halving_in_cohorts(kwargs, pruner):
   assert OptunaConfig(**kwargs).pruner == pruner
 
 

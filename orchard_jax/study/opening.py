@@ -9,8 +9,8 @@
   ``hyperband`` and ``successive_halving`` with Optuna's defaults,
   ``same_epoch`` (:class:`~orchard_jax.engine.pruning.SameEpochPruner`, judging
   once ``pruner_startup_trials`` other trials reached the epoch); ``NopPruner``
-  without pruning. Unset, it is ``median`` one by one and ``same_epoch`` for
-  cohorts (``OptunaConfig.pruner``). The engine asks the pruner from
+  without pruning. Unset, it is ``median`` one by one and ``successive_halving``
+  for cohorts (``OptunaConfig.pruner``). The engine asks the pruner from
   ``pruning_warmup_epochs`` on.
 * **Storage**: opened by :func:`~orchard_jax.study.storage.open_storage`; a
   database that cannot be opened stops the run before anything is written.
