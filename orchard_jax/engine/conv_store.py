@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Iterator
 
 from orchard_jax import fileio
-from orchard_jax.core import conv_choice
+from orchard_jax.models import conv_choice
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from orchard_jax.core import conv_choice
+from orchard_jax.models import conv_choice
 from orchard_jax.engine import conv_store
 
 __all__ = ["code_fingerprint", "environment", "plain", "portable"]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen.dtypes import canonicalize_dtype
 
-from orchard_jax.core import conv_choice
+from orchard_jax.models import conv_choice
 
 
 def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:

@@ -5,7 +5,8 @@ im2col (shifted views concatenated, then one matmul). Which is faster for a trai
 depends on the CPU (XLA:CPU's convolution backward is slow on some, fast on others) and on
 the layer's shapes. :func:`choose` times the forward and backward pass of one layer alone
 with each lowering -- a few warm repetitions, the minimum of each, about a tenth of a second
-of running after two small compiles -- and keeps the faster, once per layer (:class:`LayerKey`:
+of running after two small compiles -- and keeps the faster (XLA's only if at least
+:data:`MARGIN` faster than im2col, the rule before), once per layer (:class:`LayerKey`:
 backend, device kind, shapes, dtype, whether vmapped over the weights and over the inputs,
 whether the input's gradient is taken). A layer vmapped over its weights (a cohort's members)
 is measured vmapped, over two members: there XLA's convolution becomes one with the members'
@@ -38,6 +39,10 @@ __all__ = ["ENV", "LOWERINGS", "LayerKey", "Store", "choose", "clear", "differen
 
 ENV = "ORCHARD_JAX_CONV"
 LOWERINGS = ("im2col", "xla")  # on a tie the first wins
+# How much faster than the first candidate (the rule before: im2col) another must measure to be
+# chosen: a layer timed while other processes load the machine can flip by more than noise,
+# and a choice is kept for the machine's later processes.
+MARGIN = 0.15
 VMAPPED_MEMBERS = 2  # members a vmapped layer is measured with
 
 Timer = Callable[[dict[str, Callable[[], Any]]], dict[str, float]]
@@ -160,13 +165,20 @@ def choose(key: LayerKey, candidates: dict[str, Callable[[jax.Array, jax.Array],
     from jax._src.core import eval_context  # pylint: disable=import-outside-toplevel
     with eval_context():
       times = _measure(key, candidates, timer or min_times)
-    lowering = min(candidates, key=lambda name: (times[name], list(candidates).index(name)))
+    lowering = _faster(times, list(candidates))
     with _lock:
       _measured[key] += 1
     if store is not None:
       lowering = store.put(key, lowering)
   with _lock:
     return _choices.setdefault(key, lowering)
+
+
+def _faster(times: dict[str, float], names: list[str]) -> str:
+  """The first of ``names`` unless another measured at least :data:`MARGIN` faster (then the
+  fastest)."""
+  first, fastest = names[0], min(names, key=lambda name: (times[name], names.index(name)))
+  return fastest if times[fastest] <= (1.0 - MARGIN) * times[first] else first
 
 
 def _measure(key: LayerKey, candidates: dict, timer: Timer) -> dict[str, float]:
