@@ -17,12 +17,26 @@ from orchard_jax.models import layers
 KEY = conv_choice.LayerKey("cpu", "cpu", (4, 6, 6, 3), (3, 3, 3, 8), "float32", False, False, True)
 
 
+class MemoryStore:
+  """A table of choices in this process (the engine's is a file beside the executables)."""
+  identity = "memory"
+
+  def __init__(self):
+    self.table = {}
+
+  def get(self, key):
+    return self.table.get(key)
+
+  def put(self, key, lowering):
+    return self.table.setdefault(key, lowering)
+
+
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
   monkeypatch.delenv(conv_choice.ENV, raising=False)
   conv_choice.clear()
-  conv_choice.set_store(None)
   conv_store.attach(None, "")
+  conv_choice.set_store(MemoryStore())  # somewhere to keep a choice: a layer is measured
   yield
   conv_choice.clear()
   conv_choice.set_store(None)
@@ -210,3 +224,15 @@ def test_the_executable_key_changes_with_the_setting_and_the_table(monkeypatch, 
   monkeypatch.setenv(conv_choice.ENV, "xla")
   assert len({auto_a, auto_b, forced, executable_key.environment()}) == 4
   assert (tmp_path / "a" / conv_store.FILE).exists()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the layer is measured on XLA:CPU")
+def test_without_a_table_to_keep_it_a_layer_is_not_measured_and_uses_im2col(monkeypatch):
+  # No executables cache: a measurement would be paid again by every process (a cold first
+  # trial 1.4x slower), so the rule before is used.
+  conv_choice.set_store(None)
+  calls = []
+  monkeypatch.setattr(conv_choice, "min_times", _fake_timer({"im2col": 2.0, "xla": 1.0}, calls))
+  module, params, x = _conv_params()
+  assert _traced_lowering(module, params, x, True, grad=True) == "im2col"
+  assert calls == [] and conv_choice.measurements() == {}
