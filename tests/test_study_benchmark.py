@@ -71,7 +71,7 @@ def test_study_settings_equal_the_bundled_recipe(torch_study, recipe):
   }
   assert torch_study.STUDY == expected
   assert (training.optimizer_type, training.scheduler_type, training.criterion_type,
-          config.sampler_type, config.pruner_type, config.storage, config.enable_pruning,
+          config.sampler_type, config.pruner, config.storage, config.enable_pruning,
           config.enable_early_stopping, training.mixup_alpha, training.label_smoothing,
           training.weighted_loss) == ("sgd", "cosine", "cross_entropy", "tpe", "median",
                                       "sqlite", True, True, 0.0, 0.0, False)
