@@ -1,14 +1,16 @@
-"""A study's storage calls on SQLite: a rollback journal (SQLite's default) vs the write-ahead log.
+"""A study's storage calls: SQLite with a rollback journal (its default) or the write-ahead log,
+and Optuna's journal file.
 
 orchard_jax opens a study's SQLite file in write-ahead-log mode with
-``synchronous=NORMAL`` (``orchard_jax.study.storage.write_ahead``). This times
-the calls a trial makes, through Optuna on a real file in a temporary folder
-of the filesystem given (``--dir``, default the system's temporary folder):
+``synchronous=NORMAL`` (``orchard_jax.study.storage.write_ahead``); ``journal:``
+URLs (and ``run --workers``) use Optuna's journal file. This times the calls a
+trial makes, through Optuna on a real file in a temporary folder of the
+filesystem given (``--dir``, default the system's temporary folder):
 per trial an ask, one ``suggest_float``, ``--epochs`` epochs of ``report`` +
 ``should_prune`` (the median pruner) + one ``set_user_attr``, and a tell.
-Both modes run in one process, alternating between rounds, each on a new
-file; printed: milliseconds per call (median over rounds) and the ratio
-WAL / journal.
+The three run in one process, rotating between rounds, each on a new file;
+printed: milliseconds per call (median over rounds) and the ratios to the
+rollback journal.
 
   python benchmarks/sqlite_wal.py [--trials 20] [--epochs 10] [--rounds 3] [--dir /tmp]
 """
@@ -25,12 +27,15 @@ import optuna
 import sqlalchemy
 
 CALLS = ("ask", "report", "should_prune", "set_user_attr", "tell")
+MODES = ("rollback", "wal", "journal")
 
 
-def _storage(path: str, wal: bool) -> optuna.storages.RDBStorage:
-  from orchard_jax.study.storage import open_storage  # the project's own opening (WAL)
-  if wal:
+def _storage(path: str, mode: str) -> optuna.storages.BaseStorage:
+  from orchard_jax.study.storage import open_storage  # the project's own opening
+  if mode == "wal":
     return open_storage(f"sqlite:///{path}")
+  if mode == "journal":
+    return open_storage(f"journal:///{path}.journal")
   storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
   with storage.engine.connect() as connection:
     mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
@@ -38,9 +43,9 @@ def _storage(path: str, wal: bool) -> optuna.storages.RDBStorage:
   return storage
 
 
-def one_round(wal: bool, trials: int, epochs: int, folder: str) -> dict[str, float]:
+def one_round(mode: str, trials: int, epochs: int, folder: str) -> dict[str, float]:
   with tempfile.TemporaryDirectory(dir=folder) as tmp:
-    storage = _storage(f"{tmp}/study.db", wal)
+    storage = _storage(f"{tmp}/study.db", mode)
     study = optuna.create_study(storage=storage, direction="maximize",
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=4))
     seconds = dict.fromkeys(CALLS, 0.0)
@@ -73,18 +78,20 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--dir", default=None, help="folder of the study files (default: $TMPDIR)")
   args = parser.parse_args(argv)
   optuna.logging.set_verbosity(optuna.logging.WARNING)
-  results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+  results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
   for r in range(args.rounds):
-    for wal in ((False, True) if r % 2 == 0 else (True, False)):
-      results[wal].append(one_round(wal, args.trials, args.epochs, args.dir))
+    for mode in MODES[r % 3:] + MODES[:r % 3]:
+      results[mode].append(one_round(mode, args.trials, args.epochs, args.dir))
   print(f"sqlite_wal: {args.trials} trials x {args.epochs} epochs, {args.rounds} rounds, "
         f"sqlalchemy {sqlalchemy.__version__}, optuna {optuna.__version__}; ms per call "
         f"(median)")
-  print(f"  {'call':15s} {'journal':>9s} {'WAL':>9s} {'WAL/journal':>12s}")
+  print(f"  {'call':15s} {'rollback':>9s} {'WAL':>9s} {'journal':>9s} {'WAL/rb':>8s} "
+        f"{'journal/rb':>11s}")
   for name in CALLS:
-    journal = statistics.median(r[name] for r in results[False])
-    wal = statistics.median(r[name] for r in results[True])
-    print(f"  {name:15s} {journal:9.2f} {wal:9.2f} {wal / journal:12.2f}")
+    rollback, wal, journal = (statistics.median(r[name] for r in results[mode])
+                              for mode in MODES)
+    print(f"  {name:15s} {rollback:9.2f} {wal:9.2f} {journal:9.2f} {wal / rollback:8.2f} "
+          f"{journal / rollback:11.2f}")
   return 0
 
 
