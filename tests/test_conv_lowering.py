@@ -236,3 +236,14 @@ def test_without_a_table_to_keep_it_a_layer_is_not_measured_and_uses_im2col(monk
   module, params, x = _conv_params()
   assert _traced_lowering(module, params, x, True, grad=True) == "im2col"
   assert calls == [] and conv_choice.measurements() == {}
+
+
+def test_the_rule_used_without_a_table_is_no_choice_for_a_table_attached_later():
+  conv_choice.set_store(None)
+  calls = []
+  timer = _fake_timer({"im2col": 2.0, "xla": 1.0}, calls)
+  assert conv_choice.choose(KEY, layers.LOWERINGS, timer) == "im2col" and calls == []
+  store = MemoryStore()
+  conv_choice.set_store(store)
+  assert store.table == {}  # the unmeasured rule was not offered to it
+  assert conv_choice.choose(KEY, layers.LOWERINGS, timer) == "xla" and len(calls) == 1

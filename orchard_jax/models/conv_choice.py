@@ -161,9 +161,9 @@ def choose(key: LayerKey, candidates: dict[str, Callable[[jax.Array, jax.Array],
     if key in _choices:
       return _choices[key]
     store = _store[0] if _store else None
-  lowering = store.get(key) if store is not None else None
-  if store is None:  # nowhere to keep a measurement: each process would pay it; the rule
-    lowering = next(iter(candidates))
+  if store is None:  # nowhere to keep a measurement: each process would pay it; the rule,
+    return next(iter(candidates))  # not recorded as a choice (a later store measures it)
+  lowering = store.get(key)
   if lowering not in candidates:
     # JAX's private door out of the trace in progress (a thread of its own would also do, but
     # would compile elsewhere than where the caller compiles)
@@ -173,8 +173,7 @@ def choose(key: LayerKey, candidates: dict[str, Callable[[jax.Array, jax.Array],
     lowering = _faster(times, list(candidates))
     with _lock:
       _measured[key] += 1
-    if store is not None:
-      lowering = store.put(key, lowering)
+    lowering = store.put(key, lowering)
   with _lock:
     return _choices.setdefault(key, lowering)
 
