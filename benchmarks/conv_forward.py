@@ -56,8 +56,7 @@ def layer_rows(rounds: int, batch: int = 256) -> None:
   for side, c, o in SHAPES:
     x = jnp.asarray(rng.normal(size=(batch, side, side, c)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(3, 3, c, o)) * 0.1, jnp.float32)
-    fns = {"lax": jax.jit(lambda x, k: layers.conv3x3_same(x, k, im2col=False)),
-           "im2col": jax.jit(lambda x, k: layers.conv3x3_same(x, k, im2col=True))}
+    fns = {"lax": jax.jit(layers.conv3x3_xla), "im2col": jax.jit(layers.conv3x3_im2col)}
     t = side_by_side(fns, (x, k), rounds)
     a, b = fns["lax"](x, k), fns["im2col"](x, k)
     err = float(jnp.abs(a - b).max() / jnp.abs(a).max())

@@ -2,7 +2,7 @@
 
 ``ORCHARD_JAX_CONV=auto`` (the default) measures each convolution layer of a training step
 once, forward and backward with each lowering, and keeps the faster
-(``orchard_jax.core.conv_choice``); ``im2col`` is the rule before that (im2col in every
+(``orchard_jax.models.conv_choice``); ``im2col`` is the rule before that (im2col in every
 training step on XLA:CPU). Printed, in one process:
 
 * the lowering chosen for each layer, and the seconds to trace and compile each side

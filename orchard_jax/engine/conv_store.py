@@ -1,6 +1,6 @@
 """The convolution lowerings chosen on this machine, kept beside the compiled executables.
 
-:mod:`orchard_jax.core.conv_choice` measures a layer once per process; attached to the
+:mod:`orchard_jax.models.conv_choice` measures a layer once per process; attached to the
 executables' directory (:func:`attach`, which the executable key does), a choice is also
 written to ``conv_lowering.json`` there and read back by later processes, which then
 measure nothing. The table only grows: a choice, once written, is never changed, so an
@@ -36,7 +36,7 @@ _lock = threading.Lock()
 
 
 class FileStore:
-  """A :class:`~orchard_jax.core.conv_choice.Store` in ``directory`` / :data:`FILE`, for
+  """A :class:`~orchard_jax.models.conv_choice.Store` in ``directory`` / :data:`FILE`, for
   choices made on ``machine`` (a string naming the CPU)."""
 
   def __init__(self, directory: str | os.PathLike, machine: str):

@@ -57,23 +57,6 @@ def global_avg_pool(x_BxHxWxC: jax.Array) -> jax.Array:
   return x_BxHxWxC.mean(axis=(1, 2))
 
 
-def conv3x3_same(x_BxHxWxC: jax.Array, kernel_3x3xCxO: jax.Array, *, im2col: bool = True) -> jax.Array:
-  """3x3 stride-1 "SAME" convolution (NHWC, HWIO): im2col on XLA:CPU, else XLA's own.
-
-  On XLA:CPU the convolution's backward pass is often slow; the same convolution
-  written as im2col (nine shifted views concatenated, then one matmul) runs
-  its forward and backward passes on the matmul path: measured on 2 cores of an
-  AMD EPYC, value-and-gradient 1.7-6x faster on MiniCNN's layers, and equal
-  in float32 to rounding on those shapes (``benchmarks/conv_im2col.py``). Other backends,
-  and ``im2col=False``, use ``lax.conv_general_dilated``. The backend is read
-  at trace time. :class:`Conv3x3` chooses per layer instead (see
-  :mod:`orchard_jax.core.conv_choice`).
-  """
-  if not im2col or jax.default_backend() != "cpu":
-    return conv3x3_xla(x_BxHxWxC, kernel_3x3xCxO)
-  return conv3x3_im2col(x_BxHxWxC, kernel_3x3xCxO)
-
-
 def conv3x3_xla(x_BxHxWxC: jax.Array, kernel_3x3xCxO: jax.Array) -> jax.Array:
   """3x3 "SAME" convolution by ``lax.conv_general_dilated``."""
   return jax.lax.conv_general_dilated(x_BxHxWxC, kernel_3x3xCxO, (1, 1), "SAME",
@@ -81,7 +64,13 @@ def conv3x3_xla(x_BxHxWxC: jax.Array, kernel_3x3xCxO: jax.Array) -> jax.Array:
 
 
 def conv3x3_im2col(x_BxHxWxC: jax.Array, kernel_3x3xCxO: jax.Array) -> jax.Array:
-  """3x3 "SAME" convolution as im2col: nine shifted views concatenated, one matmul."""
+  """3x3 "SAME" convolution as im2col: nine shifted views concatenated, one matmul.
+
+  On XLA:CPU the convolution's backward pass is often slow, and im2col runs the forward and
+  backward passes on the matmul path: measured on 2 cores of an AMD EPYC, value-and-gradient
+  1.7-6x faster on MiniCNN's layers, and equal in float32 to rounding on those shapes
+  (``benchmarks/conv_im2col.py``). :func:`conv3x3_lowering` says which a layer uses.
+  """
   b, h, w, c = x_BxHxWxC.shape
   padded = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
   cols = jnp.concatenate([padded[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], -1)
@@ -108,7 +97,7 @@ def conv3x3_lowering(x_BxHxWxC: jax.Array, kernel: jax.Array, train: bool) -> st
 
   :envvar:`ORCHARD_JAX_CONV` (``im2col`` or ``xla``) forces one everywhere. Else, on
   XLA:CPU, a training step (the kernel differentiated) takes the faster for this layer,
-  measured once on this machine (:func:`orchard_jax.core.conv_choice.choose`; vmapped over
+  measured once on this machine (:func:`orchard_jax.models.conv_choice.choose`; vmapped over
   the weights, measured vmapped); a training-mode pass that is not differentiated (a
   program's inspection, as the cohort rule's) uses im2col, and evaluation uses im2col on
   images under :data:`IM2COL_FORWARD_PIXELS` pixels; other backends use XLA's convolution
