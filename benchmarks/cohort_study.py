@@ -97,17 +97,24 @@ def read_trials(run_dir: pathlib.Path, started: datetime.datetime, wall_s: float
           "best_value": max(complete) if complete else None, "trials_s": span}
 
 
+def size_sets(n_trials: int | None, epochs: int | None) -> dict[str, object]:
+  """The ``--set`` values of a study of ``n_trials`` trials of ``epochs`` epochs (None: the
+  recipe's); the pruning warmup drops below a shorter trial's epochs."""
+  sets: dict[str, object] = {}
+  if n_trials is not None:
+    sets["optuna.n_trials"] = n_trials
+  if epochs is not None:
+    sets["optuna.epochs"] = epochs
+    if RECIPE_WARMUP >= epochs:
+      sets["optuna.pruning_warmup_epochs"] = epochs - 1
+  return sets
+
+
 def run_side(arch: str, side: str, args: argparse.Namespace, work: pathlib.Path) -> dict:
   out, cache = work / f"{arch}_{side}", work / f"{arch}_{side}_jax_cache"
   cache.mkdir(parents=True)  # its own, empty: a cold run
   sets = {"architecture.name": arch, "optuna.cohort_size": SIDES[side],
-          "telemetry.compilation_cache": str(cache)}
-  if args.n_trials is not None:
-    sets["optuna.n_trials"] = args.n_trials
-  if args.epochs is not None:
-    sets["optuna.epochs"] = args.epochs
-    if RECIPE_WARMUP >= args.epochs:
-      sets["optuna.pruning_warmup_epochs"] = args.epochs - 1
+          "telemetry.compilation_cache": str(cache), **size_sets(args.n_trials, args.epochs)}
   cmd = [*orchard_command(), "run", "--output", str(out)]
   for key, value in sets.items():
     cmd += ["--set", f"{key}={value}"]

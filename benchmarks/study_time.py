@@ -59,7 +59,7 @@ ROOT = HERE.parent
 CHILD = HERE / "_study_child.py"
 sys.path.insert(0, str(HERE))
 # the conventions of the other whole-study benchmarks: the installed command and the recipe's warmup
-from cohort_study import RECIPE_WARMUP  # noqa: E402
+from cohort_study import RECIPE_WARMUP, size_sets  # noqa: E402
 from study_vs_torch import orchard_command  # noqa: E402
 
 COHORT_SIZE = 8
@@ -85,13 +85,8 @@ def _sides(pruners: list[str]) -> dict[str, dict[str, object]]:
 def _common_sets(args: argparse.Namespace, cache: pathlib.Path) -> dict[str, object]:
   sets: dict[str, object] = {"architecture.name": args.arch,
                              "optuna.enable_early_stopping": "false",
-                             "telemetry.compilation_cache": str(cache)}
-  if args.n_trials is not None:
-    sets["optuna.n_trials"] = args.n_trials
-  if args.epochs is not None:
-    sets["optuna.epochs"] = args.epochs
-    if RECIPE_WARMUP >= args.epochs:
-      sets["optuna.pruning_warmup_epochs"] = args.epochs - 1
+                             "telemetry.compilation_cache": str(cache),
+                             **size_sets(args.n_trials, args.epochs)}
   if args.storage == "memory":
     sets["optuna.storage"] = "memory"
   return sets
