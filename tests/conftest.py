@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.util
 import threading
 import os
 import pathlib
@@ -31,6 +32,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import pytest
@@ -40,6 +42,17 @@ import orchard_jax
 # The test suite is a program: it opts in to the allocator the orchard-jax command uses, as
 # the README shows (the library itself changes nothing on import).
 orchard_jax.tune_host_memory()
+
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> Any:
+  """``benchmarks/<name>.py`` loaded as a module (the benchmarks are scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 @contextlib.contextmanager

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import subprocess
 import sys
 
@@ -11,15 +9,12 @@ import numpy as np
 import optuna
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import BENCHMARKS, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def torch_study():
-  spec = importlib.util.spec_from_file_location("torch_study", BENCHMARKS / "torch_study.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("torch_study")
 
 
 @pytest.fixture(scope="module")

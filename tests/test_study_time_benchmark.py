@@ -4,24 +4,19 @@ about 30 s on 2 cores."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import BENCHMARKS, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def study_time():
-  spec = importlib.util.spec_from_file_location("study_time", BENCHMARKS / "study_time.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("study_time")
 
 
 def test_time_to_a_good_value_is_the_first_complete_trial_reaching_the_target(study_time):
