@@ -22,7 +22,7 @@ from orchard_jax.hostmem import tune_host_memory
 
 # name -> the module it comes from
 _EXPORTS = {
-    **dict.fromkeys(("ConfigError", "OptunaConfig", "TrainingConfig", "TrialConfig",
+    **dict.fromkeys(("AugmentationConfig", "ConfigError", "OptunaConfig", "TrainingConfig", "TrialConfig",
                      "resolve_precision"), "orchard_jax.config"),
     **dict.fromkeys(("compute_class_weights", "cross_entropy", "focal_loss", "mixup"),
                     "orchard_jax.core.losses"),
@@ -63,8 +63,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
-  from orchard_jax.config import (ConfigError, OptunaConfig, TrainingConfig, TrialConfig,
-                                  resolve_precision)
+  from orchard_jax.config import (AugmentationConfig, ConfigError, OptunaConfig, TrainingConfig,
+                                  TrialConfig, resolve_precision)
   from orchard_jax.core.losses import compute_class_weights, cross_entropy, focal_loss, mixup
   from orchard_jax.core.metrics import classification_metrics, macro_f1, roc_auc
   from orchard_jax.core.optim import optimizer, set_hyperparams

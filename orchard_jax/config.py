@@ -34,6 +34,8 @@ Deliberate differences from the reference (orchard-ml v0.2.5):
   and ``'accuracy'``. A :class:`TrialConfig` with the default validation (no
   ``validate_fn``) checks it as the command line does: one of
   :data:`DEFAULT_METRICS`, ``'loss'`` minimized and the others maximized.
+* ``TrainingConfig.augmentation`` (the reference's ``augmentation:`` section, an
+  :class:`AugmentationConfig`) is off (None) by default; the reference always augments.
 * ``OptunaConfig.storage`` is a single field: ``'sqlite'``, ``'memory'`` or a
   database URL. The reference uses storage_type, storage_path and
   postgresql_url. ``n_jobs`` must be ``>= 1`` (the reference also allows
@@ -44,17 +46,18 @@ Deliberate differences from the reference (orchard-ml v0.2.5):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import pydantic
 from pydantic import Field
 
+from orchard_jax.config_augment import AugmentationConfig
 from orchard_jax.config_base import ConfigError, _Config, brief, closest, show, validated
 from orchard_jax.config_fields import (Adapter, Devices, Fallback, InputShape, Int, Labels, Loader,
                                        Name, NoneAsZero, OutputDir, Precision, Required,
                                        RequiredInt, Storage, section)
 
-__all__ = ["ConfigError", "DEFAULT_METRICS", "TrainingConfig", "OptunaConfig", "TrialConfig",
+__all__ = ["AugmentationConfig", "ConfigError", "DEFAULT_METRICS", "TrainingConfig", "OptunaConfig", "TrialConfig",
            "resolve_precision"]
 
 SEED_MAX = 2**32 - 1  # numpy's and Optuna's samplers take seeds in [0, 2**32)
@@ -105,8 +108,18 @@ class TrainingConfig(_Config):
     patience: Early stopping of a full run (:func:`orchard_jax.fit`): stop
       after this many epochs without improvement of ``monitor_metric``.
     use_tqdm: Show a per-epoch progress bar.
-    use_tta: Accepted so that reference recipes load; test-time augmentation
-      is not implemented, and ``True`` logs a warning when training starts.
+    use_tta: Test-time augmentation at the final evaluation: the reference's ensemble
+      (identity, flips, shift, zoom, blur, rotations; ``augmentation``'s ``tta_*``
+      settings and dataset flags, or :class:`AugmentationConfig`'s defaults when
+      ``augmentation`` is None) averaged over softmax probabilities, on the device. Used for
+      the evaluation of a retrained best trial, never inside trials, as in the reference.
+    augmentation: Training augmentation on the device (see
+      :mod:`orchard_jax.config_augment`): an :class:`AugmentationConfig` (or a mapping)
+      applies the reference's flip, rotation, colour jitter and resized crop inside the
+      training step, with the trial's strengths in its state; None (the default) trains on
+      the batches as the loader gives them (a DataLoader's own transforms stay the only
+      ones). Not a key of a recipe's ``training:`` section: recipes have an
+      ``augmentation:`` section.
   """
 
   seed: Int = Field(42, ge=0, le=SEED_MAX)
@@ -136,6 +149,8 @@ class TrainingConfig(_Config):
   patience: Int = Field(15, ge=1)
   use_tqdm: bool = True
   use_tta: bool = False
+  augmentation: Annotated[AugmentationConfig | None,
+                          section(AugmentationConfig, optional=True)] = None
 
   @pydantic.model_validator(mode="after")
   def _check_combinations(self) -> TrainingConfig:
@@ -149,6 +164,12 @@ class TrainingConfig(_Config):
           f"TrainingConfig.min_lr must be <= learning_rate, got "
           f"min_lr={brief(self.min_lr)}, learning_rate={brief(self.learning_rate)}")
     return self
+
+  def to_dict(self) -> dict[str, Any]:
+    """Every field by name, ``augmentation`` as a mapping (or None): plain data."""
+    out = _Config.to_dict(self)
+    out["augmentation"] = None if self.augmentation is None else self.augmentation.to_dict()
+    return out
 
   def resolved_precision(self, backend: str) -> str:
     """Shorthand for ``resolve_precision(self, backend)``."""

@@ -99,13 +99,16 @@ def _present(value: Any) -> Any:
   return value
 
 
-def section(cls: type) -> BeforeValidator:
-  """A field of the config class ``cls``: an instance, or a mapping given to its ``from_dict``."""
+def section(cls: type, *, optional: bool = False) -> BeforeValidator:
+  """A field of the config class ``cls``: an instance, or a mapping given to its ``from_dict``
+  (with ``optional``, also None)."""
   def check(value: Any) -> Any:
     if isinstance(value, Mapping):
       return cls.from_dict(value)
-    if not isinstance(value, cls):
-      raise ValueError(f"must be a {cls.__name__} or a mapping, got {show(value)}")
+    if not isinstance(value, cls) and not (optional and value is None):
+      article = "an" if cls.__name__[0] in "AEIOU" else "a"
+      raise ValueError(f"must be {'None, ' if optional else ''}{article} {cls.__name__} or a "
+                       f"mapping, got {show(value)}")
     return value
   return BeforeValidator(check)
 

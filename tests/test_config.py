@@ -35,7 +35,8 @@ REFERENCE_OPTUNA = dict(
 
 def test_training_defaults_equal_reference():
   assert TrainingConfig().to_dict() == {**REFERENCE_TRAINING, "precision": None, "patience": 15,
-                                        "use_tqdm": True, "use_tta": False}
+                                        "use_tqdm": True, "use_tta": False,
+                                        "augmentation": None}
 
 
 def test_optuna_defaults_equal_reference_except_study_name():
@@ -462,7 +463,8 @@ def test_reference_training_section_loads_unchanged():
   section = yaml.safe_load(REFERENCE_TRAINING_YAML)["training"]
   expected = {**REFERENCE_TRAINING, "batch_size": 128, "learning_rate": 0.01,
               "label_smoothing": 0.1, "mixup_epochs": 0, "use_amp": False,
-              "precision": None, "patience": 15, "use_tta": True, "use_tqdm": True}
+              "precision": None, "patience": 15, "use_tta": True, "use_tqdm": True,
+              "augmentation": None}
   assert TrainingConfig.from_dict(section).to_dict() == expected
 
 

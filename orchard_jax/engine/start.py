@@ -3,7 +3,7 @@
 :func:`prepare` starts a trial as :func:`~orchard_jax.engine.trial.run_trial` and a cohort's
 member (:mod:`orchard_jax.engine.member`) both start one: its settings line, its callbacks
 (report and prune, LR step, best state), its LR controller and
-:class:`~orchard_jax.engine.loop.LoopRun`, the ``use_tta`` warning and its first state, checked
+:class:`~orchard_jax.engine.loop.LoopRun` and its first state, checked
 against the contract and the data (fail fast, once per structure: a Linen module without
 ``train``, logits that are not ``[B, num_classes]``). :func:`start_run` is the part that
 :func:`~orchard_jax.engine.trial.fit` shares.
@@ -256,13 +256,6 @@ def controller(training: TrainingConfig) -> LRController:
                       monitor_direction=training.monitor_direction)
 
 
-def warn_tta(training: TrainingConfig) -> None:
-  """Warns that ``use_tta`` asks for what orchard_jax does not do."""
-  if training.use_tta:
-    logger.warning("use_tta=True: test-time augmentation is not implemented in orchard_jax; "
-                   "validation runs without it")
-
-
 def trial_callbacks(trial: optuna.Trial, cfg: TrialConfig, training: TrainingConfig, *,
                     log_pruned: bool = True) -> tuple[BestState, OptunaReportPrune]:
   """A trial's best-state keeper (writing to ``best_state_dir``) and its report/prune hook
@@ -330,7 +323,6 @@ def start_run(cfg: TrialConfig, training: TrainingConfig, label: str, *, best: B
   ``validate_fn``: a cohort member's, whose metrics come from its cohort's pass (the cohort
   trains its epochs too); None for the config's own epoch functions.
   """
-  warn_tta(training)
   schedule = controller(training)
   loop = epoch_loop(cfg, training, schedule, label)
   if validate_fn is not None:

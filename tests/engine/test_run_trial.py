@@ -174,11 +174,6 @@ def test_logs_epoch_lines_and_the_completion_summary(make_cfg, study_factory, ca
   assert any(m.startswith("  Final Loss") for m in messages)
 
 
-def test_use_tta_logs_a_not_implemented_warning(make_cfg, study_factory, caplog):
-  run_trial(study_factory().ask(), make_cfg(training={"use_tta": True}))
-  assert "test-time augmentation is not implemented" in caplog.text
-
-
 def test_a_20_trial_study_of_one_structure_compiles_each_step_once(make_cfg, study_factory):
   # A model no other test uses, so the first trial compiles and no later one may.
   cfg = make_cfg(model=MLP(num_classes=3, hidden=(7,)), optuna={"epochs": 2},
