@@ -38,6 +38,7 @@ _EXPORTS = {
     "optimize": "orchard_jax.engine.driver",
     **dict.fromkeys(("MLP", "MiniCNN", "Model", "as_model", "build_model"), "orchard_jax.models"),
     **dict.fromkeys(("write_outputs",), "orchard_jax.study.outputs"),
+    "load_model": "orchard_jax.study.loading",
     "StudyOutputs": "orchard_jax.study.study_callbacks",
 }
 # Subpackages and modules, bound as attributes on first use as an import would.
@@ -77,5 +78,6 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
   from orchard_jax.engine.driver import optimize
   from orchard_jax.engine.first_state import create_train_state, state_from_config
   from orchard_jax.models import MLP, MiniCNN, Model, as_model, build_model
+  from orchard_jax.study.loading import load_model
   from orchard_jax.study.study_callbacks import StudyOutputs
   from orchard_jax.study.outputs import write_outputs

@@ -7,6 +7,8 @@
   orchard-jax init [PATH]
   orchard-jax schema
   orchard-jax validate [RECIPE] [--set key.path=value ...]
+  orchard-jax evaluate RUN [--tta|--no-tta]
+  orchard-jax export RUN
 
 ``run`` without a recipe runs the bundled default (a small study of MiniCNN
 on scikit-learn's digits); with ``--workers`` it runs one worker process per
@@ -40,6 +42,7 @@ EXIT_RECIPE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 def _parser() -> argparse.ArgumentParser:
   from orchard_jax._version import __version__  # not JAX: --help and init answer at once
 
+  from orchard_jax.cli_phases import add_commands, add_run_options  # argparse only
   parser = argparse.ArgumentParser(
       prog=PROG, description="Optuna hyperparameter studies on JAX from YAML recipes.",
       epilog=f"Start with '{PROG} run' (the bundled digits study) or '{PROG} init' "
@@ -63,8 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                         "they share <run folder>/study.journal, or the recipe's database URL")
   _debug_argument(run, "show Python tracebacks of unexpected errors and of warnings (e.g. a "
                        "checkpoint that could not be written), and debug log lines")
+  add_run_options(run)
   run.set_defaults(func=_run)
   _worker_parser(commands)
+  add_commands(commands, _debug_argument, _setup)
   validate = commands.add_parser(
       "validate", help="check a recipe in full without training",
       description="Check a recipe without training or writing anything: it parses, its data "
@@ -261,13 +266,14 @@ def _run(args: argparse.Namespace) -> int:
   _setup(recipe, debug=args.debug)
   run_dir = _run_dir(recipe, args.output)
   logger = logging.getLogger("orchard_jax.cli")
+  from orchard_jax.study.phases import final_phases, run_recipe
   if args.workers is not None:
     from orchard_jax.study.launch import launch_workers
-    return launch_workers(recipe, run_dir, workers, _recipe_args(args), debug=args.debug)
+    status = launch_workers(recipe, run_dir, workers, _recipe_args(args), debug=args.debug)
+    return status or final_phases(recipe, source, run_dir, args)
   if recipe.study is None:
-    from orchard_jax.study.train import run_training
     logger.info("Training %s on %s -> %s", recipe.architecture.name, _describe(source), run_dir)
-    return run_training(recipe, source, run_dir)
+    return run_recipe(recipe, source, run_dir, args)
   from orchard_jax.study.runner import run_study, storage_url
   from orchard_jax.study.space import build_space
   config = recipe.study.config
@@ -280,7 +286,7 @@ def _run(args: argparse.Namespace) -> int:
   url = storage_url(config.storage, run_dir)
   if url is not None and url.startswith(("sqlite:", "journal:")):
     logger.info("Storage %s (optuna-dashboard %s)", url, url.replace("journal://", ""))
-  return run_study(recipe, source, run_dir)
+  return run_study(recipe, source, run_dir) or final_phases(recipe, source, run_dir, args)
 
 
 def _worker(args: argparse.Namespace) -> int:

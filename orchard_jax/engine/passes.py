@@ -44,7 +44,7 @@ from orchard_jax.engine.feed import (at_epoch, check_input_shape, committed, com
 from orchard_jax.errors import EmptyLoaderError, NonFiniteInputError
 
 __all__ = ["InTurn", "Solo", "Stacked", "Sums", "Validation", "compile_pass", "first_batch",
-           "logits_metrics", "nonfinite_rows", "train_pass", "validation_pass"]
+           "logits_metrics", "nonfinite_rows", "softmax_rows", "train_pass", "validation_pass"]
 
 _GROUP = 16  # batches whose sums one _stack call packs, at most
 
@@ -258,9 +258,13 @@ def train_pass(stepper: Any, batches: Any, loader: Iterable, *, epoch: int | Non
 
 
 class Validation(NamedTuple):
-  """A member's validation over one pass: its metrics, or why it failed (``failure``)."""
+  """A member's validation over one pass: its metrics, or why it failed (``failure``); and
+  the probabilities its metrics came from, with their labels (the unpadded rows, in the
+  loader's order), for a report that needs more than the metrics."""
   metrics: dict[str, float] | None
   failure: str | None = None
+  probs: np.ndarray | None = None   # float64 [N, C]; None for a failed validation
+  labels: np.ndarray | None = None  # int [N]
 
   def checked(self) -> dict[str, float]:
     """The metrics; raises ``ValueError(failure)`` for a failed validation, as the reference's
@@ -290,8 +294,11 @@ def validation_pass(stepper: Any, batches: Any, loader: Iterable, *, epoch: int 
   for i, (sums, rows) in _members(stepper, tracks).items():
     nonfinite = nonfinite_rows(rows, mask)
     if not nonfinite:
-      results[i] = Validation(logits_metrics(rows, labels, mask, float(sums["loss_sum"]),
-                                             float(sums["count"])))
+      probs = softmax_rows(rows[mask])
+      results[i] = Validation(classification_metrics(probs, labels[mask],
+                                                     float(sums["loss_sum"]),
+                                                     float(sums["count"])),
+                              probs=probs, labels=labels[mask])
       continue
     if inputs is None:  # counted once for the pass
       inputs = nonfinite_input_rows(stepper.first, loader, epoch, layout, "validation")
@@ -327,10 +334,14 @@ def nonfinite_rows(logits: np.ndarray, mask: np.ndarray) -> int:
   return int((mask & ~np.isfinite(logits).all(axis=1)).sum())
 
 
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+  """The softmax of each row of finite float64 ``[N, C]`` host logits."""
+  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+  return probs / probs.sum(axis=1, keepdims=True)
+
+
 def logits_metrics(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray, loss_sum: float,
                    count: float) -> dict[str, float]:
   """The validation metrics of finite float64 ``[N, C]`` host logits (softmax, then
   :func:`~orchard_jax.core.metrics.classification_metrics`)."""
-  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-  probs /= probs.sum(axis=1, keepdims=True)
-  return classification_metrics(probs, labels, loss_sum, count, mask=mask)
+  return classification_metrics(softmax_rows(logits), labels, loss_sum, count, mask=mask)

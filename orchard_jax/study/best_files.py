@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from optuna.trial import FrozenTrial
 
+from orchard_jax.engine.inference import write_model_record
 from orchard_jax.fileio import atomic_directory, atomic_write_text
 from orchard_jax.records import (BEST_EPOCH, CHECKPOINT_ERROR, CONFIG, EPOCHS_RUN, SECONDS,
                                  TRIAL_CONFIG)
@@ -31,7 +32,8 @@ from orchard_jax.study.space import apply_params
 logger = logging.getLogger(__name__)
 
 __all__ = ["best_config_dict", "best_config_text", "describe_trial", "described_text",
-           "export_best_model", "relative_paths", "resolved_config", "write_best_config"]
+           "export_best_model", "model_record", "relative_paths", "resolved_config",
+           "trained_precision", "write_best_config"]
 
 
 def resolved_config(recipe: Any, params: dict[str, Any]) -> dict[str, Any]:
@@ -166,6 +168,29 @@ def described_text(study: Any, trial: FrozenTrial, metric: str) -> str:
   return header + yaml.safe_dump(describe_trial(trial, metric), sort_keys=False)
 
 
+def trained_precision(training: dict[str, Any] | None) -> str:
+  """The dtype policy a recorded ``training`` section ran with on this process's backend."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from orchard_jax.config import TrainingConfig, resolve_precision  # pylint: disable=import-outside-toplevel
+  return resolve_precision(TrainingConfig.from_dict(training or {}), jax.default_backend())
+
+
+def model_record(trial: FrozenTrial, folder: pathlib.Path) -> dict[str, Any] | None:
+  """What ``model.json`` records of ``trial``'s model (the arguments of
+  :func:`~orchard_jax.engine.inference.write_model_record`), from what the trial stored: the
+  architecture of its resolved recipe (a recipe's study; its function's file relative to
+  ``folder``) and what its ``TrialConfig`` held. None for a trial that recorded neither."""
+  held, config = trial.user_attrs.get(TRIAL_CONFIG), trial.user_attrs.get(CONFIG)
+  if not isinstance(held, dict):
+    return None
+  architecture = config.get("architecture") if isinstance(config, dict) else None
+  if architecture is not None:
+    architecture = relative_paths({"architecture": architecture}, folder)["architecture"]
+  return {"architecture": architecture, "num_classes": held["num_classes"],
+          "input_shape": held.get("input_shape"), "layout": held.get("layout") or "NCHW",
+          "precision": trained_precision(held.get("training")), "model": held.get("model")}
+
+
 def export_best_model(run_dir: pathlib.Path, trial: FrozenTrial,
                       checkpoints: pathlib.Path | None = None) -> pathlib.Path | None:
   """Copies ``checkpoints/trial_<n>`` (default ``run_dir/trials``) to ``run_dir/best_model/``
@@ -182,4 +207,7 @@ def export_best_model(run_dir: pathlib.Path, trial: FrozenTrial,
     shutil.copytree(source, folder, dirs_exist_ok=True)
     (folder / "trial.json").write_text(json.dumps(
         {"number": trial.number, "value": trial.value, "params": trial.params}, indent=2) + "\n")
+    record = model_record(trial, dest)
+    if record is not None:
+      write_model_record(folder, **record)
   return dest
