@@ -8,7 +8,8 @@ under ``jax.vmap`` over that axis, with the batch shared (every member reads
 the same batch) or, for device-resident images, each member's own rows of
 them (a training batch's index per member), and each keeps its own parameters, optimizer state and
 hyperparameters (learning rate, momentum, weight decay, clipping, label
-smoothing, MixUp alpha and switch, focal gamma, class weights), RNG key,
+smoothing, MixUp alpha and switch, focal gamma, class weights, augmentation
+strengths), RNG key,
 BatchNorm statistics and loss scale. Member ``i`` of a cohort after a step
 is the solo step of member ``i`` (within float rounding: the batched
 program may order a reduction differently).

@@ -2,8 +2,8 @@
 
 Everything that differs between trials of a study is an array in
 :class:`TrainState`; only the *structure* (model, optimizer kind, criterion,
-precision policy, input shape, whether MixUp can run) is static, in
-:class:`StepSpec`. Two trials with equal specs therefore share one compiled
+precision policy, input shape, whether MixUp can run, which augmentation runs) is
+static, in :class:`StepSpec`. Two trials with equal specs therefore share one compiled
 ``train_step``, and states of equal spec can be stacked and vmapped.
 """
 
@@ -19,6 +19,7 @@ import optax
 from flax import struct
 
 from orchard_jax.core import optim
+from orchard_jax.core.augment import AugmentParams, AugmentSpec
 from orchard_jax.core.losses import CRITERIA
 from orchard_jax.core.precision import LossScale, Policy, loss_scale_for, parse_policy
 
@@ -30,6 +31,8 @@ class Hyperparams(NamedTuple):
   label_smoothing: jax.Array  # float32 []
   focal_gamma: jax.Array      # float32 []
   class_weights: jax.Array    # float32 [num_classes]; ones when unweighted
+  # The augmentation strengths (float32 [] each); None when the spec has no augmentation.
+  augment: AugmentParams | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,10 @@ class StepSpec:
   # Gamma sampler and permutation, in 0.68-0.71x MiniCNN's compile time
   # (benchmarks/compile_mixup.py).
   mixup: bool = True
+  # The augmentation the training step applies (flags, channels, normalisation), or None
+  # for a step without any (:func:`augmentation_spec`). The strengths are per trial, in
+  # ``Hyperparams.augment``: trials differing only in them share this spec.
+  augment: AugmentSpec | None = None
 
   def __post_init__(self):
     if self.optimizer not in optim.OPTIMIZERS:
@@ -137,6 +144,31 @@ def placed_like(value, dtype: type[np.generic], like: jax.Array | None) -> jax.A
   return jax.device_put(value, like.sharding) if like.committed else jax.device_put(value)
 
 
+def augmentation_spec(augmentation: Any, input_shape: tuple[int, ...]) -> AugmentSpec | None:
+  """The static part of ``augmentation`` (an :class:`orchard_jax.AugmentationConfig`, or None)
+  for inputs of ``input_shape`` (channels last): flip and rotation unless
+  ``is_anatomical``, colour jitter unless ``is_texture_based``, with saturation for 3-channel
+  inputs (the reference's RGB), and the inputs' ``mean``/``std``.
+
+  Raises:
+    ValueError: the inputs are not images ``(H, W, C)``, or ``mean``/``std`` do not have
+      one value per channel.
+  """
+  if augmentation is None:
+    return None
+  if len(input_shape) != 3:
+    raise ValueError(f"augmentation needs image inputs of shape (H, W, C), got input shape "
+                     f"{input_shape}; set augmentation=None for other inputs")
+  channels, mean, std = input_shape[-1], augmentation.mean, augmentation.std
+  if mean is not None and (len(mean) != channels or len(std) != channels):
+    raise ValueError(f"augmentation mean and std must have one value per channel ({channels}), "
+                     f"got mean={tuple(mean)}, std={tuple(std)}")
+  return AugmentSpec(geometric=not augmentation.is_anatomical,
+                     photometric=not augmentation.is_texture_based, saturation=channels == 3,
+                     mean=None if mean is None else tuple(float(m) for m in mean),
+                     std=None if std is None else tuple(float(v) for v in std))
+
+
 def _build(spec: StepSpec, seed: jax.Array, hyper: dict[str, jax.Array]) -> TrainState:
   """Every array of a fresh state, from the seed and the trial's float32 scalars."""
   init_key, train_key = jax.random.split(jax.random.key(seed))
@@ -147,10 +179,11 @@ def _build(spec: StepSpec, seed: jax.Array, hyper: dict[str, jax.Array]) -> Trai
                                    momentum=hyper["momentum"], weight_decay=hyper["weight_decay"],
                                    grad_clip=hyper["grad_clip"])
   mixup_alpha = hyper["mixup_alpha"] if spec.mixup else None
+  augment = AugmentParams(*(hyper[k] for k in AugmentParams._fields)) if spec.augment else None
   hparams = Hyperparams(
       mixup_alpha=mixup_alpha, mixup_on=None if mixup_alpha is None else mixup_alpha > 0,
       label_smoothing=hyper["label_smoothing"], focal_gamma=hyper["focal_gamma"],
-      class_weights=hyper["class_weights"])
+      class_weights=hyper["class_weights"], augment=augment)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                     opt_state=opt_state, loss_scale=loss_scale_for(spec.policy), rng=train_key,
                     hparams=hparams, spec=spec)
@@ -170,6 +203,7 @@ def create_train_state(model, *, input_shape, num_classes: int, seed: int = 42,
                        criterion: str = "cross_entropy", label_smoothing: float = 0.0,
                        mixup_alpha: float = 0.0, focal_gamma: float = 2.0,
                        class_weights=None, precision: str | Policy = "float32",
+                       augmentation: Any = None,
                        compiled: Callable[..., Callable[..., Any]] | None = None) -> TrainState:
   """Initialises a model and its optimizer into a :class:`TrainState`.
 
@@ -186,6 +220,13 @@ def create_train_state(model, *, input_shape, num_classes: int, seed: int = 42,
       off, for a shorter compile. Trials with ``mixup_alpha > 0`` share one
       program whatever their alpha; one with 0 compiles its own.
     precision: a :class:`Policy` or a string :func:`parse_policy` accepts.
+    augmentation: an :class:`orchard_jax.AugmentationConfig` (any object with its
+      fields) to augment every training batch on the device: its flags and normalisation
+      make ``spec.augment`` (:func:`augmentation_spec`), its ``hflip``,
+      ``rotation_angle``, ``jitter_val`` and ``min_scale`` ``hparams.augment``, so
+      trials differing only in those share one program. ``None``: a step without
+      augmentation (``spec.augment`` and ``hparams.augment`` None), the program of a
+      state built before augmentation existed.
     compiled: where a Linen model's build program comes from: a function
       called as ``compiled(jitted, args, name="init", static=(spec,),
       model=spec.model)`` that returns the program for ``args``, such as
@@ -216,9 +257,11 @@ def create_train_state(model, *, input_shape, num_classes: int, seed: int = 42,
   policy = parse_policy(precision)
   if not mixup_alpha >= 0:
     raise ValueError(f"mixup_alpha must be >= 0, got mixup_alpha={mixup_alpha!r}")
+  input_shape = tuple(int(d) for d in input_shape)
   spec = StepSpec(model=as_model(model), optimizer=optimizer, criterion=criterion, policy=policy,
-                  input_shape=tuple(int(d) for d in input_shape), num_classes=int(num_classes),
-                  mixup=bool(mixup_alpha > 0))
+                  input_shape=input_shape, num_classes=int(num_classes),
+                  mixup=bool(mixup_alpha > 0),
+                  augment=augmentation_spec(augmentation, input_shape))
   if class_weights is None:
     class_weights = np.ones(num_classes, np.float32)
   class_weights = np.asarray(class_weights, np.float32)
@@ -227,6 +270,8 @@ def create_train_state(model, *, input_shape, num_classes: int, seed: int = 42,
   hyper = {"learning_rate": learning_rate, "momentum": momentum, "weight_decay": weight_decay,
            "grad_clip": grad_clip or 0.0, "mixup_alpha": mixup_alpha,
            "label_smoothing": label_smoothing, "focal_gamma": focal_gamma}
+  if augmentation is not None:
+    hyper |= {k: getattr(augmentation, k) for k in AugmentParams._fields}
   hyper = {k: np.float32(v) for k, v in hyper.items()} | {"class_weights": class_weights}
   seed = np.uint32(int(seed) & 0xFFFFFFFF)  # as jax.random.key(seed) reads an int (without x64)
   device = default_device()

@@ -3,9 +3,11 @@
 ``train_step(state, batch) -> (state, metrics)`` and
 ``eval_step(state, batch) -> outputs`` are functions of their inputs only.
 Each is compiled once per (model, optimizer structure, criterion, precision,
-batch shape), because everything else a trial varies is an array in the
-state. ``train_step`` donates its state. Nothing here forces a host sync:
-metrics are on-device sums that the epoch loop fetches once per epoch.
+augmentation structure, batch shape), because everything else a trial varies
+(augmentation strengths included) is an array in the state. ``train_step``
+donates its state and augments its batch when the state's spec says so; the
+evaluation step never augments. Nothing here forces a host sync: metrics are
+on-device sums that the epoch loop fetches once per epoch.
 
 A batch is ``{"image": [B, ...], "label": int [B], "mask": bool [B]}``,
 or an :class:`~orchard_jax.core.batches.IndexedBatch` (a row of a chunk of
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from orchard_jax.core import losses
+from orchard_jax.core.augment import augment
 from orchard_jax.core.batches import Batch, materialize
 from orchard_jax.core.metrics import masked_sums
 from orchard_jax.core.precision import all_finite, select_tree
@@ -59,6 +62,18 @@ def _check_mixup_hparams(spec: StepSpec, hparams) -> None:
                      "create_train_state(..., mixup_alpha > 0) to train with MixUp")
 
 
+def _check_augment_hparams(spec: StepSpec, hparams) -> None:
+  """Raises ``ValueError`` if ``hparams.augment`` disagrees with ``spec.augment`` (at trace time)."""
+  if (spec.augment is None) != (hparams.augment is None):
+    raise ValueError("spec.augment and hparams.augment must both be set or both None; build the "
+                     "state with create_train_state(..., augmentation=...)")
+
+
+# The augmentation's key is the step's key folded with this tag: the MixUp and dropout keys
+# (the step key's split in two) stay those of a state without augmentation.
+AUGMENT_STREAM = 0x61756700
+
+
 def _criterion(spec: StepSpec, hparams, logits_BxC, labels_B, mask_B):
   if spec.criterion == "focal":
     return losses.focal_loss(logits_BxC, labels_B, mask_B, hparams.class_weights, hparams.focal_gamma)
@@ -71,9 +86,14 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, 
   batch = materialize(batch)
   check_batch(spec, batch)
   _check_mixup_hparams(spec, hp)
+  _check_augment_hparams(spec, hp)
   labels_B, mask_B = batch["label"].astype(jnp.int32), batch["mask"]
-  mix_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  step_key = jax.random.fold_in(state.rng, state.step)
+  mix_key, dropout_key = jax.random.split(step_key)
   inputs = batch["image"]
+  if spec.augment is not None:  # on the gathered batch, before MixUp, as the reference's loader
+    inputs = augment(jax.random.fold_in(step_key, AUGMENT_STREAM), inputs, hp.augment,
+                     spec.augment)
   if spec.mixup:
     inputs, labels_perm_B, lam = losses.mixup(mix_key, inputs, labels_B, mask_B,
                                               hp.mixup_alpha, hp.mixup_on)

@@ -43,7 +43,8 @@ def state_from_config(model, cfg, *, input_shape, num_classes: int, class_weight
   """:func:`create_train_state` with every value taken from a ``TrainingConfig``.
 
   With ``mixup_epochs=0`` MixUp is never switched on, so the state is built
-  without it (as with ``mixup_alpha=0``). ``compiled`` is
+  without it (as with ``mixup_alpha=0``). ``cfg.augmentation`` (None: none) is the
+  state's augmentation. ``compiled`` is
   :func:`orchard_jax.core.state.create_train_state`'s (default: the executable
   cache).
   """
@@ -54,4 +55,5 @@ def state_from_config(model, cfg, *, input_shape, num_classes: int, class_weight
       label_smoothing=cfg.label_smoothing,
       mixup_alpha=cfg.mixup_alpha if cfg.mixup_epochs > 0 else 0.0, focal_gamma=cfg.focal_gamma,
       class_weights=class_weights,
-      precision=resolve_precision(cfg, backend or jax.default_backend()), compiled=compiled)
+      precision=resolve_precision(cfg, backend or jax.default_backend()),
+      augmentation=cfg.augmentation, compiled=compiled)

@@ -220,15 +220,20 @@ def checked_state(cfg: TrialConfig, training: TrainingConfig, *, reseed: bool = 
 
 def settings_line(training: TrainingConfig) -> str:
   """The run's active regularisation and precision, in words, e.g.
-  ``precision float32, MixUp alpha 0.2 for 20 epochs, label smoothing 0.0, class weights off``."""
+  ``precision float32, MixUp alpha 0.2 for 20 epochs, label smoothing 0.0, class weights off``
+  (and, when on, ``, augmentation hflip 0.5, rotation 10, jitter 0.2, min_scale 0.9``)."""
   precision = resolve_precision(training, jax.default_backend())
   if training.mixup_alpha > 0 and training.mixup_epochs > 0:
     mixup = f"MixUp alpha {round(training.mixup_alpha, 6)} for {training.mixup_epochs} epochs"
   else:
     mixup = "MixUp off"
+  aug = training.augmentation
+  augmentation = "" if aug is None else (
+      f", augmentation hflip {round(aug.hflip, 6)}, rotation {aug.rotation_angle}, jitter "
+      f"{round(aug.jitter_val, 6)}, min_scale {round(aug.min_scale, 6)}")
   return (f"precision {precision}, {mixup}, label smoothing "
           f"{round(training.label_smoothing, 6)}, "
-          f"class weights {'on' if training.weighted_loss else 'off'}")
+          f"class weights {'on' if training.weighted_loss else 'off'}{augmentation}")
 
 
 def epoch_loop(cfg: TrialConfig, training: TrainingConfig, controller: LRController,
