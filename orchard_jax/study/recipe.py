@@ -1,6 +1,6 @@
 """Recipes: one YAML file describes a study, or a single training run.
 
-A recipe has up to five sections, as the reference's recipes do:
+A recipe has up to six sections, as the reference's recipes do:
 
 =============  ======================================================  ====================
 section        what it holds                                           parsed into
@@ -8,6 +8,8 @@ section        what it holds                                           parsed in
 dataset        where the data comes from (see :mod:`.sources`)         :class:`DatasetSpec`
 architecture   the model: registry name or function, dropout, options  :class:`ArchitectureSpec`
 training       :class:`~orchard_jax.config.TrainingConfig` fields      ``TrainingConfig``
+augmentation   the reference's augmentation section (null or absent:   ``training.augmentation``
+               no augmentation), with ``dataset``'s flags
 optuna         :class:`~orchard_jax.config.OptunaConfig` fields and    :class:`StudySpec`
                the study's own keys (search space, plots, ...)
 telemetry      output folder, logging, compilation cache               :class:`TelemetrySpec`
@@ -43,23 +45,25 @@ from orchard_jax.study import checks as c
 from orchard_jax.study.checks import RecipeError
 from orchard_jax.study.functions import module_file
 from orchard_jax.study.model_names import FUNCTION_PREFIX, model_function
-from orchard_jax.study.sections import (ArchitectureSpec, DatasetSpec, StudySpec, TelemetrySpec,
-                                        parse_architecture, parse_dataset, parse_study,
-                                        parse_telemetry, parse_training)
+from orchard_jax.study.sections import (FLAGS, ArchitectureSpec, DatasetSpec, StudySpec,
+                                        TelemetrySpec, parse_architecture, parse_augmentation,
+                                        parse_dataset, parse_study, parse_telemetry,
+                                        parse_training)
 
 __all__ = ["Recipe", "RecipeError", "SECTIONS", "apply_sets", "bundled_recipe_text",
            "from_folder", "load_recipe", "parse_recipe"]
 
-SECTIONS = ("dataset", "architecture", "training", "optuna", "telemetry")
+SECTIONS = ("dataset", "architecture", "training", "augmentation", "optuna", "telemetry")
 # Sections of orchard-ml recipes that orchard_jax does not implement.
-REFERENCE_ONLY_SECTIONS = ("augmentation", "hardware", "evaluation", "tracking", "export")
+REFERENCE_ONLY_SECTIONS = ("hardware", "evaluation", "tracking", "export")
 BUNDLED = "<bundled default recipe>"
 PATH_SHOWN = 200  # file paths in messages: capped later than values, they run long
 
 
 @validated
 class Recipe(c.Section):
-  """A validated recipe. ``study`` is None for a single training run."""
+  """A validated recipe. ``study`` is None for a single training run. The ``augmentation:``
+  section is ``training.augmentation`` (None: no augmentation), its flags ``dataset``'s."""
   dataset: DatasetSpec
   architecture: ArchitectureSpec
   training: TrainingConfig
@@ -69,11 +73,15 @@ class Recipe(c.Section):
 
   def to_dict(self) -> dict[str, Any]:
     """The recipe as plain YAML-ready data (``parse_recipe(to_dict())`` is equal)."""
+    training = self.training.to_dict()
+    augmentation = training.pop("augmentation")
     out: dict[str, Any] = {
         "dataset": dataclasses.asdict(self.dataset),
         "architecture": self.architecture.to_dict(),
-        "training": self.training.to_dict(),
+        "training": training,
     }
+    if augmentation is not None:  # absent: no augmentation
+      out["augmentation"] = {k: v for k, v in augmentation.items() if k not in FLAGS}
     if self.study is not None:
       s = self.study
       out["optuna"] = {**s.config.to_dict(), "enable_model_search": s.enable_model_search,
@@ -101,9 +109,12 @@ def parse_recipe(data: Any, origin: str = BUNDLED) -> Recipe:
       raise RecipeError(f"section {key!r} of orchard-ml recipes is not supported by orchard-jax; "
                         f"remove it (supported: {', '.join(SECTIONS)})")
   c.refuse_unknown("recipe", data, SECTIONS, what="section")
+  dataset = parse_dataset(data.get("dataset"))
   training = parse_training(data.get("training"))
+  training = training.replace(
+      augmentation=parse_augmentation(data.get("augmentation"), dataset, training))
   study = parse_study(data["optuna"], training) if "optuna" in data else None
-  return Recipe(dataset=parse_dataset(data.get("dataset")),
+  return Recipe(dataset=dataset,
                 architecture=parse_architecture(data.get("architecture")), training=training,
                 study=study, telemetry=parse_telemetry(data.get("telemetry")), origin=origin)
 

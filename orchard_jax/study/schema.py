@@ -1,7 +1,9 @@
 """The recipe's JSON Schema, built from its pydantic models (``orchard-jax schema``).
 
 Each section's schema is its model's: :class:`~.sections.DatasetSpec`,
-:class:`~.sections.ArchitectureSection`, :class:`~orchard_jax.config.TrainingConfig`,
+:class:`~.sections.ArchitectureSection`, :class:`~orchard_jax.config.TrainingConfig`
+(without ``augmentation``, a section of its own: :class:`~orchard_jax.config.AugmentationConfig`
+without the dataset's flags),
 :class:`~orchard_jax.config.OptunaConfig` with the study's own keys
 (:class:`~.sections.StudySpec`) and :class:`~.sections.TelemetrySpec`. Unknown keys and
 sections are refused (``additionalProperties: false``), as the recipe's parser
@@ -18,16 +20,17 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from orchard_jax.config import OptunaConfig, TrainingConfig
+from orchard_jax.config import AugmentationConfig, OptunaConfig, TrainingConfig
 from orchard_jax.study.checks import FOLDER_MAX
 from orchard_jax.study.recipe import SECTIONS
-from orchard_jax.study.sections import (RECIPE_METRICS, ArchitectureSection, DatasetSpec, StudySpec,
-                                        TelemetrySpec)
+from orchard_jax.study.sections import (FLAGS, RECIPE_METRICS, ArchitectureSection, DatasetSpec,
+                                        StudySpec, TelemetrySpec)
 
 __all__ = ["recipe_schema", "schema_json"]
 
 _MODELS = {"dataset": DatasetSpec, "architecture": ArchitectureSection,
-           "training": TrainingConfig, "optuna": OptunaConfig, "telemetry": TelemetrySpec}
+           "training": TrainingConfig, "augmentation": AugmentationConfig,
+           "optuna": OptunaConfig, "telemetry": TelemetrySpec}
 # Keys of orchard-ml's optuna: section that a recipe reads and turns into orchard-jax's.
 _REFERENCE = {
     "storage_type": {"enum": ["sqlite", "memory", "postgresql"],
@@ -51,6 +54,12 @@ def recipe_schema() -> dict[str, Any]:
   """The JSON Schema (draft 2020-12) of a recipe file, as ``orchard-jax schema`` prints it."""
   sections = {key: _section(model) for key, model in _MODELS.items()}
   training, optuna = sections["training"]["properties"], sections["optuna"]["properties"]
+  del training["augmentation"]  # a section of its own in a recipe
+  augmentation = sections["augmentation"]["properties"]
+  for flag in FLAGS:  # the dataset's, in its section
+    del augmentation[flag]
+  sections["augmentation"]["description"] = (
+      "training augmentation on the device and TTA settings; null or absent: no augmentation")
   training["monitor_metric"].update(enum=list(RECIPE_METRICS))  # what validation computes
   optuna["study_name"].update(pattern=f"^[A-Za-z0-9_][A-Za-z0-9._-]{{0,{FOLDER_MAX - 1}}}$",
                               description="also the run folder: outputs/<study_name>")

@@ -2,7 +2,7 @@
 
 Each ``parse_<section>`` takes the section's data as YAML gives it and returns
 its model (:class:`DatasetSpec`, :class:`ArchitectureSpec`, ``TrainingConfig``,
-:class:`StudySpec`, :class:`TelemetrySpec`), or raises a one-line
+``AugmentationConfig`` or None, :class:`StudySpec`, :class:`TelemetrySpec`), or raises a one-line
 :class:`~orchard_jax.study.checks.RecipeError` naming the key. The checks
 that span sections (a monitored metric the recipe's validation computes, a
 storage given the reference's way) are here too; the recipe that holds the
@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, InstanceOf, WithJsonSchema
 
-from orchard_jax.config import SEED_MAX, OptunaConfig, TrainingConfig
-from orchard_jax.config_base import Says, validated
+from orchard_jax.config import SEED_MAX, AugmentationConfig, OptunaConfig, TrainingConfig
+from orchard_jax.config_base import ConfigError, Says, validated
 from orchard_jax.config_fields import Int, Name
 from orchard_jax.study import checks as c
 from orchard_jax.study.checks import RecipeError
@@ -28,8 +28,8 @@ from orchard_jax.study.model_names import FUNCTION_PREFIX, model_function, regis
 from orchard_jax.study.space import Overrides, parse_overrides
 
 __all__ = ["ArchitectureSection", "ArchitectureSpec", "DatasetSpec", "RECIPE_METRICS",
-           "StudySpec", "TelemetrySpec", "parse_architecture", "parse_dataset", "parse_study",
-           "parse_telemetry", "parse_training"]
+           "StudySpec", "TelemetrySpec", "parse_architecture", "parse_augmentation",
+           "parse_dataset", "parse_study", "parse_telemetry", "parse_training"]
 
 DEFAULT_CACHE = "~/.cache/orchard_jax/jax"
 
@@ -62,6 +62,12 @@ class DatasetSpec(c.Section):
   split_seed: Int = Field(0, ge=0, le=SEED_MAX, description=(
       "digits: seed of the stratified split, in [0, 2**32)"))
   eval_batch_size: Int = Field(256, ge=1, description="batch size of validation and test loaders")
+  is_anatomical: bool = Field(False, description=(
+      "the images have a meaningful orientation (organ scans): augmentation and TTA neither "
+      "flip nor rotate them"))
+  is_texture_based: bool = Field(False, description=(
+      "the classes are textures (tissue patches): no colour jitter in augmentation, no shift, "
+      "zoom or blur in TTA"))
 
 
 @validated
@@ -212,7 +218,11 @@ def parse_architecture(data: Any) -> ArchitectureSpec:
 
 def parse_training(data: Any) -> TrainingConfig:
   data = c.as_mapping("training", data)
-  c.refuse_unknown("training", data, [f.name for f in dataclasses.fields(TrainingConfig)])
+  if "augmentation" in data:
+    raise RecipeError("training.augmentation: in a recipe augmentation is a section of its own "
+                      "(augmentation: at the top level, beside training:); move it there")
+  c.refuse_unknown("training", data, [f.name for f in dataclasses.fields(TrainingConfig)
+                                      if f.name != "augmentation"])
   training = c.renamed(TrainingConfig.from_dict, data)
   if training.monitor_metric not in RECIPE_METRICS:
     raise RecipeError(f"training.monitor_metric must be one of {', '.join(map(repr, RECIPE_METRICS))} "
@@ -225,6 +235,46 @@ def parse_training(data: Any) -> TrainingConfig:
                       f"{c.brief(training.monitor_metric)}, "
                       f"monitor_direction={c.brief(training.monitor_direction)}")
   return training
+
+
+# The augmentation section's keys: AugmentationConfig's but the dataset's flags.
+FLAGS = ("is_anatomical", "is_texture_based")
+AUGMENTATION_KEYS = tuple(f.name for f in dataclasses.fields(AugmentationConfig)
+                          if f.name not in FLAGS)
+
+
+def parse_augmentation(data: Any, dataset: DatasetSpec, training: TrainingConfig
+                       ) -> AugmentationConfig | None:
+  """The ``augmentation:`` section with the dataset's flags, or None when the recipe has none
+  (absent or ``null``: the trials do not augment).
+
+  Raises:
+    RecipeError: a bad key or value; the dataset's flags given here; ``mean``/``std`` for a
+      source whose images are already in ``[0, 1]``; dataset flags that nothing reads (no
+      augmentation and no ``training.use_tta``).
+  """
+  if data is None:
+    given = [f for f in FLAGS if getattr(dataset, f)]
+    if given and not training.use_tta:
+      raise RecipeError(f"dataset.{given[0]} is read by the augmentation: section and by TTA "
+                        f"(training.use_tta), and the recipe has neither, so it would change "
+                        f"nothing; add an augmentation: section, set training.use_tta: true, "
+                        f"or remove it")
+    return None
+  data = c.as_mapping("augmentation", data)
+  for flag in FLAGS:
+    if flag in data:
+      raise RecipeError(f"augmentation.{flag}: in a recipe the dataset's flags are in its "
+                        f"dataset: section (dataset.{flag}); move it there")
+  c.refuse_unknown("augmentation", data, AUGMENTATION_KEYS)
+  if dataset.source != "function" and any(data.get(k) is not None for k in ("mean", "std")):
+    raise RecipeError(f"augmentation.mean/std are the normalisation of images a function "
+                      f"source's loaders give; dataset.source {dataset.source!r} gives images "
+                      f"in [0, 1]: remove them")
+  try:
+    return AugmentationConfig.from_dict({**data, **{f: getattr(dataset, f) for f in FLAGS}})
+  except ConfigError as e:
+    raise RecipeError(str(e).replace("AugmentationConfig.", "augmentation.")) from None
 
 
 def _storage(data: dict[str, Any]) -> None:

@@ -20,6 +20,9 @@ dropout                0.1 .. 0.5, step 0.1                yes     yes
 batch_size             16, 32, 48, 64 (8, 12, 16 >= 224px)  yes     yes
 scheduler_type         cosine, plateau, step                       yes
 scheduler_patience     3 .. 10 (int)                               yes
+rotation_angle         0 .. 15 (int)                               with augmentation
+jitter_val             0.0 .. 0.15                                 with augmentation
+min_scale              0.9 .. 1.0                                  with augmentation
 model_name             the registry's pool for the input   with ``enable_model_search``
 =====================  ==================================  ======  ======
 
@@ -32,12 +35,17 @@ the table's order): nothing a recipe lists goes unsearched. ``focal_gamma``
 and ``label_smoothing`` given so are refused when the trial's loss can never
 be the one they apply to.
 
+The augmentation ranges (``rotation_angle``, ``jitter_val``, ``min_scale``)
+are searched, as the reference's ``full`` preset does, when the recipe
+augments (an ``augmentation:`` section, ``training.augmentation`` set); their
+values reach the trial's state (``Hyperparams.augment``), so they compile
+nothing. A recipe without augmentation does not search them, and a range given
+for one of them is refused: nothing would read it.
+
 Deviations from the reference: ``dropout`` is sampled on a 0.1 grid
 (``step: null`` makes it continuous), because dropout is part of the compiled
-model and each distinct value compiles anew; the augmentation ranges
-(``rotation_angle``, ``jitter_val``, ``min_scale``) are refused with a range
-(``null`` is accepted), since orchard_jax has no augmentation yet, and the
-``full`` preset does not search them; ``min_lr`` is capped to the trial's
+model and each distinct value compiles anew; augmentation is searched only
+when on (the reference always augments); ``min_lr`` is capped to the trial's
 ``learning_rate``.
 """
 
@@ -77,7 +85,7 @@ Dist = Union[FloatRange, IntRange, tuple]  # a tuple is a list of choices
 
 
 class Param(NamedTuple):
-  section: str   # 'training' or 'architecture'
+  section: str   # 'training', 'augmentation' (training.augmentation's) or 'architecture'
   field: str
   kind: str      # 'float' | 'int' | 'choice'
 
@@ -96,12 +104,15 @@ PARAMS: Mapping[str, Param] = MappingProxyType({
     "batch_size": Param("training", "batch_size", "choice"),
     "scheduler_type": Param("training", "scheduler_type", "choice"),
     "scheduler_patience": Param("training", "scheduler_patience", "int"),
+    "rotation_angle": Param("augmentation", "rotation_angle", "int"),
+    "jitter_val": Param("augmentation", "jitter_val", "float"),
+    "min_scale": Param("augmentation", "min_scale", "float"),
 })
 QUICK = ("optimizer_type", "learning_rate", "weight_decay", "momentum", "min_lr", "batch_size",
          "dropout")
 FULL = ("optimizer_type", "learning_rate", "weight_decay", "momentum", "min_lr", "criterion_type",
         "focal_gamma", "label_smoothing", "mixup_alpha", "dropout", "batch_size", "scheduler_type",
-        "scheduler_patience")
+        "scheduler_patience", "rotation_angle", "jitter_val", "min_scale")
 PRESETS = MappingProxyType({"quick": QUICK, "full": FULL})
 HIGH_RES = 224  # inputs at least this large use batch_size_high_res
 DEFAULTS: Mapping[str, Dist] = MappingProxyType({
@@ -117,10 +128,13 @@ DEFAULTS: Mapping[str, Dist] = MappingProxyType({
     "dropout": FloatRange(0.1, 0.5, step=0.1),
     "scheduler_type": ("cosine", "plateau", "step"),
     "scheduler_patience": IntRange(3, 10),
+    "rotation_angle": IntRange(0, 15),
+    "jitter_val": FloatRange(0.0, 0.15),
+    "min_scale": FloatRange(0.9, 1.0),
     "batch_size_low_res": (16, 32, 48, 64),
     "batch_size_high_res": (8, 12, 16),
 })
-AUGMENTATION = ("rotation_angle", "jitter_val", "min_scale")  # not implemented yet: refused
+AUGMENTATION = ("rotation_angle", "jitter_val", "min_scale")  # searched only when augmenting
 _WHERE = "optuna.search_space_overrides"
 
 
@@ -140,13 +154,16 @@ class Overrides:
   """
   ranges: Mapping[str, Dist | None] = dataclasses.field(default_factory=lambda: DEFAULTS)
   given: frozenset[str] = frozenset()  # the parameters the recipe gives a range (not null)
+  augmentation: bool = False  # whether the trials augment: else AUGMENTATION is not searched
 
   def searched(self, preset: str) -> tuple[str, ...]:
     """The parameters a study with this preset samples, in sampling order: the preset's, then
-    those the recipe gives a range outside it; without those it takes out (``null``)."""
+    those the recipe gives a range outside it; without those it takes out (``null``), and
+    without :data:`AUGMENTATION` when the trials do not augment."""
     given = {"batch_size" if key.startswith("batch_size_") else key for key in self.given}
     names = (*PRESETS[preset], *(n for n in FULL if n in given and n not in PRESETS[preset]))
-    return tuple(n for n in names if n == "batch_size" or self.ranges[n] is not None)
+    return tuple(n for n in names if n == "batch_size" or (
+        self.ranges[n] is not None and (self.augmentation or n not in AUGMENTATION)))
 
   def to_dict(self) -> dict[str, Any]:
     """The overrides as a recipe writes them: the ranges given and those taken out (``null``);
@@ -205,6 +222,13 @@ def _check_values(where: str, key: str, dist: Dist, training: TrainingConfig) ->
   param = _param(key)
   values = (dist.low, dist.high) if isinstance(dist, (FloatRange, IntRange)) else dist
   for value in values:
+    if param.section == "augmentation":
+      try:
+        training.augmentation.replace(**{param.field: value})
+      except ConfigError as e:
+        raise RecipeError(f"{where}: {value!r} is not a valid augmentation.{param.field}: "
+                          f"{str(e).replace('AugmentationConfig.', 'augmentation.')}") from None
+      continue
     if param.section == "architecture":
       if not (isinstance(value, numbers.Real) and 0 <= value < 1):
         raise RecipeError(f"{where}: dropout must be in [0, 1), got {value!r}")
@@ -221,11 +245,10 @@ def _check_values(where: str, key: str, dist: Dist, training: TrainingConfig) ->
                         f"{str(e).replace('TrainingConfig.', 'training.')}") from None
 
 
-def _refuse_augmentation(key: str, value: Any) -> None:
-  if value is not None:
-    raise RecipeError(f"{_WHERE}.{key}: augmentation is not implemented yet in orchard_jax, so "
-                      f"{key} cannot be searched; remove it or set it to null (searchable: "
-                      f"{', '.join(DEFAULTS)})")
+def _refuse_augmentation(key: str) -> None:
+  raise RecipeError(f"{_WHERE}.{key}: the trials do not augment (the recipe has no "
+                    f"augmentation: section), so {key} would change nothing; add an "
+                    f"augmentation: section or remove {key}")
 
 
 def _conditional(overrides: Overrides, preset: str, training: TrainingConfig) -> None:
@@ -246,12 +269,12 @@ def parse_overrides(data: Mapping[str, Any], training: TrainingConfig,
                     preset: str | None = None) -> Overrides:
   """Validates ``optuna.search_space_overrides`` against ``training``'s field ranges; with the
   study's ``preset``, also that every range given can be sampled (see the module docstring)."""
-  c.refuse_unknown(_WHERE, data, [*DEFAULTS, *AUGMENTATION])
+  c.refuse_unknown(_WHERE, data, list(DEFAULTS))
   ranges = dict(DEFAULTS)
+  augmentation = training.augmentation is not None
   for key, value in data.items():
-    if key in AUGMENTATION:
-      _refuse_augmentation(key, value)
-      continue
+    if key in AUGMENTATION and value is not None and not augmentation:
+      _refuse_augmentation(key)
     where = f"{_WHERE}.{key}"
     if value is None:
       ranges[key] = None
@@ -263,10 +286,10 @@ def parse_overrides(data: Mapping[str, Any], training: TrainingConfig,
       raise RecipeError(f"{where} must be a mapping (low/high/log/step), a list of choices or "
                         f"null, got {c.show(value)}")
   for key, dist in ranges.items():
-    if dist is not None:
+    if dist is not None and (augmentation or key not in AUGMENTATION):
       _check_values(f"{_WHERE}.{key}", key, dist, training)
   given = frozenset(k for k, v in data.items() if k in DEFAULTS and v is not None)
-  overrides = Overrides(MappingProxyType(ranges), given)
+  overrides = Overrides(MappingProxyType(ranges), given, augmentation)
   if preset is not None:
     _conditional(overrides, preset, training)
   return overrides
@@ -356,10 +379,21 @@ def build_space(study: Any, input_shape: tuple[int, ...], architecture: str) -> 
 
 
 def apply_params(training: TrainingConfig, params: Mapping[str, Any]) -> TrainingConfig:
-  """``training`` with the sampled training parameters; ``min_lr`` capped to ``learning_rate``."""
-  changes = {PARAMS[n].field: v for n, v in params.items()
-             if n in PARAMS and PARAMS[n].section == "training"}
+  """``training`` with the sampled training parameters, and the augmentation ones in its
+  ``augmentation``; ``min_lr`` capped to ``learning_rate``.
+
+  Raises:
+    RecipeError: an augmentation parameter for a ``training`` without augmentation.
+  """
+  def sampled(section: str) -> dict[str, Any]:
+    return {PARAMS[n].field: v for n, v in params.items()
+            if n in PARAMS and PARAMS[n].section == section}
+  changes, augment = sampled("training"), sampled("augmentation")
   if "learning_rate" in changes or "min_lr" in changes:
     changes["min_lr"] = min(changes.get("min_lr", training.min_lr),
                             changes.get("learning_rate", training.learning_rate))
+  if augment:
+    if training.augmentation is None:
+      _refuse_augmentation(next(iter(augment)))
+    changes["augmentation"] = training.augmentation.replace(**augment)
   return training.replace(**changes)

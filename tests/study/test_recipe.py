@@ -91,12 +91,14 @@ def test_recipe_without_optuna_section_is_a_single_training_run():
   assert recipe.study is None and recipe.training.epochs == 3
 
 
-def test_reference_training_and_optuna_sections_load_but_for_augmentation_ranges():
+def test_reference_training_and_optuna_sections_load_with_an_augmentation_section():
   data = yaml.safe_load(REFERENCE)
-  with pytest.raises(RecipeError, match="rotation_angle: augmentation is not implemented yet"):
-    parse_recipe(data)  # the reference's full preset searches them; orchard_jax cannot yet
-  data["optuna"]["search_space_overrides"].update(rotation_angle=None, jitter_val=None)
-  recipe = parse_recipe(data)
+  with pytest.raises(RecipeError, match="rotation_angle: the trials do not augment"):
+    parse_recipe(data)  # its augmentation ranges: the reference always augments, we when asked
+  recipe = parse_recipe({**data, "augmentation": {}})
+  assert recipe.training.augmentation is not None
+  assert recipe.study.overrides.searched("full")[-3:] == ("rotation_angle", "jitter_val",
+                                                          "min_scale")
   assert recipe.training.weight_decay == 5e-4 and recipe.training.min_lr == 1e-6
   assert recipe.study.config.storage == "sqlite"
   assert recipe.study.config.early_stopping_patience == 3
@@ -119,7 +121,7 @@ def test_unknown_section_names_the_closest_section():
 
 
 def test_reference_only_section_is_refused_with_its_name():
-  assert "'augmentation' of orchard-ml recipes is not supported" in error_of({"augmentation": {}})
+  assert "'hardware' of orchard-ml recipes is not supported" in error_of({"hardware": {}})
 
 
 def test_wrong_type_names_the_recipe_key():

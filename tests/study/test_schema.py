@@ -28,8 +28,8 @@ def errors(data) -> list[str]:
 
 def test_the_schema_is_a_valid_json_schema():
   jsonschema.Draft202012Validator.check_schema(SCHEMA)
-  assert set(SCHEMA["properties"]) == {"dataset", "architecture", "training", "optuna",
-                                       "telemetry"}
+  assert set(SCHEMA["properties"]) == {"dataset", "architecture", "training", "augmentation",
+                                       "optuna", "telemetry"}
 
 
 def test_the_schema_command_prints_the_schema(capsys):

@@ -9,7 +9,7 @@ from orchard_jax.config import OptunaConfig, TrainingConfig
 from orchard_jax.models import available_models
 from orchard_jax.study.model_names import fits_input
 from orchard_jax.study.sections import StudySpec
-from orchard_jax.study.space import (DEFAULTS, FULL, QUICK, FloatRange, IntRange, apply_params,
+from orchard_jax.study.space import (AUGMENTATION, DEFAULTS, FULL, QUICK, FloatRange, IntRange, apply_params,
                                      build_space, parse_overrides)
 from orchard_jax.study.checks import RecipeError
 
@@ -43,7 +43,7 @@ def test_quick_preset_samples_its_seven_parameters():
 
 def test_full_preset_samples_only_the_active_loss_parameter():
   space = build_space(study_spec("full"), (28, 28, 1), "mini_cnn")
-  assert tuple(space.dists) == FULL
+  assert tuple(space.dists) == tuple(n for n in FULL if n not in AUGMENTATION)  # not augmenting
   seen = {sample(space, seed=s)["criterion_type"]: sample(space, seed=s) for s in range(12)}
   assert "focal_gamma" in seen["focal"] and "label_smoothing" not in seen["focal"]
   assert "label_smoothing" in seen["cross_entropy"] and "focal_gamma" not in seen["cross_entropy"]
@@ -87,14 +87,14 @@ def test_null_outside_the_preset_adds_nothing():
 
 
 @pytest.mark.parametrize("key", ["rotation_angle", "jitter_val", "min_scale"])
-def test_augmentation_ranges_are_refused_as_not_implemented_yet(key):
+def test_augmentation_ranges_are_refused_when_the_trials_do_not_augment(key):
   with pytest.raises(RecipeError) as info:
-    parse_overrides({key: {"low": 0, "high": 15}}, TRAINING)
+    parse_overrides({key: {"low": 0, "high": 1}}, TRAINING)
   message = str(info.value)
-  assert message.startswith(f"optuna.search_space_overrides.{key}: augmentation is not "
-                            f"implemented yet") and "\n" not in message
-  assert "searchable: optimizer_type, learning_rate" in message
-  assert parse_overrides({key: None}, TRAINING).ranges == DEFAULTS  # null: not searched, as said
+  assert message == (f"optuna.search_space_overrides.{key}: the trials do not augment (the "
+                     f"recipe has no augmentation: section), so {key} would change nothing; add "
+                     f"an augmentation: section or remove {key}")
+  assert parse_overrides({key: None}, TRAINING).ranges[key] is None  # null: not searched, as said
 
 
 @pytest.mark.parametrize("training, overrides, key", [
