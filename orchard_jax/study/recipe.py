@@ -112,7 +112,7 @@ def parse_recipe(data: Any, origin: str = BUNDLED) -> Recipe:
   dataset = parse_dataset(data.get("dataset"))
   training = parse_training(data.get("training"))
   training = training.replace(
-      augmentation=parse_augmentation(data.get("augmentation"), dataset, training))
+      augmentation=parse_augmentation(data.get("augmentation"), dataset))
   study = parse_study(data["optuna"], training) if "optuna" in data else None
   return Recipe(dataset=dataset,
                 architecture=parse_architecture(data.get("architecture")), training=training,

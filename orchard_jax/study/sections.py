@@ -243,23 +243,21 @@ AUGMENTATION_KEYS = tuple(f.name for f in dataclasses.fields(AugmentationConfig)
                           if f.name not in FLAGS)
 
 
-def parse_augmentation(data: Any, dataset: DatasetSpec, training: TrainingConfig
-                       ) -> AugmentationConfig | None:
+def parse_augmentation(data: Any, dataset: DatasetSpec) -> AugmentationConfig | None:
   """The ``augmentation:`` section with the dataset's flags, or None when the recipe has none
   (absent or ``null``: the trials do not augment).
 
   Raises:
     RecipeError: a bad key or value; the dataset's flags given here; ``mean``/``std`` for a
-      source whose images are already in ``[0, 1]``; dataset flags that nothing reads (no
-      augmentation and no ``training.use_tta``).
+      source whose images are already in ``[0, 1]``; dataset flags without the section (TTA
+      reads them from it too, so nothing would).
   """
   if data is None:
     given = [f for f in FLAGS if getattr(dataset, f)]
-    if given and not training.use_tta:
-      raise RecipeError(f"dataset.{given[0]} is read by the augmentation: section and by TTA "
-                        f"(training.use_tta), and the recipe has neither, so it would change "
-                        f"nothing; add an augmentation: section, set training.use_tta: true, "
-                        f"or remove it")
+    if given:  # TTA reads them from training.augmentation too: without it, nothing would
+      raise RecipeError(f"dataset.{given[0]} is read through the augmentation: section (by the "
+                        f"training augmentation and by TTA), and the recipe has none, so it "
+                        f"would change nothing; add an augmentation: section or remove it")
     return None
   data = c.as_mapping("augmentation", data)
   for flag in FLAGS:
