@@ -110,15 +110,21 @@ def evaluate_phase(state: Any, recipe: Any, source: Any, run_dir: pathlib.Path, 
 def export_phase(folder: str | pathlib.Path, run_dir: pathlib.Path, out: Any) -> list[pathlib.Path]:
   """Exports the model of ``folder`` (a run folder or checkpoint, as
   :func:`orchard_jax.load_model` reads it) into ``run_dir/export/``; returns the files
-  written (none, with one line on ``out``, when the ``export`` extra is not installed)."""
-  try:
-    from orchard_jax.export import export_all  # pylint: disable=import-outside-toplevel
-  except ImportError as e:  # the extra's packages (onnx, onnxruntime, jax2onnx) are missing
-    print(f"Export skipped: {e.name or e} is not installed; to write the StableHLO and ONNX "
-          f"files: {EXPORT_HINT}, then orchard-jax export {run_dir}", file=out)
-    return []
+  written. None are, with one line on ``out`` saying why, when the ``export`` extra is not
+  installed or the model does not take images ``(H, W, C)`` (the exported signature)."""
   from orchard_jax.study.loading import load_model  # pylint: disable=import-outside-toplevel
   loaded = load_model(folder)
-  written = export_all(loaded.model, loaded.params, loaded.model_state, loaded.input_shape,
-                       run_dir / EXPORT_DIR)
+  shape = loaded.input_shape
+  if shape is None or len(shape) != 3:
+    print(f"Export skipped: the exported files take images (H, W, C), and this model's inputs "
+          f"have shape {None if shape is None else tuple(shape)}", file=out)
+    return []
+  try:
+    from orchard_jax.export import export_all  # pylint: disable=import-outside-toplevel
+    written = export_all(loaded.model, loaded.params, loaded.model_state, shape,
+                         run_dir / EXPORT_DIR)
+  except ImportError as e:  # the extra's packages (onnx, onnxruntime, jax2onnx) are missing
+    print(f"Export skipped: {' '.join(str(e).split())} (then: orchard-jax export {run_dir})",
+          file=out)
+    return []
   return [pathlib.Path(p) for p in (written or ())]

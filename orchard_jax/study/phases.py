@@ -88,9 +88,12 @@ def evaluate_command(args: argparse.Namespace, setup: Any) -> int:
   setup(recipe, debug=args.debug)
   source = load_source(recipe.dataset, batch_size=recipe.training.batch_size,
                        seed=recipe.training.seed)
-  loaded = run_phase("evaluate", run_dir, load_model, run_dir)
-  report = run_phase("evaluate", run_dir, evaluate_phase, loaded.train_state(), recipe, source,
-                     run_dir, model=str(loaded.path))
+
+  def evaluate() -> Any:
+    loaded = load_model(run_dir)
+    return evaluate_phase(loaded.train_state(), recipe, source, run_dir, model=str(loaded.path))
+
+  report = run_phase("evaluate", run_dir, evaluate)
   if report is None:
     print(f"{source.name} has no test split: no test report", file=sys.stdout)
     return EXIT_FAILED
