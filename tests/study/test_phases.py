@@ -135,10 +135,9 @@ def test_export_alone_writes_the_files_or_says_how_to_get_the_extra(finished, ca
     assert out.startswith("Export skipped: ")
 
 
-def test_a_failing_phase_names_itself_and_keeps_what_the_earlier_phases_wrote(finished, tmp_path,
-                                                                              capsys):
+def test_a_failing_phase_names_itself_and_keeps_what_the_earlier_phases_wrote(finished, capsys):
   run_dir, _, _ = finished
-  copy = tmp_path / "retrain"
+  copy = run_dir / "damaged"  # beside retrain/: its recipe's relative data path still holds
   shutil.copytree(run_dir / "retrain", copy)
   for item in (copy / "fit" / "checkpoint").iterdir():  # a damaged checkpoint
     if item.is_dir():
