@@ -13,8 +13,9 @@ with its own draws from one key. The strengths are :class:`AugmentParams`,
 float32 scalars that live in a trial's state (a cohort vmaps a leading axis
 of them away), so trials that differ only in them share one compiled program;
 :class:`AugmentSpec` is the static part (which transforms, the inputs'
-normalisation). The draws are separate functions (``draw_*``) that follow
-torchvision's distributions, and the transforms are :mod:`.warp`'s and
+normalisation). The draws are separate functions of uniforms (``draw_*``,
+all from one random call in :func:`draw`) that follow torchvision's
+distributions, and the transforms are :mod:`.warp`'s and
 :mod:`.color`'s, each equal to torchvision's functional one at fixed
 parameters.
 """
@@ -33,6 +34,7 @@ from orchard_jax.core import color, warp
 # RandomResizedCrop's aspect-ratio range and its number of tries before the central crop.
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CROP_TRIES = 10
+CROP_UNIFORMS = 2 * CROP_TRIES + 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,17 +90,16 @@ class AugmentParams(NamedTuple):
     return cls(*(jnp.asarray(v, jnp.float32) for v in (hflip, rotation_angle, jitter_val, min_scale)))
 
 
-def draw_hflip(key: jax.Array, batch_size: int, p: jax.Array) -> jax.Array:
-  """``RandomHorizontalFlip(p)``'s decisions, ``[B]`` bool: flip where ``U[0, 1) < p``
-  (torchvision skips the flip when ``torch.rand(1) >= p``)."""
-  return jax.random.uniform(key, (batch_size,), jnp.float32) < jnp.asarray(p, jnp.float32)
+def draw_hflip(u_B: jax.Array, p: jax.Array) -> jax.Array:
+  """``RandomHorizontalFlip(p)``'s decisions from uniforms ``u_B ~ U[0, 1)``: ``[B]`` bool, flip where
+  ``u < p`` (torchvision skips the flip when ``torch.rand(1) >= p``)."""
+  return u_B < jnp.asarray(p, jnp.float32)
 
 
-def draw_rotation(key: jax.Array, batch_size: int, degrees: jax.Array) -> jax.Array:
-  """``RandomRotation(degrees)``'s angles, ``[B]`` float32 ``~ U(-degrees, degrees)``
-  (exactly 0 for ``degrees == 0``)."""
-  degrees = jnp.asarray(degrees, jnp.float32)
-  return degrees * jax.random.uniform(key, (batch_size,), jnp.float32, -1.0, 1.0)
+def draw_rotation(u_B: jax.Array, degrees: jax.Array) -> jax.Array:
+  """``RandomRotation(degrees)``'s angles from uniforms ``u_B ~ U[0, 1)``: ``[B]`` float32
+  ``~ U(-degrees, degrees)`` (exactly 0 for ``degrees == 0``)."""
+  return jnp.asarray(degrees, jnp.float32) * (2.0 * u_B - 1.0)
 
 
 def _central_crop(height: int, width: int) -> tuple[int, int, int, int]:
@@ -113,9 +114,15 @@ def _central_crop(height: int, width: int) -> tuple[int, int, int, int]:
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def draw_crop(key: jax.Array, batch_size: int, min_scale: jax.Array, height: int,
+def _randint(u: jax.Array, high: jax.Array) -> jax.Array:
+  """``randint(0, high)`` from ``u ~ U[0, 1)``: ``floor(u * high)``, clipped against float rounding."""
+  return jnp.minimum(jnp.floor(u * high).astype(jnp.int32), high - 1)
+
+
+def draw_crop(u_BxN: jax.Array, min_scale: jax.Array, height: int,
               width: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """``RandomResizedCrop(scale=(min_scale, 1), ratio=(3/4, 4/3)).make_params``, per sample.
+  """``RandomResizedCrop(scale=(min_scale, 1), ratio=(3/4, 4/3)).make_params``, per sample, from
+  ``CROP_UNIFORMS`` uniforms ``U[0, 1)`` per sample (``u_BxN``).
 
   Returns ``(top, left, h, w)``, each ``[B]`` int32. torchvision tries ten
   times: area ``~ U(min_scale, 1) * H * W``, ``log ratio ~ U(log 3/4, log 4/3)``,
@@ -123,14 +130,14 @@ def draw_crop(key: jax.Array, batch_size: int, min_scale: jax.Array, height: int
   if ``0 < w <= W`` and ``0 < h <= H``, then ``top ~ randint(0, H - h + 1)``,
   ``left ~ randint(0, W - w + 1)``; without a kept try, the central crop of
   the clamped ratio. Here the ten tries are drawn at once and the first kept
-  one wins, which has the same distribution.
+  one wins, which has the same distribution; the offsets are ``floor(u * n)``
+  of a uniform ``u`` (float32's resolution is far below an image's side).
   """
   min_scale = jnp.asarray(min_scale, jnp.float32)
-  key_area, key_ratio, key_top, key_left = jax.random.split(key, 4)
-  shape = (batch_size, CROP_TRIES)
-  area = (height * width) * jax.random.uniform(key_area, shape, jnp.float32, min_scale, 1.0)
+  u = u_BxN  # the tries' areas, their ratios, then the two offsets
+  area = (height * width) * (min_scale + (1.0 - min_scale) * u[:, :CROP_TRIES])
   log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
-  ratio = jnp.exp(jax.random.uniform(key_ratio, shape, jnp.float32, log_lo, log_hi))
+  ratio = jnp.exp(log_lo + (log_hi - log_lo) * u[:, CROP_TRIES:2 * CROP_TRIES])
   w_try = jnp.round(jnp.sqrt(area * ratio)).astype(jnp.int32)
   h_try = jnp.round(jnp.sqrt(area / ratio)).astype(jnp.int32)
   kept = (w_try > 0) & (w_try <= width) & (h_try > 0) & (h_try <= height)
@@ -139,9 +146,27 @@ def draw_crop(key: jax.Array, batch_size: int, min_scale: jax.Array, height: int
   top0, left0, h0, w0 = _central_crop(height, width)
   h = jnp.where(found, jnp.take_along_axis(h_try, first, axis=1)[:, 0], h0)
   w = jnp.where(found, jnp.take_along_axis(w_try, first, axis=1)[:, 0], w0)
-  top = jax.random.randint(key_top, (batch_size,), 0, height - h + 1, jnp.int32)
-  left = jax.random.randint(key_left, (batch_size,), 0, width - w + 1, jnp.int32)
+  top = _randint(u[:, -2], height - h + 1)
+  left = _randint(u[:, -1], width - w + 1)
   return jnp.where(found, top, top0), jnp.where(found, left, left0), h, w
+
+
+class Draws(NamedTuple):
+  """One batch's geometric draws, per sample."""
+  flip: jax.Array    # [B] bool: horizontal flip
+  angle: jax.Array   # [B] float32: rotation, degrees counter-clockwise
+  top: jax.Array     # [B] int32: the crop box
+  left: jax.Array    # [B] int32
+  height: jax.Array  # [B] int32
+  width: jax.Array   # [B] int32
+
+
+def draw(key: jax.Array, batch_size: int, params: AugmentParams, height: int, width: int) -> Draws:
+  """The flips, angles and crop boxes of a batch of ``height x width`` images, from one random call
+  (each call compiles its own hash, so one call for all keeps the program small)."""
+  u = jax.random.uniform(key, (batch_size, 2 + CROP_UNIFORMS), jnp.float32)
+  return Draws(draw_hflip(u[:, 0], params.hflip), draw_rotation(u[:, 1], params.rotation_angle),
+               *draw_crop(u[:, 2:], params.min_scale, height, width))
 
 
 def hflip(images_BxHxWxC: jax.Array, flip_B: jax.Array) -> jax.Array:
@@ -178,13 +203,13 @@ def augment(key: jax.Array, images_BxHxWxC: jax.Array, params: AugmentParams,
     mean = jnp.asarray(spec.mean, jnp.float32)
     std = jnp.asarray(spec.std, jnp.float32)
     images = images * std + mean
-  key_flip, key_rotation, key_color, key_crop = jax.random.split(key, 4)
+  key_geometry, key_color = jax.random.split(key)
+  draws = draw(key_geometry, batch, params, height, width)
   if spec.geometric:
-    images = hflip(images, draw_hflip(key_flip, batch, params.hflip))
-    images = warp.rotate(images, draw_rotation(key_rotation, batch, params.rotation_angle), "nearest", 0.0)
+    images = warp.rotate(hflip(images, draws.flip), draws.angle, "nearest", 0.0)
   if spec.photometric:
     images = color.jitter(key_color, images, params.jitter_val, spec.saturation)
-  images = warp.resized_crop(images, *draw_crop(key_crop, batch, params.min_scale, height, width))
+  images = warp.resized_crop(images, draws.top, draws.left, draws.height, draws.width)
   if spec.mean is not None:
     images = (images - mean) / std
   return images.astype(images_BxHxWxC.dtype)

@@ -43,6 +43,11 @@ def test_hflip_equals_torchvision_exactly():
 
 # -- the draws follow torchvision's distributions (two-sample KS, 10,000 draws each, seeded) --
 
+def _draws(key, params, size=SQUARE):
+  """N_DRAWS samples' draws, as augment makes them."""
+  return jax.jit(aug.draw, static_argnums=(1, 3, 4))(key, N_DRAWS, params, *size)
+
+
 def _ks(ours, theirs, name):
   result = stats.ks_2samp(np.asarray(ours, np.float64), np.asarray(theirs, np.float64), method="asymp")
   assert result.pvalue > 0.01, f"{name}: KS p={result.pvalue:.3g} (statistic {result.statistic:.3g})"
@@ -54,7 +59,7 @@ def test_flip_draws_follow_random_horizontal_flip():
   probe = torch.tensor([[[0.0, 1.0]]])  # 1x1x2: flipped iff the first pixel becomes 1
   flip = v2.RandomHorizontalFlip(p=0.3)
   theirs = [float(flip(probe)[0, 0, 0]) for _ in range(N_DRAWS)]
-  ours = aug.draw_hflip(jax.random.key(0), N_DRAWS, jnp.float32(0.3))
+  ours = _draws(jax.random.key(0), STRONG._replace(hflip=jnp.float32(0.3))).flip
   _ks(ours, theirs, "hflip")
   assert abs(float(ours.mean()) - 0.3) < 0.02
 
@@ -63,7 +68,7 @@ def test_angle_draws_follow_random_rotation():
   torch.manual_seed(0)
   rotation = v2.RandomRotation(25.0)
   theirs = [rotation.make_params([])["angle"] for _ in range(N_DRAWS)]
-  ours = aug.draw_rotation(jax.random.key(1), N_DRAWS, jnp.float32(25.0))
+  ours = _draws(jax.random.key(1), STRONG._replace(rotation_angle=jnp.float32(25.0))).angle
   _ks(ours, theirs, "angle")
   assert float(jnp.abs(ours).max()) <= 25.0
 
@@ -89,12 +94,12 @@ def test_crop_draws_follow_random_resized_crop(torch_crops, size, min_scale):
   """The reference's default scale, torchvision's (many rejected tries) and a non-square image (the
   central-crop fallback in part of the draws)."""
   theirs = torch_crops[size, min_scale]
-  ours = aug.draw_crop(jax.random.key(2), N_DRAWS, jnp.float32(min_scale), *size)
-  for name, values in zip(("top", "left", "height", "width"), ours):
-    _ks(values, theirs[name], name)
+  ours = _draws(jax.random.key(2), STRONG._replace(min_scale=jnp.float32(min_scale)), size)
+  for name in ("top", "left", "height", "width"):
+    _ks(getattr(ours, name), theirs[name], name)
   if size == OBLONG:  # the draws reach the central 20x27 crop (or a kept try of that size) as often
     theirs_central = ((theirs["height"] == 20) & (theirs["width"] == 27)).mean()
-    ours_central = float(((ours[2] == 20) & (ours[3] == 27)).mean())
+    ours_central = float(((ours.height == 20) & (ours.width == 27)).mean())
     assert 0.05 < theirs_central < 0.95
     assert abs(ours_central - theirs_central) < 0.02
 
@@ -108,7 +113,8 @@ def test_the_crop_test_detects_a_wrong_ratio_range(torch_crops):
 
 
 def test_crop_boxes_lie_inside_the_image():
-  top, left, h, w = aug.draw_crop(jax.random.key(3), 2000, jnp.float32(0.08), *OBLONG)
+  u = np.random.default_rng(3).uniform(size=(2000, aug.CROP_UNIFORMS)).astype(np.float32)
+  top, left, h, w = jax.jit(aug.draw_crop, static_argnums=(2, 3))(u, jnp.float32(0.08), *OBLONG)
   assert bool(((top >= 0) & (left >= 0) & (h > 0) & (w > 0)).all())
   assert bool(((top + h <= OBLONG[0]) & (left + w <= OBLONG[1])).all())
 
@@ -122,10 +128,9 @@ def test_augment_is_the_reference_pipeline_at_the_drawn_parameters():
   spec = aug.AugmentSpec(photometric=False)
   key = jax.random.key(4)
   ours = np.asarray(augment(key, x, STRONG, spec=spec))
-  key_flip, key_rotation, _, key_crop = jax.random.split(key, 4)
-  flips = aug.draw_hflip(key_flip, 8, STRONG.hflip).tolist()
-  angles = aug.draw_rotation(key_rotation, 8, STRONG.rotation_angle).tolist()
-  boxes = np.stack(aug.draw_crop(key_crop, 8, STRONG.min_scale, *OBLONG), -1).tolist()
+  draws = aug.draw(jax.random.split(key)[0], 8, STRONG, *OBLONG)
+  flips, angles = draws.flip.tolist(), draws.angle.tolist()
+  boxes = np.stack(draws[2:], -1).tolist()
   assert 0 < sum(flips) < 8 and len(set(map(tuple, boxes))) == 8
   for i in range(8):
     img = TF.horizontal_flip(x_t[i]) if flips[i] else x_t[i]
@@ -137,12 +142,11 @@ def test_augment_is_the_reference_pipeline_at_the_drawn_parameters():
 @jax.jit
 def _by_hand(key, x, params):
   """Flip, rotation, jitter (with saturation), crop: the reference's order, from augment's keys."""
-  key_flip, key_rotation, key_color, key_crop = jax.random.split(key, 4)
-  batch = x.shape[0]
-  x = aug.hflip(x, aug.draw_hflip(key_flip, batch, params.hflip))
-  x = warp.rotate(x, aug.draw_rotation(key_rotation, batch, params.rotation_angle))
+  key_geometry, key_color = jax.random.split(key)
+  draws = aug.draw(key_geometry, x.shape[0], params, *x.shape[1:3])
+  x = warp.rotate(aug.hflip(x, draws.flip), draws.angle)
   x = color.jitter(key_color, x, params.jitter_val, True)
-  return warp.resized_crop(x, *aug.draw_crop(key_crop, batch, params.min_scale, *x.shape[1:3]))
+  return warp.resized_crop(x, *draws[2:])
 
 
 def test_augment_applies_the_jitter_between_rotation_and_crop():
