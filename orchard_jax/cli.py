@@ -261,8 +261,9 @@ def _run(args: argparse.Namespace) -> int:
     from orchard_jax.study.launch import parse_workers
     workers = parse_workers(args.workers)
   recipe, source = _load(args)
-  if args.workers is not None and recipe.study is None:
-    raise RecipeError("--workers runs a study, but the recipe has no optuna section")
+  if args.workers is not None and (recipe.study is None or args.keep_checkpoints):
+    raise RecipeError("--workers runs a study, but the recipe has no optuna section" if
+                      recipe.study is None else "--keep-checkpoints does not apply to --workers")
   _setup(recipe, debug=args.debug)
   run_dir = _run_dir(recipe, args.output)
   logger = logging.getLogger("orchard_jax.cli")
@@ -286,7 +287,8 @@ def _run(args: argparse.Namespace) -> int:
   url = storage_url(config.storage, run_dir)
   if url is not None and url.startswith(("sqlite:", "journal:")):
     logger.info("Storage %s (optuna-dashboard %s)", url, url.replace("journal://", ""))
-  return run_study(recipe, source, run_dir) or final_phases(recipe, source, run_dir, args)
+  return (run_study(recipe, source, run_dir, keep_checkpoints=args.keep_checkpoints)
+          or final_phases(recipe, source, run_dir, args))
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -24,6 +24,9 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
                         "<run folder>/retrain")
   run.add_argument("--no-export", dest="export", action="store_false",
                    help="do not export the trained model (StableHLO, ONNX)")
+  run.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep every finished trial's checkpoint in <run folder>/trials (default: "
+                        "only the best trial's, and the running trials')")
 
 
 def _command(name: str, setup: Any):

@@ -32,8 +32,8 @@ from orchard_jax.study.space import apply_params
 logger = logging.getLogger(__name__)
 
 __all__ = ["best_config_dict", "best_config_text", "describe_trial", "described_text",
-           "export_best_model", "model_record", "relative_paths", "resolved_config",
-           "trained_precision", "write_best_config"]
+           "export_best_model", "model_record", "relative_paths", "remove_other_checkpoints",
+           "resolved_config", "trained_precision", "write_best_config"]
 
 
 def resolved_config(recipe: Any, params: dict[str, Any]) -> dict[str, Any]:
@@ -166,6 +166,24 @@ def described_text(study: Any, trial: FrozenTrial, metric: str) -> str:
             f"# Its parameters and, when run_trial recorded it, what\n"
             f"# its TrialConfig held; best_model/ holds its best epoch's state.\n")
   return header + yaml.safe_dump(describe_trial(trial, metric), sort_keys=False)
+
+
+def remove_other_checkpoints(trials: Any, best: FrozenTrial | None,
+                             folder_of: Any) -> list[pathlib.Path]:
+  """Deletes the checkpoint folders (``folder_of(trial)/trial_<n>``) of the finished trials
+  that are not ``best``; returns those it removed. A running trial's is kept (it may become
+  the best), and so is the best's: the one checkpoint policy of a study, on the command
+  line and in Python, unless it is asked to keep every trial's."""
+  removed = []
+  for t in trials:
+    if not t.state.is_finished() or (best is not None and t.number == best.number):
+      continue
+    folder = folder_of(t)
+    path = None if folder is None else pathlib.Path(folder) / f"trial_{t.number}"
+    if path is not None and path.is_dir():
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+  return removed
 
 
 def trained_precision(training: dict[str, Any] | None) -> str:

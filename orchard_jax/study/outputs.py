@@ -45,7 +45,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from orchard_jax.fileio import atomic_write_text
 from orchard_jax.records import TRIAL_CONFIG
-from orchard_jax.study.best_files import best_config_text, described_text, export_best_model
+from orchard_jax.study.best_files import (best_config_text, described_text, export_best_model,
+                                         remove_other_checkpoints)
 from orchard_jax.study.plots import save_study_plots
 from orchard_jax.study.tables import best_trial, format_table, write_trials_csv
 
@@ -106,6 +107,7 @@ class _Plan:
   best_name: str = RETRAIN_FILE    # that file: a recipe, or a Python study's BEST_TRIAL_FILE
   recipe_text: str | None = None   # recipe.yaml's text; None: not written
   retrain: bool = False            # best_config.yaml is a recipe: say how to retrain
+  prune: bool = False              # delete the checkpoints of finished trials but the best's
 
 
 def _write(study: Any, run_dir: pathlib.Path, plan: _Plan, out: Any) -> FrozenTrial | None:
@@ -129,6 +131,8 @@ def _write(study: Any, run_dir: pathlib.Path, plan: _Plan, out: Any) -> FrozenTr
     if checkpoints is not None:
       written.append(_written("best_model/", lambda: export_best_model(run_dir, best, checkpoints),
                               failed))
+  if plan.prune and "best_model/" not in failed:
+    remove_other_checkpoints(trials, best, plan.checkpoints)
   if plan.plots:
     written += _written("plots/", lambda: save_study_plots(study, run_dir / "plots", plan.metric,
                                                            best), failed) or []
@@ -212,7 +216,8 @@ def _recorded(trial: FrozenTrial | None, *keys: str) -> Any:
 
 def write_outputs(study: Any, run_dir: str | os.PathLike, *, metric: str | None = None,
                   direction: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
-                  plots: bool = True, out: Any = None) -> FrozenTrial | None:
+                  plots: bool = True, keep_checkpoints: bool = False,
+                  out: Any = None) -> FrozenTrial | None:
   """Writes a study's outputs to ``run_dir``, for any Optuna study whose objective calls
   :func:`~orchard_jax.engine.run_trial`; returns the best trial (None: none completed).
 
@@ -223,6 +228,14 @@ def write_outputs(study: Any, run_dir: str | os.PathLike, *, metric: str | None 
   best epoch's state to under ``TrialConfig.output_dir``. ``checkpoint_dir``
   defaults to the ``output_dir`` the best trial recorded; without either,
   ``best_model/`` is not written. Each file appears whole or not at all.
+  ``best_model/`` also gets ``model.json``, from which
+  :func:`orchard_jax.load_model` rebuilds the model (or takes it, for a model
+  of one's own code).
+
+  The command line's checkpoint policy holds here too: the checkpoints of
+  the finished trials other than the best (``trial_<n>/`` where each trial
+  wrote it) are deleted, unless ``keep_checkpoints``; a running trial's is
+  kept.
 
   Args:
     study: A single-objective study.
@@ -258,5 +271,5 @@ def write_outputs(study: Any, run_dir: str | os.PathLike, *, metric: str | None 
 
   plan = _Plan(metric=metric, direction=own, checkpoints=checkpoints,
                best_config=lambda t, _: described_text(study, t, metric), plots=plots,
-               best_name=BEST_TRIAL_FILE)
+               best_name=BEST_TRIAL_FILE, prune=not keep_checkpoints)
   return _write(study, run_dir, plan, out)

@@ -29,7 +29,7 @@
   1.000000 >= threshold 0.9999 in 2 consecutive trials; the study stopped
   after 2 of 50 trials (48 not run)``; exit status 0), and after three failed
   trials in a row. Only the current best trial's checkpoint is
-  kept (see :mod:`orchard_jax.study.study_callbacks`).
+  kept (see :mod:`orchard_jax.study.study_callbacks`), unless ``--keep-checkpoints``.
 * **Exit status** (:mod:`orchard_jax.study.ending`): 0 done with a best
   trial; 1 no trial completed; 3 the study ended short of ``n_trials`` (said
   on stdout); 130/143 after a signal.
@@ -61,11 +61,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["run_study", "storage_url"]
 
 
-def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None) -> int:
+def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None, *,
+              keep_checkpoints: bool = False) -> int:
   """Runs (or resumes) the recipe's study and writes its outputs; returns the exit status.
 
   0: done with a best trial; 1: no trial completed; 3: short of ``n_trials``;
-  130: stopped by Ctrl-C; 143: by SIGTERM.
+  130: stopped by Ctrl-C; 143: by SIGTERM. ``keep_checkpoints``: keep every finished trial's
+  checkpoint in ``run_dir/trials`` (default: the best trial's and the running trials' only).
 
   Raises:
     RecipeError: the storage cannot be opened, the study is of the other
@@ -97,8 +99,9 @@ def run_study(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None) 
       bar = tqdm(total=config.n_trials, initial=min(done, config.n_trials), desc=config.study_name,
                  unit="trial", disable=None if recipe.study.show_progress_bar else True,
                  dynamic_ncols=True)
-      callbacks = [Progress(bar, training.monitor_metric, training.monitor_direction),
-                   KeepBestCheckpoint(trials_dir, training.monitor_direction)]
+      callbacks = [Progress(bar, training.monitor_metric, training.monitor_direction)]
+      if not keep_checkpoints:
+        callbacks.append(KeepBestCheckpoint(trials_dir, training.monitor_direction))
       if ahead.started:
         import_ahead(recipe)  # overlaps the compile too
       ahead.wait()

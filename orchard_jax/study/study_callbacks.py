@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import pathlib
-import shutil
 import os
 import threading
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from orchard_jax.records import ERROR
+from orchard_jax.study.best_files import remove_other_checkpoints
 from orchard_jax.study.outputs import write_outputs
 from orchard_jax.study.tables import best_trial, trial_error
 
@@ -117,17 +117,16 @@ class FailureStreak:
 
 
 class KeepBestCheckpoint:
-  """Deletes the checkpoints of finished trials that are not the best."""
+  """Deletes the checkpoints of finished trials that are not the best
+  (:func:`~orchard_jax.study.best_files.remove_other_checkpoints`)."""
 
   def __init__(self, trials_dir: pathlib.Path, direction: str):
     self.trials_dir, self.direction = trials_dir, direction
 
   def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
     trials = study.get_trials(deepcopy=False)
-    best = best_trial(trials, self.direction)
-    for t in trials:
-      if t.state.is_finished() and (best is None or t.number != best.number):
-        shutil.rmtree(self.trials_dir / f"trial_{t.number}", ignore_errors=True)
+    remove_other_checkpoints(trials, best_trial(trials, self.direction),
+                             lambda _: self.trials_dir)
 
 
 class Progress:
@@ -168,14 +167,17 @@ class StudyOutputs:
   :func:`~orchard_jax.study.outputs.write_outputs` writes (``trials.csv``,
   ``plots/``, ``best_trial.yaml``, ``best_model/``); the arguments are its
   own. ``plots=False`` leaves the plots (about a second per trial) to a last
-  ``write_outputs`` call. Safe with ``n_jobs`` threads.
+  ``write_outputs`` call. As on the command line, only the best trial's
+  checkpoint is kept (each finished trial's other than the best is deleted
+  from where it was written); ``keep_checkpoints=True`` keeps every trial's.
+  Safe with ``n_jobs`` threads.
   """
 
   def __init__(self, run_dir: str | os.PathLike, *, metric: str | None = None,
                direction: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
-               plots: bool = True):
+               plots: bool = True, keep_checkpoints: bool = False):
     self.run_dir, self.metric, self.direction = run_dir, metric, direction
-    self.checkpoint_dir, self.plots = checkpoint_dir, plots
+    self.checkpoint_dir, self.plots, self.keep_checkpoints = checkpoint_dir, plots, keep_checkpoints
     self._lock = threading.Lock()
     self.best: FrozenTrial | None = None
 
@@ -183,4 +185,4 @@ class StudyOutputs:
     with self._lock:
       self.best = write_outputs(study, self.run_dir, metric=self.metric,
                                 direction=self.direction, checkpoint_dir=self.checkpoint_dir,
-                                plots=self.plots)
+                                plots=self.plots, keep_checkpoints=self.keep_checkpoints)

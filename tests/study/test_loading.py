@@ -11,6 +11,7 @@ import optuna
 import pytest
 import yaml
 
+import orchard_jax
 from orchard_jax import (MLP, OptunaConfig, StudyOutputs, TrainingConfig, TrialConfig, fit,
                          load_model, run_trial)
 from orchard_jax.cli import main
@@ -134,3 +135,22 @@ def test_a_folder_without_a_model_is_one_line(tmp_path):
   with pytest.raises(FileNotFoundError, match="holds no model: expected a run folder with "
                                               "best_model/"):
     load_model(tmp_path)
+
+
+def test_a_python_study_keeps_only_the_best_trials_checkpoint(python_study):
+  study, run_dir = python_study
+  checkpoints = run_dir.parent / "ckpt"
+  assert sorted(p.name for p in checkpoints.iterdir()) == [f"trial_{study.best_trial.number}"]
+
+
+def test_keep_checkpoints_keeps_every_trials(tmp_path):
+  study = optuna.create_study(direction="maximize")
+  for lr in (0.3, 0.01):
+    study.enqueue_trial({"lr": lr})
+  outputs = StudyOutputs(tmp_path / "run", plots=False, keep_checkpoints=True)
+  study.optimize(lambda t: run_trial(t, config(t.suggest_float("lr", 1e-3, 0.5),
+                                               tmp_path / "ckpt", epochs=1)),
+                 n_trials=2, callbacks=[outputs])
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["trial_0", "trial_1"]
+  orchard_jax.write_outputs(study, tmp_path / "run", plots=False)  # the default policy
+  assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [f"trial_{study.best_trial.number}"]

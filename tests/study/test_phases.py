@@ -149,3 +149,10 @@ def test_a_failing_phase_names_itself_and_keeps_what_the_earlier_phases_wrote(fi
   assert f"what the earlier phases wrote is kept in {copy}" in err[-1]
   assert (copy / "metrics.json").is_file() and (copy / "fit" / "model.json").is_file()
   assert not (copy / "test_report.json").exists()
+
+
+def test_run_keep_checkpoints_keeps_every_trials_checkpoint(tmp_path):
+  status = main(["run", str(write_recipe(tmp_path)), "--keep-checkpoints", "--final", "off"])
+  assert status == 0
+  assert sorted(p.name for p in (tmp_path / "run" / "trials").iterdir()) == ["trial_0", "trial_1"]
+  assert not (tmp_path / "run" / "retrain").exists()  # --final off: the search only
