@@ -74,7 +74,7 @@ class AugmentParams(NamedTuple):
   hflip: jax.Array            # [] float32: probability of a horizontal flip, in [0, 1]
   rotation_angle: jax.Array   # [] float32: degrees, angle ~ U(-a, a), a >= 0
   jitter_val: jax.Array       # [] float32: colour factors ~ U(max(0, 1 - j), 1 + j), j >= 0
-  min_scale: jax.Array        # [] float32: RandomResizedCrop's scale=(min_scale, 1), in (0, 1]
+  min_scale: jax.Array        # [] float32: RandomResizedCrop's scale=(min_scale, 1), in [0, 1]
 
   @classmethod
   def create(cls, hflip: float = 0.5, rotation_angle: float = 10.0, jitter_val: float = 0.2,
@@ -83,7 +83,7 @@ class AugmentParams(NamedTuple):
     checks = {"hflip": (hflip, 0.0 <= hflip <= 1.0, "in [0, 1]"),
               "rotation_angle": (rotation_angle, rotation_angle >= 0.0, ">= 0"),
               "jitter_val": (jitter_val, jitter_val >= 0.0, ">= 0"),
-              "min_scale": (min_scale, 0.0 < min_scale <= 1.0, "in (0, 1]")}
+              "min_scale": (min_scale, 0.0 <= min_scale <= 1.0, "in [0, 1]")}
     for name, (value, ok, allowed) in checks.items():
       if not (math.isfinite(value) and ok):
         raise ValueError(f"{name} must be {allowed}, got {name}={value}")

@@ -215,8 +215,8 @@ def test_vmap_over_members_equals_one_call_each():
 
 
 def test_bad_settings_are_refused_in_one_line():
-  with pytest.raises(ValueError, match=r"min_scale must be in \(0, 1\], got min_scale=0.0"):
-    aug.AugmentParams.create(min_scale=0.0)
+  with pytest.raises(ValueError, match=r"min_scale must be in \[0, 1\], got min_scale=1.5"):
+    aug.AugmentParams.create(min_scale=1.5)
   with pytest.raises(ValueError, match=r"hflip must be in \[0, 1\], got hflip=1.5"):
     aug.AugmentParams.create(hflip=1.5)
   with pytest.raises(ValueError, match=r"rotation_angle must be >= 0, got rotation_angle=-1"):
