@@ -12,7 +12,10 @@
 
 ``run`` without a recipe runs the bundled default (a small study of MiniCNN
 on scikit-learn's digits); with ``--workers`` it runs one worker process per
-local device (:mod:`orchard_jax.study.launch`). ``worker`` joins a study in
+local device (:mod:`orchard_jax.study.launch`). After the search it trains
+the best configuration, evaluates it on the test split and exports it
+(``--final``; ``evaluate`` and ``export`` run those phases alone:
+:mod:`orchard_jax.study.phases`). ``worker`` joins a study in
 a shared storage, e.g. PostgreSQL, from any number of machines
 (:mod:`orchard_jax.study.workers`). ``validate`` checks a recipe in full
 without training or writing anything (:mod:`orchard_jax.study.validate`).

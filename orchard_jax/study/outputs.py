@@ -7,7 +7,9 @@
 ``best_config.yaml``     a recipe without ``optuna:``: retrains the best
                          trial for ``training.epochs`` (``orchard-jax run``)
 ``best_model/``          the best trial's best-epoch checkpoint (orbax,
-                         ``checkpoint/``) with ``best.json`` and ``trial.json``
+                         ``checkpoint/``) with ``best.json``, ``trial.json`` and
+                         ``model.json`` (what ``orchard_jax.load_model`` rebuilds
+                         the model from)
 ``plots/*.png``          optimization history, intermediate values, parameter
                          importances (>= 2 complete trials), best trial's curves
 ``recipe.yaml``          the validated recipe the study ran with
