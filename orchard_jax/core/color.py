@@ -113,8 +113,9 @@ def jitter(key: jax.Array, images_BxHxWxC: jax.Array, jitter_val: jax.Array, sat
   """``v2.ColorJitter(brightness=j, contrast=j, saturation=j if saturation else 0)``, per sample.
 
   ``jitter_val`` is a float32 scalar (array or tracer); ``saturation`` is
-  static. ``jitter_val == 0`` returns the images unchanged, as torchvision
-  (every factor range is then ``(1, 1)`` and nothing runs).
+  static. ``jitter_val == 0`` returns the images unchanged (out-of-range values
+  too), as torchvision, where every factor range is then ``(1, 1)`` and nothing
+  runs; so does a negative value, which torchvision refuses.
   """
   if jnp.ndim(jitter_val) != 0:
     raise ValueError(f"jitter_val must be a scalar (vmap a cohort axis away), got shape {jnp.shape(jitter_val)}")

@@ -16,8 +16,10 @@ probabilities of a model over views of each test batch, in this order:
 Shift, zoom and blur strengths scale with the resolution over 224:
 ``t = translate * r / 224``, ``s = 1 + (scale - 1) * r / 224``,
 ``sigma = max(blur_sigma * r / 224, 0.01)``; the shift stays fractional, as
-torchvision's tensor ``affine`` keeps it (at 28 px it is 0.25 px, which nearest
-neighbour rounds away).
+torchvision's tensor ``affine`` keeps it. With the default strengths at 28 px these
+three views are the images themselves, in the reference as here: nearest neighbour
+rounds a 0.25 px shift away, a 1.0125 zoom moves no source by half a pixel, and a
+sigma of 0.05 px leaves the blur's off-centre weights at ``exp(-200)``, 0 in float32.
 
 The reference runs the views one by one on its *normalised* test batches, so the
 shift's and zoom's fill 0 is 0 in the model's input space; :func:`views` works on
