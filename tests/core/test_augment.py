@@ -163,14 +163,13 @@ def test_zero_strengths_are_the_identity(channels, spec):
 
 
 def test_switched_off_transforms_do_nothing():
-  """Anatomical data (no flip, no rotation) and texture-based data (no jitter), at full strengths."""
+  """Anatomical and texture-based data (no flip, rotation or jitter) at full strengths: only the crop
+  runs, the whole image at min_scale 1; with the flip on, every image is flipped and nothing else."""
   x, _ = _images()
-  geometric = IDENTITY._replace(hflip=jnp.float32(1.0), rotation_angle=jnp.float32(45.0))
-  jitter = IDENTITY._replace(jitter_val=jnp.float32(0.9))
+  strong = IDENTITY._replace(hflip=jnp.float32(1.0), rotation_angle=jnp.float32(45.0), jitter_val=jnp.float32(0.9))
   key = jax.random.key(7)
-  np.testing.assert_array_equal(augment(key, x, geometric, spec=aug.AugmentSpec(geometric=False)), x)
-  np.testing.assert_array_equal(augment(key, x, jitter, spec=aug.AugmentSpec(photometric=False)), x)
-  flip_only = IDENTITY._replace(hflip=jnp.float32(1.0))  # and on: every image flipped, nothing else
+  np.testing.assert_array_equal(augment(key, x, strong, spec=aug.AugmentSpec(geometric=False, photometric=False)), x)
+  flip_only = IDENTITY._replace(hflip=jnp.float32(1.0))
   np.testing.assert_array_equal(augment(key, x, flip_only, spec=aug.AugmentSpec()), x[:, :, ::-1])
 
 
