@@ -8,6 +8,7 @@ from optuna.trial import TrialState
 
 from orchard_jax import AugmentationConfig, TrainingConfig
 from orchard_jax.core.augment import AugmentSpec
+from orchard_jax.engine.member import cohort_key
 from orchard_jax.engine.start import initial_state, settings_line
 from orchard_jax.records import COHORT
 
@@ -28,6 +29,17 @@ def test_the_engine_builds_the_state_of_the_configs_augmentation(make_cfg):
                                                          **NORMALISED}}))
   assert on.spec.augment == AugmentSpec(geometric=False, mean=(0.5,), std=(0.5,))
   assert float(on.hparams.augment.hflip) == 0.25
+
+
+def test_strengths_share_a_cohort_and_the_structure_does_not(make_cfg):
+  def key(**augmentation):
+    cfg = make_cfg(training={"augmentation": {**NORMALISED, **augmentation}})
+    return cohort_key(cfg, initial_state(cfg))
+  base = key(hflip=0.1, rotation_angle=5)
+  assert key(hflip=0.9, rotation_angle=30, jitter_val=0.4, min_scale=0.5) == base
+  assert key(hflip=0.1, rotation_angle=5, is_texture_based=True) != base
+  off = make_cfg()
+  assert cohort_key(off, initial_state(off)) != base
 
 
 def test_the_settings_line_shows_the_augmentation_when_on():
