@@ -21,16 +21,21 @@ What it finds in the folder it is given:
 The model is rebuilt from ``model.json`` beside the checkpoint
 (:mod:`orchard_jax.engine.inference`), which the command line writes with the
 architecture of the recipe (a registry model, or ``architecture.function``,
-found again relative to the file). A model of one's own Python code (a Python
-study, a ``fit`` of one's own) cannot be rebuilt from files: pass it,
+found again relative to the file). A Python study's ``model.json`` holds the
+model's ``repr`` (what :func:`~orchard_jax.run_trial` recorded): a built-in
+model of :mod:`orchard_jax.models` is rebuilt from its fields there
+(:func:`builtin_from_repr`). A model of one's own Python code (a Python study's,
+a ``fit`` of one's own) cannot be rebuilt from files: pass it,
 ``load_model(path, model=MyModel(...))``; without it the error says so in one
 line.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import pathlib
+import re
 import types
 from typing import Any
 
@@ -39,7 +44,7 @@ from orchard_jax.core.precision import parse_policy
 from orchard_jax.engine.checkpoint import CHECKPOINT_SUBDIR
 from orchard_jax.engine.inference import MODEL_FILE, LoadedModel, read_model_record, restore_variables
 
-__all__ = ["checkpoint_folder", "load_model", "model_from_record"]
+__all__ = ["builtin_from_repr", "checkpoint_folder", "load_model", "model_from_record"]
 
 # Where a run folder keeps its model, in the order they are looked for.
 MODEL_FOLDERS = ("best_model", "fit")
@@ -65,6 +70,30 @@ def checkpoint_folder(path: str | os.PathLike) -> pathlib.Path:
                           f"checkpoint's folder (with checkpoint/)")
 
 
+# A Linen module's one-line repr, flax's "Module( # attributes name = value ... )", alone or
+# in its LinenModel's
+_LINEN_REPR = re.compile(r"(?:LinenModel\(module=)?(\w+)\( # attributes (.*) \)"
+                         r"(?:, train_kwarg='(\w+)', invert=(True|False)\))?")
+
+
+def builtin_from_repr(text: str | None) -> Any:
+  """The built-in Linen model (a class of :mod:`orchard_jax.models`) whose one-line ``repr``
+  is ``text``, its fields read back as Python literals; None for anything else (a model of
+  one's own code, a clipped or unreadable ``repr``)."""
+  from orchard_jax import models  # pylint: disable=import-outside-toplevel
+  match = _LINEN_REPR.fullmatch(text or "")
+  cls = None if match is None else getattr(models, match.group(1), None)
+  if not (isinstance(cls, type) and cls.__module__.startswith("orchard_jax.models")):
+    return None
+  parts = re.split(r"(?:^| )(\w+) = ", match.group(2))
+  try:
+    fields = {name: ast.literal_eval(value) for name, value in zip(parts[1::2], parts[2::2])}
+    return models.as_model(cls(**fields), train_kwarg=match.group(3) or "train",
+                           invert=match.group(4) == "True")
+  except (ValueError, SyntaxError, TypeError):
+    return None
+
+
 def model_from_record(record: dict[str, Any], folder: pathlib.Path) -> Any:
   """Builds the model ``record`` (``model.json`` in ``folder``) describes.
 
@@ -77,6 +106,9 @@ def model_from_record(record: dict[str, Any], folder: pathlib.Path) -> Any:
 
   architecture = record.get("architecture")
   if not architecture:
+    builtin = builtin_from_repr(record.get("model"))
+    if builtin is not None:
+      return builtin
     shown = record.get("model") or "a model of your own code"
     raise ConfigError(f"{folder} holds the parameters of {shown}, which orchard_jax cannot "
                       f"rebuild from files: pass it, load_model({str(folder)!r}, model=<the "

@@ -10,6 +10,7 @@ import numpy as np
 import optuna
 import pytest
 import yaml
+from flax import linen as nn
 
 import orchard_jax
 from orchard_jax import (MLP, OptunaConfig, StudyOutputs, TrainingConfig, TrialConfig, fit,
@@ -117,11 +118,32 @@ def test_a_python_study_gives_its_best_value_with_the_model_passed(python_study)
   assert roc_auc(loaded.predict(X_VAL), Y_VAL) == pytest.approx(study.best_value, abs=1e-6)
 
 
-def test_a_python_study_without_the_model_says_to_pass_it_in_one_line(python_study):
-  _, run_dir = python_study
+def test_a_python_studys_builtin_model_is_rebuilt_from_its_recorded_repr(python_study):
+  study, run_dir = python_study
+  loaded = load_model(run_dir)
+  assert loaded.model.module == MLP(num_classes=CLASSES, hidden=(16,))
+  assert roc_auc(loaded.predict(X_VAL), Y_VAL) == pytest.approx(study.best_value, abs=1e-6)
+
+
+class OwnMLP(nn.Module):
+  """A model of the user's own code."""
+  num_classes: int = CLASSES
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return nn.Dense(self.num_classes)(nn.relu(nn.Dense(8)(x)))
+
+
+def test_a_python_study_of_ones_own_model_says_to_pass_it_in_one_line(tmp_path):
+  study = optuna.create_study(direction="maximize")
+  cfg = config(0.3, tmp_path / "ckpt", epochs=1).replace(model=OwnMLP())
+  study.optimize(lambda t: run_trial(t, cfg), n_trials=1)
+  orchard_jax.write_outputs(study, tmp_path / "run", plots=False)
   with pytest.raises(ConfigError, match=r"cannot rebuild from files: pass it, load_model\(") as e:
-    load_model(run_dir)
-  assert "\n" not in str(e.value) and "MLP(" in str(e.value)
+    load_model(tmp_path / "run")
+  assert "\n" not in str(e.value) and "OwnMLP(" in str(e.value)
+  loaded = load_model(tmp_path / "run", model=OwnMLP())
+  assert roc_auc(loaded.predict(X_VAL), Y_VAL) == pytest.approx(study.best_value, abs=1e-6)
 
 
 def test_a_fit_folder_gives_its_best_value(tmp_path):
