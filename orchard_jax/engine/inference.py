@@ -110,7 +110,7 @@ def _probabilities(model: Any, policy: Policy, params: Any, model_state: Any,
   return jax.nn.softmax(_logits(model, policy, params, model_state, x), axis=-1)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class LoadedModel:
   """A model and its trained variables, ready for inference.
 
