@@ -179,7 +179,8 @@ def _build(spec: StepSpec, seed: jax.Array, hyper: dict[str, jax.Array]) -> Trai
                                    momentum=hyper["momentum"], weight_decay=hyper["weight_decay"],
                                    grad_clip=hyper["grad_clip"])
   mixup_alpha = hyper["mixup_alpha"] if spec.mixup else None
-  augment = AugmentParams(*(hyper[k] for k in AugmentParams._fields)) if spec.augment else None
+  augment = (AugmentParams(*(hyper[k] for k in AugmentParams._fields))
+             if spec.augment is not None else None)
   hparams = Hyperparams(
       mixup_alpha=mixup_alpha, mixup_on=None if mixup_alpha is None else mixup_alpha > 0,
       label_smoothing=hyper["label_smoothing"], focal_gamma=hyper["focal_gamma"],
