@@ -1,0 +1,148 @@
+"""ONNX export through jax2onnx, checked with ``onnx.checker`` and onnxruntime.
+
+:func:`export_onnx` converts the model's inference function (see
+:func:`~orchard_jax.export.common.inference_function`: NHWC float32 images in, logits out,
+parameters as initializers) at opset :data:`OPSET` (the reference's, 18) with a dynamic batch
+axis: the input is ``input`` ``float32 [batch, H, W, C]``, the output ``logits``
+(``probabilities`` with ``probabilities=True``) ``float32 [batch, num_classes]``::
+
+  session = onnxruntime.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+  logits_BxK = session.run(None, {"input": images_BxHxWxC})[0]
+
+A model that uses an operation jax2onnx has no conversion for raises
+:class:`UnsupportedOperationError`, one line that names the operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import pathlib
+import re
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from orchard_jax.export.common import (ONNX_TOLERANCE, Check, ExportError, check_input_shape,
+                                       check_inputs, compare, inference_function, jax_outputs,
+                                       require)
+from orchard_jax.fileio import atomic_write_bytes
+from orchard_jax.models.base import Model
+
+OPSET = 18  # the reference's (torch.onnx.export(opset_version=18))
+MIN_OPSET = 17
+INPUT_NAME = "input"
+BATCH_DIM = "batch"
+# jax2onnx's loggers: its plugin discovery logs a traceback for each optional plugin whose
+# library (dm_pix, ...) does not import with this JAX; onnx_ir warns about untyped constants.
+# jax2onnx 0.13.0's Linen Conv conversion also prints each layer on stdout, which _quiet drops.
+_QUIET_LOGGERS = ("jax2onnx", "onnx_ir")
+_PRIMITIVE = re.compile(r"primitive '([^']+)'")
+
+
+class UnsupportedOperationError(ExportError):
+  """The ONNX converter has no conversion for an operation of the model (``.operation``)."""
+
+  def __init__(self, operation: str, detail: str):
+    self.operation = operation
+    super().__init__(f"ONNX export: jax2onnx cannot convert the operation {operation!r} ({detail});"
+                     " the StableHLO export does not depend on it")
+
+
+def output_name(probabilities: bool) -> str:
+  return "probabilities" if probabilities else "logits"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+  loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+  levels = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)
+
+
+def _operation(error: BaseException) -> str:
+  """The operation a converter error is about: the primitive its message names, else the
+  jax2onnx plugin (``plugins/<...>/<operation>.py``) the error was raised in."""
+  found = _PRIMITIVE.search(str(error))
+  if found:
+    return found.group(1)
+  plugins = [f.filename for f in traceback.extract_tb(error.__traceback__)
+             if f"{os.sep}jax2onnx{os.sep}plugins{os.sep}" in f.filename]
+  return pathlib.Path(plugins[-1]).stem if plugins else type(error).__name__
+
+
+def _dynamic_batch(model_proto: Any) -> bool:
+  dims = [v.type.tensor_type.shape.dim[0] for v in (*model_proto.graph.input,
+                                                      *model_proto.graph.output)]
+  return all(d.dim_param and not d.dim_value for d in dims)
+
+
+def export_onnx(model: Model, params: Any, model_state: Any, input_shape: Any,
+                path: str | os.PathLike, *, opset: int = OPSET,
+                probabilities: bool = False) -> pathlib.Path:
+  """Converts the inference function to ONNX, checks it with ``onnx.checker`` and writes it to
+  ``path`` (atomically); returns the path.
+
+  Raises:
+    UnsupportedOperationError: jax2onnx cannot convert an operation of the model.
+    ExportError: the converted graph fails ``onnx.checker`` or lost its dynamic batch axis.
+    ValueError: ``opset`` below :data:`MIN_OPSET` or above what the installed onnx knows.
+  """
+  onnx = require("onnx", "ONNX export")
+  shape = check_input_shape(input_shape)
+  newest = onnx.defs.onnx_opset_version()
+  if not MIN_OPSET <= opset <= newest:
+    raise ValueError(f"opset must be in [{MIN_OPSET}, {newest}], got opset={opset}")
+  jax2onnx = require("jax2onnx", "ONNX export")
+  fn = inference_function(model, params, model_state, probabilities=probabilities)
+  with _quiet():
+    try:
+      proto = jax2onnx.to_onnx(fn, inputs=[(BATCH_DIM, *shape)], opset=opset,
+                               model_name="orchard_jax", input_names=[INPUT_NAME],
+                               output_names=[output_name(probabilities)])
+    except (NotImplementedError, TypeError, ValueError, KeyError) as e:
+      detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise UnsupportedOperationError(_operation(e), detail) from e
+  try:
+    onnx.checker.check_model(proto, full_check=True)
+  except onnx.checker.ValidationError as e:
+    raise ExportError(f"ONNX export: the converted graph fails onnx.checker: "
+                      f"{str(e).strip().splitlines()[0]}") from e
+  if not _dynamic_batch(proto):
+    raise ExportError("ONNX export: the converted graph has a fixed batch size")
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return atomic_write_bytes(path, proto.SerializeToString())
+
+
+def session(path: str | os.PathLike) -> Any:
+  """An onnxruntime session on the CPU provider (the reference's check and benchmark)."""
+  ort = require("onnxruntime", "Running an ONNX file")
+  return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run_onnx(sess: Any, x_BxHxWxC: np.ndarray) -> np.ndarray:
+  """The session's first output on ``x`` (float32 NHWC)."""
+  return sess.run(None, {INPUT_NAME: np.asarray(x_BxHxWxC, np.float32)})[0]
+
+
+def check_onnx(path: str | os.PathLike, model: Model, params: Any, model_state: Any,
+               input_shape: Any, *, probabilities: bool = False,
+               tolerance: float = ONNX_TOLERANCE, fmt: str = "onnx") -> Check:
+  """The ONNX file at ``path`` in onnxruntime (CPU) against the JAX model on the seeded
+  check inputs (``fmt`` names the result, e.g. ``"onnx_quantized"``)."""
+  sess = session(path)
+  inputs = check_inputs(check_input_shape(input_shape))
+  expected = jax_outputs(model, params, model_state, inputs, probabilities=probabilities)
+  return compare(fmt, expected, [run_onnx(sess, x) for x in inputs], tolerance)
