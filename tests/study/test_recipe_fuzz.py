@@ -98,7 +98,7 @@ def test_the_cases_are_deterministic_and_varied():
   assert [c[1:] for c in cases()] == [c[1:] for c in CASE_LIST]  # same seed, same mutations
   assert {op for _, _, op in CASE_LIST} == {"delete", "typo", "garbage", "range", "string",
                                            "nested", "listed", "null"}
-  assert len({path[0] for _, path, _ in CASE_LIST}) == 5  # every section
+  assert len({path[0] for _, path, _ in CASE_LIST}) == 6  # every section
 
 
 def test_every_mutated_recipe_parses_or_raises_one_line_naming_the_key():
