@@ -28,7 +28,7 @@ from orchard_jax.fileio import atomic_write_text
 logger = logging.getLogger(__name__)
 
 __all__ = ["EXPORT_DIR", "EXPORT_HINT", "PhaseFailed", "evaluate_phase", "export_phase",
-           "run_phase", "tta_spec"]
+           "run_phase", "test_arrays", "tta_spec"]
 
 EXPORT_DIR = "export"
 EXPORT_HINT = 'pip install -e ".[export]"'
@@ -107,11 +107,18 @@ def evaluate_phase(state: Any, recipe: Any, source: Any, run_dir: pathlib.Path, 
   return report
 
 
-def export_phase(folder: str | pathlib.Path, run_dir: pathlib.Path, out: Any) -> list[pathlib.Path]:
+def export_phase(folder: str | pathlib.Path, run_dir: pathlib.Path, out: Any, *,
+                 test_data: tuple[Any, Any] | None = None,
+                 quantize: bool = False) -> list[pathlib.Path]:
   """Exports the model of ``folder`` (a run folder or checkpoint, as
-  :func:`orchard_jax.load_model` reads it) into ``run_dir/export/``; returns the files
-  written. None are, with one line on ``out`` saying why, when the ``export`` extra is not
-  installed or the model does not take images ``(H, W, C)`` (the exported signature)."""
+  :func:`orchard_jax.load_model` reads it) into ``run_dir/export/`` with
+  :func:`orchard_jax.export.export_all` -- ``model.stablehlo``, ``model.onnx`` (and, with
+  ``quantize``, ``model_quantized.onnx``), each checked against the JAX model, the ONNX files
+  timed and, given ``test_data`` (the test split's images and labels), scored -- and what it
+  measured in ``export/export.json``; prints one line per file and per format that failed.
+  Returns the files written: none, with one line saying why, when the model does not take
+  images ``(H, W, C)`` (the exported signature) or the ``export`` extra is not installed."""
+  from orchard_jax.export import export_all  # pylint: disable=import-outside-toplevel
   from orchard_jax.study.loading import load_model  # pylint: disable=import-outside-toplevel
   loaded = load_model(folder)
   shape = loaded.input_shape
@@ -119,12 +126,31 @@ def export_phase(folder: str | pathlib.Path, run_dir: pathlib.Path, out: Any) ->
     print(f"Export skipped: the exported files take images (H, W, C), and this model's inputs "
           f"have shape {None if shape is None else tuple(shape)}", file=out)
     return []
-  try:
-    from orchard_jax.export import export_all  # pylint: disable=import-outside-toplevel
-    written = export_all(loaded.model, loaded.params, loaded.model_state, shape,
-                         run_dir / EXPORT_DIR)
-  except ImportError as e:  # the extra's packages (onnx, onnxruntime, jax2onnx) are missing
-    print(f"Export skipped: {' '.join(str(e).split())} (then: orchard-jax export {run_dir})",
-          file=out)
-    return []
-  return [pathlib.Path(p) for p in (written or ())]
+  result = export_all(loaded.model, loaded.params, loaded.model_state, shape,
+                      run_dir / EXPORT_DIR, quantize=quantize, test_data=test_data)
+  if result.files:
+    atomic_write_text(result.folder / "export.json", json.dumps(result.as_dict(), indent=2) + "\n")
+  for fmt, path in result.files.items():
+    check, speed = result.checks.get(fmt), result.latency.get(fmt)
+    line = f"Exported {path}"
+    if check is not None:
+      line += (f": max |difference| from the JAX model {check.max_abs_diff:.2g} on "
+               f"{check.samples} inputs ({'within' if check.passed else 'OVER'} "
+               f"{check.tolerance:g})")
+    if speed is not None:
+      line += f", {speed.median_ms:.3f} ms per image in onnxruntime (median)"
+    if fmt in result.accuracy:
+      line += f", test accuracy {result.accuracy[fmt]:.4f}"
+    print(line, file=out)
+  if not result.files:  # the extra missing, most often: one line for all
+    print("Export skipped: " + "; ".join(f"{fmt}: {e}" for fmt, e in result.errors.items())
+          + f" (then: orchard-jax export {run_dir})", file=out)
+  else:
+    for fmt, error in result.errors.items():
+      print(f"Export to {fmt} failed: {error}", file=out)
+  return result.written
+
+
+def test_arrays(source: Any) -> tuple[Any, Any] | None:
+  """The test split's ``(images, labels)`` of an in-memory source (digits, npz), else None."""
+  return (getattr(source, "splits", None) or {}).get("test")

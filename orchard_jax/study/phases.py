@@ -30,7 +30,8 @@ import pathlib
 import sys
 from typing import Any
 
-from orchard_jax.study.final import PhaseFailed, evaluate_phase, export_phase, run_phase
+from orchard_jax.study.final import (PhaseFailed, evaluate_phase, export_phase, run_phase,
+                                     test_arrays)
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +104,20 @@ def evaluate_command(args: argparse.Namespace, setup: Any) -> int:
 
 
 def export_command(args: argparse.Namespace, setup: Any) -> int:
+  from orchard_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from orchard_jax.study.sources import load_source  # pylint: disable=import-outside-toplevel
   run_dir = pathlib.Path(args.run_dir)
   from orchard_jax.study.recipe import parse_recipe  # pylint: disable=import-outside-toplevel
   setup(parse_recipe({}), debug=args.debug)
-  written = run_phase("export", run_dir, export_phase, run_dir, run_dir, sys.stdout)
+  try:  # the test split, for the ONNX files' accuracy, when the run recorded its recipe
+    recipe = model_recipe(run_dir)
+    source = load_source(recipe.dataset, batch_size=recipe.training.batch_size,
+                         seed=recipe.training.seed)
+  except ConfigError:
+    source = None
+  written = run_phase("export", run_dir, export_phase, run_dir, run_dir, sys.stdout,
+                      test_data=None if source is None else test_arrays(source),
+                      quantize=args.quantize)
   if not written:
     return EXIT_FAILED
   print(f"Written in {run_dir / 'export'}: {', '.join(p.name for p in written)}")
@@ -118,7 +129,8 @@ def run_recipe(recipe: Any, source: Any, run_dir: pathlib.Path, args: argparse.N
   """A recipe without ``optuna:``: the phases train, evaluate, export."""
   from orchard_jax.study.train import run_training  # pylint: disable=import-outside-toplevel
   return guarded(lambda a: run_training(recipe, source, run_dir, out,
-                                        export=getattr(a, "export", True)), args)
+                                        export=getattr(a, "export", True),
+                                        quantize=getattr(a, "quantize", False)), args)
 
 
 def final_phases(recipe: Any, source: Any, run_dir: pathlib.Path, args: argparse.Namespace,
@@ -152,4 +164,5 @@ def final_phases(recipe: Any, source: Any, run_dir: pathlib.Path, args: argparse
               path.name, training.epochs, which, final_dir)
   return guarded(lambda a: run_training(final, source, final_dir, out,
                                         plots=recipe.study.save_plots,
-                                        export=getattr(a, "export", True)), args)
+                                        export=getattr(a, "export", True),
+                                        quantize=getattr(a, "quantize", False)), args)

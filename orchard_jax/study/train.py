@@ -26,7 +26,7 @@ import yaml
 from orchard_jax.fileio import atomic_write_text
 from orchard_jax.study.build import architecture_for, trial_config
 from orchard_jax.study.checks import RecipeError
-from orchard_jax.study.final import evaluate_phase, export_phase, run_phase
+from orchard_jax.study.final import evaluate_phase, export_phase, run_phase, test_arrays
 from orchard_jax.study.model_names import fits_input
 from orchard_jax.study.objective import History
 from orchard_jax.study.plots import plot_history
@@ -110,11 +110,11 @@ def _line(metrics: dict[str, float]) -> str:
 
 
 def run_training(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = None, *,
-                 plots: bool = True, export: bool = True) -> int:
+                 plots: bool = True, export: bool = True, quantize: bool = False) -> int:
   """Trains the recipe once, evaluates it on the validation and test splits (with TTA when
-  ``training.use_tta``) and, with ``export``, exports it: the phases ``train``, ``evaluate``,
-  ``export``, each named when it fails (:class:`~orchard_jax.study.final.PhaseFailed`).
-  Prints a summary; returns 0."""
+  ``training.use_tta``) and, with ``export``, exports it (``quantize``: the int8 ONNX file
+  too): the phases ``train``, ``evaluate``, ``export``, each named when it fails
+  (:class:`~orchard_jax.study.final.PhaseFailed`). Prints a summary; returns 0."""
   out = out or sys.stdout
   training = recipe.training
   trained = run_phase("train", run_dir, train_phase, recipe, source, run_dir, plots=plots)
@@ -132,7 +132,8 @@ def run_training(recipe: Any, source: Any, run_dir: pathlib.Path, out: Any = Non
     print(f"Test:       {_line({k: report['without_tta'][k] for k in keys})}", file=out)
     if report["with_tta"] is not None:
       print(f"Test, TTA:  {_line({k: report['with_tta'][k] for k in keys})}", file=out)
-  exported = run_phase("export", run_dir, export_phase, run_dir, run_dir, out) if export else []
+  exported = run_phase("export", run_dir, export_phase, run_dir, run_dir, out,
+                       test_data=test_arrays(source), quantize=quantize) if export else []
   files = ["metrics.json", "history.csv", *(["training_curves.png"] if plots else []), "fit/",
            "recipe.yaml"]
   if report is not None:

@@ -129,7 +129,14 @@ def test_export_alone_writes_the_files_or_says_how_to_get_the_extra(finished, ca
   if EXPORT_EXTRA:
     if not hasattr(importlib.import_module("orchard_jax.export"), "export_all"):
       pytest.skip("orchard_jax.export has no export_all yet")
-    assert status == 0 and list((run_dir / "retrain" / "export").iterdir())
+    assert status == 0, out
+    folder = run_dir / "retrain" / "export"
+    assert {"model.stablehlo", "model.onnx", "export.json"} <= {p.name for p in folder.iterdir()}
+    figures = json.loads((folder / "export.json").read_text())
+    assert figures["checks"]["onnx"]["passed"] and figures["checks"]["stablehlo"]["passed"]
+    report = json.loads((run_dir / "retrain" / "test_report.json").read_text())
+    assert figures["accuracy"]["onnx"] == pytest.approx(report["without_tta"]["accuracy"])
+    assert figures["latency"]["onnx"]["runs"] == 100 and "ms per image" in out
   else:
     assert status == 1 and 'pip install -e ".[export]"' in out and out.count("\n") == 1
     assert out.startswith("Export skipped: ")
