@@ -267,10 +267,11 @@ def _run(args: argparse.Namespace) -> int:
   if args.workers is not None and (recipe.study is None or args.keep_checkpoints):
     raise RecipeError("--workers runs a study, but the recipe has no optuna section" if
                       recipe.study is None else "--keep-checkpoints does not apply to --workers")
+  from orchard_jax.study.phases import check_phases, final_phases, run_recipe
+  check_phases(recipe, source)  # what would fail after training fails before it
   _setup(recipe, debug=args.debug)
   run_dir = _run_dir(recipe, args.output)
   logger = logging.getLogger("orchard_jax.cli")
-  from orchard_jax.study.phases import final_phases, run_recipe
   if args.workers is not None:
     from orchard_jax.study.launch import launch_workers
     status = launch_workers(recipe, run_dir, workers, _recipe_args(args), debug=args.debug)

@@ -35,8 +35,8 @@ from orchard_jax.study.final import (PhaseFailed, evaluate_phase, export_phase, 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_command", "export_command", "final_phases", "guarded", "model_recipe",
-           "run_recipe"]
+__all__ = ["check_phases", "evaluate_command", "export_command", "final_phases", "guarded",
+           "model_recipe", "run_recipe"]
 
 EXIT_FAILED = 1
 
@@ -122,6 +122,13 @@ def export_command(args: argparse.Namespace, setup: Any) -> int:
     return EXIT_FAILED
   print(f"Written in {run_dir / 'export'}: {', '.join(p.name for p in written)}")
   return 0
+
+
+def check_phases(recipe: Any, source: Any) -> None:
+  """What would fail the phases after training, checked before it: ``training.use_tta`` for
+  inputs that are not images (a ``ConfigError``, in one line)."""
+  from orchard_jax.study.final import tta_spec  # pylint: disable=import-outside-toplevel
+  tta_spec(recipe.training, source.input_shape)
 
 
 def run_recipe(recipe: Any, source: Any, run_dir: pathlib.Path, args: argparse.Namespace,

@@ -163,3 +163,18 @@ def test_run_keep_checkpoints_keeps_every_trials_checkpoint(tmp_path):
   assert status == 0
   assert sorted(p.name for p in (tmp_path / "run" / "trials").iterdir()) == ["trial_0", "trial_1"]
   assert not (tmp_path / "run" / "retrain").exists()  # --final off: the search only
+
+
+def test_use_tta_on_feature_rows_stops_before_any_training(tmp_path, capsys):
+  path = write_recipe(tmp_path, use_tta=True)
+  data = yaml.safe_load(path.read_text())
+  data["dataset"] = {"source": "function", "function": "rows.py:loaders", "num_classes": 3}
+  (tmp_path / "rows.py").write_text(
+      "import numpy as np\n"
+      "def loaders(batch_size, seed):\n"
+      "  x, y = np.zeros((6, 16), np.float32), np.arange(6) % 3\n"
+      "  return [(x, y)], [(x, y)]\n")
+  path.write_text(yaml.safe_dump(data))
+  assert main(["run", str(path)]) == 2
+  assert "test-time augmentation needs images (H, W, C)" in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()
