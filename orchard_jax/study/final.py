@@ -84,7 +84,8 @@ def tta_spec(training: Any, input_shape: tuple[int, ...]) -> Any:
 def evaluate_phase(state: Any, recipe: Any, source: Any, run_dir: pathlib.Path, *,
                    model: str, plots: bool = True) -> dict[str, Any] | None:
   """The test report of ``state`` in ``run_dir`` (None, and a log line, without a test
-  split); its metrics go into ``run_dir/metrics.json`` too (``test``, and ``test_tta``)."""
+  split); its metrics go into a training run's ``run_dir/metrics.json`` too (``test``, and
+  ``test_tta``)."""
   from orchard_jax.study.report import evaluate_run  # pylint: disable=import-outside-toplevel
 
   training = recipe.training
@@ -98,12 +99,14 @@ def evaluate_phase(state: Any, recipe: Any, source: Any, run_dir: pathlib.Path, 
                         model=model, title=f"{recipe.architecture.name} on {source.name}",
                         plots=plots)
   path = run_dir / "metrics.json"
-  summary = json.loads(path.read_text()) if path.is_file() else {}
-  keys = ("loss", "accuracy", "auc", "f1")
-  summary["test"] = {k: report["without_tta"][k] for k in keys}
-  if report["with_tta"] is not None:
-    summary["test_tta"] = {k: report["with_tta"][k] for k in keys}
-  atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+  if path.is_file():  # a training run's (a study's folder has none)
+    summary = json.loads(path.read_text())
+    keys = ("loss", "accuracy", "auc", "f1")
+    summary["test"] = {k: report["without_tta"][k] for k in keys}
+    summary.pop("test_tta", None)
+    if report["with_tta"] is not None:
+      summary["test_tta"] = {k: report["with_tta"][k] for k in keys}
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
   return report
 
 

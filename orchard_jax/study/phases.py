@@ -78,6 +78,7 @@ def model_recipe(run_dir: pathlib.Path) -> Any:
 
 
 def evaluate_command(args: argparse.Namespace, setup: Any) -> int:
+  """``orchard-jax evaluate RUN``: the test report of RUN's model; prints its summary."""
   from orchard_jax.study.loading import load_model  # pylint: disable=import-outside-toplevel
   from orchard_jax.study.report import REPORT_TEXT  # pylint: disable=import-outside-toplevel
   from orchard_jax.study.sources import load_source  # pylint: disable=import-outside-toplevel
@@ -104,6 +105,8 @@ def evaluate_command(args: argparse.Namespace, setup: Any) -> int:
 
 
 def export_command(args: argparse.Namespace, setup: Any) -> int:
+  """``orchard-jax export RUN``: RUN's model in RUN/export/; exit status 1 when nothing was
+  written."""
   from orchard_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
   from orchard_jax.study.sources import load_source  # pylint: disable=import-outside-toplevel
   run_dir = pathlib.Path(args.run_dir)

@@ -178,3 +178,9 @@ def test_use_tta_on_feature_rows_stops_before_any_training(tmp_path, capsys):
   assert main(["run", str(path)]) == 2
   assert "test-time augmentation needs images (H, W, C)" in capsys.readouterr().err
   assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_alone_writes_no_metrics_file_into_a_study_folder(finished):
+  run_dir, _, _ = finished
+  assert main(["evaluate", str(run_dir)]) == 0
+  assert not (run_dir / "metrics.json").exists()
