@@ -71,15 +71,23 @@ def _quiet() -> Iterator[None]:
       lg.setLevel(level)
 
 
-def _operation(error: BaseException) -> str:
+def _operation(error: BaseException) -> str | None:
   """The operation a converter error is about: the primitive its message names, else the
-  jax2onnx plugin (``plugins/<...>/<operation>.py``) the error was raised in."""
+  jax2onnx plugin (``plugins/<...>/<operation>.py``) the error was raised in, else None."""
   found = _PRIMITIVE.search(str(error))
   if found:
     return found.group(1)
   plugins = [f.filename for f in traceback.extract_tb(error.__traceback__)
              if f"{os.sep}jax2onnx{os.sep}plugins{os.sep}" in f.filename]
-  return pathlib.Path(plugins[-1]).stem if plugins else type(error).__name__
+  return pathlib.Path(plugins[-1]).stem if plugins else None
+
+
+def _conversion_error(error: Exception) -> ExportError:
+  detail = " ".join(str(error).split()) or type(error).__name__
+  operation = _operation(error)
+  if operation is None:
+    return ExportError(f"ONNX export: jax2onnx failed: {type(error).__name__}: {detail}")
+  return UnsupportedOperationError(operation, detail)
 
 
 def _dynamic_batch(model_proto: Any) -> bool:
@@ -96,7 +104,8 @@ def export_onnx(model: Model, params: Any, model_state: Any, input_shape: Any,
 
   Raises:
     UnsupportedOperationError: jax2onnx cannot convert an operation of the model.
-    ExportError: the converted graph fails ``onnx.checker`` or lost its dynamic batch axis.
+    ExportError: jax2onnx failed otherwise, or the converted graph fails ``onnx.checker`` or
+      lost its dynamic batch axis.
     ValueError: ``opset`` below :data:`MIN_OPSET` or above what the installed onnx knows.
   """
   onnx = require("onnx", "ONNX export")
@@ -111,9 +120,8 @@ def export_onnx(model: Model, params: Any, model_state: Any, input_shape: Any,
       proto = jax2onnx.to_onnx(fn, inputs=[(BATCH_DIM, *shape)], opset=opset,
                                model_name="orchard_jax", input_names=[INPUT_NAME],
                                output_names=[output_name(probabilities)])
-    except (NotImplementedError, TypeError, ValueError, KeyError) as e:
-      detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise UnsupportedOperationError(_operation(e), detail) from e
+    except Exception as e:  # pylint: disable=broad-except  # each plugin raises its own type
+      raise _conversion_error(e) from e
   try:
     onnx.checker.check_model(proto, full_check=True)
   except onnx.checker.ValidationError as e:
