@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from orchard_jax import MiniCNN, create_train_state
+from orchard_jax import MLP, create_train_state
 from orchard_jax.core.tta import TTASpec, tta_probabilities
 from orchard_jax.engine.predictions import predictions, tta_eval_step
 from orchard_jax.study.report import (REPORT_JSON, REPORT_TEXT, class_figures, evaluate_run,
@@ -35,7 +35,7 @@ LOADER = [(X[i:i + 32], Y[i:i + 32]) for i in range(0, 70, 32)]  # 32, 32, 6: a 
 
 @pytest.fixture(scope="module")
 def state():
-  return create_train_state(MiniCNN(num_classes=CLASSES), input_shape=(8, 8, 1),
+  return create_train_state(MLP(num_classes=CLASSES, hidden=(32,)), input_shape=(8, 8, 1),
                             num_classes=CLASSES, seed=3)
 
 
