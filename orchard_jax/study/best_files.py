@@ -128,8 +128,9 @@ def best_config_text(recipe: Any, trial: FrozenTrial, path: pathlib.Path) -> str
   header = (f"# Best trial {trial.number} of study {recipe.study.config.study_name!r}: "
             f"{metric} = {trial.value:.6f} after {recipe.study.config.epochs} trial epochs.\n"
             f"# A recipe without an optuna section: one training run of training.epochs epochs\n"
-            f"# with the best trial's hyperparameters, reporting validation and test metrics"
-            f" (paths are relative to this file):\n"
+            f"# with the best trial's hyperparameters, reporting validation and test metrics\n"
+            f"# (test_report.json) and exporting the model (export/); orchard-jax run of the\n"
+            f"# study does it after the search, into retrain/ (paths are relative to this file):\n"
             f"#   orchard-jax run {path}\n")
   return header + yaml.safe_dump(best_config_dict(recipe, trial, path.parent), sort_keys=False)
 
