@@ -12,7 +12,7 @@ phase's).
   in ``metrics.json``.
 * :func:`export_phase`: the model in StableHLO and ONNX, checked against the JAX model, in
   ``export/`` (:func:`orchard_jax.export.export_all`, with the ``export`` extra installed;
-  without it, one line saying how to get it).
+  without it, one line saying how to get it), and ``export/export.json``.
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from orchard_jax.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXPORT_DIR", "EXPORT_HINT", "PhaseFailed", "evaluate_phase", "export_phase",
+__all__ = ["EXPORT_DIR", "PhaseFailed", "evaluate_phase", "export_phase",
            "run_phase", "test_arrays", "tta_spec"]
 
 EXPORT_DIR = "export"
-EXPORT_HINT = 'pip install -e ".[export]"'
 
 
 class PhaseFailed(RuntimeError):
