@@ -22,6 +22,7 @@ import os
 import pathlib
 import re
 import traceback
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,7 +65,8 @@ def _quiet() -> Iterator[None]:
   for lg in loggers:
     lg.setLevel(logging.ERROR)
   try:
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+      warnings.simplefilter("ignore", DeprecationWarning)  # its calls of older flax and JAX APIs
       yield
   finally:
     for lg, level in zip(loggers, levels):
