@@ -20,8 +20,10 @@ dropout                0.1 .. 0.5, step 0.1                yes     yes
 batch_size             16, 32, 48, 64 (8, 12, 16 >= 224px)  yes     yes
 scheduler_type         cosine, plateau, step                       yes
 scheduler_patience     3 .. 10 (int)                               yes
-rotation_angle         0 .. 15 (int)                               with augmentation
-jitter_val             0.0 .. 0.15                                 with augmentation
+rotation_angle         0 .. 15 (int)                               with augmentation,
+                                                                   not anatomical
+jitter_val             0.0 .. 0.15                                 with augmentation,
+                                                                   not texture-based
 min_scale              0.9 .. 1.0                                  with augmentation
 model_name             the registry's pool for the input   with ``enable_model_search``
 =====================  ==================================  ======  ======
@@ -40,13 +42,17 @@ are searched, as the reference's ``full`` preset does, when the recipe
 augments (an ``augmentation:`` section, ``training.augmentation`` set); their
 values reach the trial's state (``Hyperparams.augment``), so they compile
 nothing. A recipe without augmentation does not search them, and a range given
-for one of them is refused: nothing would read it.
+for one of them is refused: nothing would read it. So for the strength a
+dataset's flag turns off: ``rotation_angle`` when ``dataset.is_anatomical``
+(no flip nor rotation), ``jitter_val`` when ``dataset.is_texture_based`` (no
+colour jitter).
 
 Deviations from the reference: ``dropout`` is sampled on a 0.1 grid
 (``step: null`` makes it continuous), because dropout is part of the compiled
 model and each distinct value compiles anew; augmentation is searched only
-when on (the reference always augments); ``min_lr`` is capped to the trial's
-``learning_rate``.
+when on (the reference always augments), and without the strength a dataset's
+flag turns off (the reference samples it, unused); ``min_lr`` is capped to the
+trial's ``learning_rate``.
 """
 
 from __future__ import annotations
@@ -154,7 +160,9 @@ class Overrides:
   """
   ranges: Mapping[str, Dist | None] = dataclasses.field(default_factory=lambda: DEFAULTS)
   given: frozenset[str] = frozenset()  # the parameters the recipe gives a range (not null)
-  augmentation: bool = False  # whether the trials augment: else AUGMENTATION is not searched
+  # The AUGMENTATION parameters no transform of the trials reads (all three without
+  # augmentation): never searched, and refused a range.
+  unread: frozenset[str] = frozenset(AUGMENTATION)
 
   def searched(self, preset: str) -> tuple[str, ...]:
     """The parameters a study with this preset samples, in sampling order: the preset's, then
@@ -163,7 +171,7 @@ class Overrides:
     given = {"batch_size" if key.startswith("batch_size_") else key for key in self.given}
     names = (*PRESETS[preset], *(n for n in FULL if n in given and n not in PRESETS[preset]))
     return tuple(n for n in names if n == "batch_size" or (
-        self.ranges[n] is not None and (self.augmentation or n not in AUGMENTATION)))
+        self.ranges[n] is not None and n not in self.unread))
 
   def to_dict(self) -> dict[str, Any]:
     """The overrides as a recipe writes them: the ranges given and those taken out (``null``);
@@ -245,7 +253,22 @@ def _check_values(where: str, key: str, dist: Dist, training: TrainingConfig) ->
                         f"{str(e).replace('TrainingConfig.', 'training.')}") from None
 
 
-def _refuse_augmentation(key: str) -> None:
+def _unread(training: TrainingConfig) -> frozenset[str]:
+  """The :data:`AUGMENTATION` parameters that no transform of ``training``'s trials reads."""
+  augmentation = training.augmentation
+  if augmentation is None:
+    return frozenset(AUGMENTATION)
+  return frozenset(name for name, off in (("rotation_angle", augmentation.is_anatomical),
+                                          ("jitter_val", augmentation.is_texture_based)) if off)
+
+
+def _refuse_augmentation(key: str, training: TrainingConfig | None = None) -> None:
+  augmentation = None if training is None else training.augmentation
+  if augmentation is not None:  # a transform the dataset's flag turns off
+    flag, transform = (("is_anatomical", "rotate") if key == "rotation_angle"
+                       else ("is_texture_based", "jitter colours"))
+    raise RecipeError(f"{_WHERE}.{key}: the trials do not {transform} (dataset.{flag}: true), "
+                      f"so {key} would change nothing; set dataset.{flag}: false or remove {key}")
   raise RecipeError(f"{_WHERE}.{key}: the trials do not augment (the recipe has no "
                     f"augmentation: section), so {key} would change nothing; add an "
                     f"augmentation: section or remove {key}")
@@ -271,10 +294,10 @@ def parse_overrides(data: Mapping[str, Any], training: TrainingConfig,
   study's ``preset``, also that every range given can be sampled (see the module docstring)."""
   c.refuse_unknown(_WHERE, data, list(DEFAULTS))
   ranges = dict(DEFAULTS)
-  augmentation = training.augmentation is not None
+  unread = _unread(training)
   for key, value in data.items():
-    if key in AUGMENTATION and value is not None and not augmentation:
-      _refuse_augmentation(key)
+    if key in unread and value is not None:
+      _refuse_augmentation(key, training)
     where = f"{_WHERE}.{key}"
     if value is None:
       ranges[key] = None
@@ -286,10 +309,10 @@ def parse_overrides(data: Mapping[str, Any], training: TrainingConfig,
       raise RecipeError(f"{where} must be a mapping (low/high/log/step), a list of choices or "
                         f"null, got {c.show(value)}")
   for key, dist in ranges.items():
-    if dist is not None and (augmentation or key not in AUGMENTATION):
+    if dist is not None and key not in unread:
       _check_values(f"{_WHERE}.{key}", key, dist, training)
   given = frozenset(k for k, v in data.items() if k in DEFAULTS and v is not None)
-  overrides = Overrides(MappingProxyType(ranges), given, augmentation)
+  overrides = Overrides(MappingProxyType(ranges), given, unread)
   if preset is not None:
     _conditional(overrides, preset, training)
   return overrides

@@ -213,3 +213,29 @@ def test_without_augmentation_a_range_for_it_is_refused_by_validate_and_run_alik
   out, err = capsys.readouterr()
   assert (out, err.splitlines()) == ("", [line])
   assert not (tmp_path / "run").exists()  # nothing trained, no storage opened
+
+
+@pytest.mark.parametrize("flag, name, transform", [
+    ("is_anatomical", "rotation_angle", "rotate"),
+    ("is_texture_based", "jitter_val", "jitter colours"),
+])
+def test_a_strength_the_datasets_flag_turns_off_is_neither_searched_nor_given_a_range(
+    flag, name, transform, study, capsys):
+  """Anatomical data is never rotated, texture-based never colour-jittered: the full preset
+  leaves that strength out, and a range for it is refused as without augmentation."""
+  path, _, _, _, _ = study
+  on = f"dataset.{flag}=true"
+  checked = validate_recipe(path, [on]).configurations
+  assert all(name not in c for c in checked)
+  assert {n for c in checked for n in c} >= set(AUGMENTATION) - {name}
+  given = f"optuna.search_space_overrides.{name}={{low: 0, high: 1}}"
+  line = (f"orchard-jax: error: optuna.search_space_overrides.{name}: the trials do not "
+          f"{transform} (dataset.{flag}: true), so {name} would change nothing; set "
+          f"dataset.{flag}: false or remove {name}")
+  assert main(["validate", str(path), "--set", on, "--set", given]) == 2
+  out, err = capsys.readouterr()
+  assert (out, err.splitlines()) == ("", [line])
+  run_dir = path.parent / f"refused_{flag}"
+  assert main(["run", str(path), "--set", on, "--set", given, "--output", str(run_dir)]) == 2
+  out, err = capsys.readouterr()
+  assert (out, err.splitlines()) == ("", [line]) and not run_dir.exists()
