@@ -11,8 +11,10 @@ storage, written into each trial's configuration and ``best_config.yaml``, and
 put into the state each trial trains (a wrapper around
 :func:`orchard_jax.core.state.create_train_state` records it). A second, shorter
 study (``quick`` preset) adds ``rotation_angle`` through a range; without the
-section a range for it is refused in one line, by ``validate`` and ``run``.
-The unit-level rules are tests/study/test_space_augment.py's.
+section a range for it is refused in one line, by ``validate`` and ``run``, and
+so is one for the strength a dataset's flag turns off (``rotation_angle`` for
+anatomical data, ``jitter_val`` for texture-based), which the ``full`` preset
+then does not search. The unit-level rules are tests/study/test_space_augment.py's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import pathlib
 import threading
 
@@ -168,7 +171,8 @@ def test_the_trial_configs_and_best_config_carry_the_strengths_a_retraining_uses
     stored = trial.user_attrs[CONFIG]["augmentation"]
     assert {n: stored[n] for n in AUGMENTATION} == {n: trial.params[n] for n in AUGMENTATION}
     assert stored["hflip"] == 0.0
-  best = max(trials, key=lambda t: (t.value, -t.number))
+  best = trials[json.loads((run_dir / "best_model" / "trial.json").read_text())["number"]]
+  # what the final phase (and orchard-jax run best_config.yaml) trains: orchard_jax.study.phases
   retrain = load_recipe(run_dir / "best_config.yaml").training.augmentation
   assert {n: getattr(retrain, n) for n in AUGMENTATION} == {
       n: best.params[n] for n in AUGMENTATION}
