@@ -2,8 +2,10 @@
 
 :func:`export_onnx` converts the model's inference function (see
 :func:`~orchard_jax.export.common.inference_function`: NHWC float32 images in, logits out,
-parameters as initializers) at opset :data:`OPSET` (the reference's, 18) with a dynamic batch
-axis: the input is ``input`` ``float32 [batch, H, W, C]``, the output ``logits``
+parameters as initializers) at opset :data:`OPSET` with a dynamic batch axis. The reference
+exports at 18; here 20, because jax2onnx writes GELU (ConvNeXt, ViT) as the ``Gelu`` operator,
+which opset 20 introduced, whatever opset it is asked for (at 18 ``onnx.checker`` refuses it).
+The input is ``input`` ``float32 [batch, H, W, C]``, the output ``logits``
 (``probabilities`` with ``probabilities=True``) ``float32 [batch, num_classes]``::
 
   session = onnxruntime.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
@@ -34,7 +36,7 @@ from orchard_jax.export.common import (ONNX_TOLERANCE, Check, ExportError, check
 from orchard_jax.fileio import atomic_write_bytes
 from orchard_jax.models.base import Model
 
-OPSET = 18  # the reference's (torch.onnx.export(opset_version=18))
+OPSET = 20  # Gelu (ConvNeXt, ViT) is an opset-20 operator, and jax2onnx emits it at any opset
 MIN_OPSET = 17
 INPUT_NAME = "input"
 BATCH_DIM = "batch"

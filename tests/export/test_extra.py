@@ -5,8 +5,11 @@ project's)."""
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 from packaging.requirements import Requirement
@@ -39,3 +42,14 @@ def test_every_installed_requirement_of_the_export_stack_is_satisfied(dist):
       continue
     version = importlib.metadata.version(req.name)  # PackageNotFoundError: a missing one
     assert req.specifier.contains(version, prereleases=True), f"{dist} needs {req}, has {version}"
+
+
+def test_importing_the_export_package_imports_none_of_the_extra():
+  """onnx, onnxruntime and jax2onnx load only when an ONNX function runs (jax2onnx's first
+  conversion imports its plugins for seconds)."""
+  code = ("import sys, orchard_jax.export; print(sorted(m for m in ('onnx', 'onnxruntime',"
+          " 'jax2onnx', 'flatbuffers') if m in sys.modules))")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ["[]"]

@@ -12,8 +12,8 @@ from flax import nnx
 
 onnx = pytest.importorskip("onnx", reason='the export extra: pip install -e ".[export]"')
 
-from orchard_jax.export import (ONNX_TOLERANCE, UnsupportedOperationError, check_onnx,  # noqa: E402
-                                export_all, export_onnx)
+from orchard_jax.export import (ONNX_TOLERANCE, OPSET, ExportError,  # noqa: E402
+                                UnsupportedOperationError, check_onnx, export_all, export_onnx)
 from orchard_jax.export import common, onnx_export  # noqa: E402
 from orchard_jax.export.onnx_export import run_onnx, session  # noqa: E402
 from orchard_jax.models import as_model  # noqa: E402
@@ -38,10 +38,10 @@ def test_onnxruntime_reproduces_the_jax_model_within_1e_4(model, converted):
   assert check.passed, check
 
 
-def test_the_graph_passes_the_checker_at_opset_18_with_a_dynamic_batch(model, converted):
+def test_the_graph_passes_the_checker_at_opset_20_with_a_dynamic_batch(model, converted):
   proto = onnx.load(str(converted))
   onnx.checker.check_model(proto, full_check=True)
-  assert {o.domain: o.version for o in proto.opset_import}[""] == 18
+  assert {o.domain: o.version for o in proto.opset_import}[""] == OPSET == 20
   (inp,), (out,) = proto.graph.input, proto.graph.output
   assert (inp.name, out.name) == ("input", "logits")
   dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
@@ -70,6 +70,27 @@ def test_opset_outside_17_to_the_newest_is_refused(models, tmp_path, opset):
   m = models.setdefault("mlp", trained("mlp"))
   with pytest.raises(ValueError, match=rf"opset must be in \[17, \d+\], got opset={opset}"):
     export_onnx(*m.weights, tmp_path / "m.onnx", opset=opset)
+
+
+class GeluNet(nnx.Module):
+  """GELU, as ConvNeXt and ViT use it: jax2onnx writes it as the opset-20 ``Gelu`` operator."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.head = nnx.Linear(3, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(jax.nn.gelu(x, approximate=False).mean(axis=(1, 2)))
+
+
+def test_gelu_converts_at_the_default_opset_and_is_one_line_at_the_references_18(tmp_path):
+  model = as_model(GeluNet(nnx.Rngs(0)))
+  params, state = model.init(jax.random.key(0), jnp.zeros((2, 4, 4, 3)))
+  path = export_onnx(model, params, state, (4, 4, 3), tmp_path / "model.onnx")
+  assert "Gelu" in {n.op_type for n in onnx.load(str(path)).graph.node}
+  assert check_onnx(path, model, params, state, (4, 4, 3)).passed
+  with pytest.raises(ExportError, match=r"^ONNX export: the converted graph fails onnx.checker: "
+                                        r"No Op registered for Gelu with domain_version of 18$"):
+    export_onnx(model, params, state, (4, 4, 3), tmp_path / "m18.onnx", opset=18)
 
 
 class MinPoolNet(nnx.Module):

@@ -46,10 +46,15 @@ def test_one_file_runs_batch_1_and_batch_5(model, exported):
                                rtol=0)
 
 
-def test_against_apply_with_the_weights_as_arguments_only_float32_rounding_differs(model, exported):
+def test_against_apply_with_the_weights_as_arguments_only_float32_rounding_differs(models, files,
+                                                                                 tmp_path):
   """XLA folds the file's constant weights, so it rounds like ``model.apply`` jitted over
   constants, not over arguments: the difference from the latter is a few float32 ulps of the
-  logits' size (as between eager and jitted ``model.apply``), not a different model."""
+  logits' size (as between eager and jitted ``model.apply``), not a different model. ResNet-18,
+  the deepest model here, with logits of about 30."""
+  from tests.export.conftest import trained
+  model = models.setdefault("resnet_18", trained("resnet_18"))
+  exported = files.get(id(model)) or export_stablehlo(*model.weights, tmp_path / "r.stablehlo")
   x = np.random.default_rng(7).standard_normal((5, *model.input_shape), np.float32)
   want = model.logits(x)
   diff = np.max(np.abs(np.asarray(load_stablehlo(exported).call(x)) - want))
