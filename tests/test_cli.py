@@ -7,6 +7,7 @@ folder), so only the first one pays the compiles.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pathlib
 import signal
@@ -120,6 +121,24 @@ def test_study_outputs_exist_and_parse(study_run):
   assert (run_dir / "best_model" / "checkpoint").is_dir()
   best = optuna.load_study(study_name="tiny", storage=f"sqlite:///{run_dir / 'study.db'}").best_trial
   assert list((run_dir / "trials").iterdir()) == [run_dir / "trials" / f"trial_{best.number}"]
+
+
+def test_the_run_ends_with_a_tested_and_exported_model(study_run):
+  """After the search, ``run`` retrains the best configuration, writes the test report and
+  exports both formats, each checked against the JAX model (the export extra is part of the
+  test command's install)."""
+  proc, run_dir = study_run
+  final = run_dir / "retrain"
+  report = json.loads((final / "test_report.json").read_text())
+  assert 0.0 <= report["without_tta"]["accuracy"] <= 1.0, report
+  assert (final / "test_report.txt").read_text().strip()
+  assert (final / "confusion_matrix.png").read_bytes().startswith(PNG)
+  exported = json.loads((final / "export" / "export.json").read_text())
+  for name in ("model.stablehlo", "model.onnx"):
+    assert (final / "export" / name).stat().st_size > 0, name
+  assert not exported["errors"], exported
+  for fmt in ("stablehlo", "onnx"):
+    assert exported["checks"][fmt]["passed"], exported
 
 
 def test_the_run_writes_its_compiled_steps_beside_jax_cache(study_run, workdir):
