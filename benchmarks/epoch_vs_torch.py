@@ -17,12 +17,14 @@ bilinear, antialias), Normalize), read by the DataLoader of ``loader.py`` in
 trial mode: ``num_workers`` by ``get_num_workers`` (2 on up to 4 cores, capped
 at 6 in trials), ``persistent_workers=False``, its ``worker_init_fn``,
 ``drop_last=True``, no pinned memory on the CPU, and torch's threads set by
-``apply_cpu_threads``. The orchard_jax side reads the same images, normalised
-once with the same mean and std, from a TensorDataset (device-resident) and
-augments them inside the training step (``AugmentationConfig`` with that
-mean/std, so the step un-normalises, augments in [0, 1] and normalises again,
-as the reference's order is). Each round also times orchard_jax's epoch
-without augmentation on the same loader, for augmentation's share of it.
+``apply_cpu_threads``. The orchard_jax side reads the same images from a
+TensorDataset (device-resident) and augments them inside the training step at
+the same strengths, two ways: scaled to [0, 1] (``AugmentationConfig()``, as
+the command line's sources are), and normalised once with the reference's
+mean and std (``AugmentationConfig(mean=..., std=...)``: the step
+un-normalises, augments in [0, 1] and normalises again, the reference's
+order). Each round also times orchard_jax's epoch without augmentation on
+the [0, 1] loader, for augmentation's share of the epoch.
 
   python benchmarks/epoch_vs_torch.py [--repeats 5] [--samples 4096]
   python benchmarks/epoch_vs_torch.py --augment [--repeats 5] [--batch 16]
@@ -176,37 +178,52 @@ def augment_images(samples: int, seed: int = 0):
   return images, rng.integers(0, 10, samples), (float(scaled.mean()),), (float(scaled.std()),)
 
 
+def _line(name, what, times, base, base_name):
+  ratios = [a / b for a, b in zip(times, base)]
+  med = statistics.median
+  print(f"{name:13s} {what:34s} orchard_jax {med(times):6.3f}s  {base_name} {med(base):6.3f}s  "
+        f"ratio {med(ratios):.3f}  pairs {' '.join(f'{r:.3f}' for r in ratios)}", flush=True)
+
+
 def bench_augment(name, batch, samples, repeats, workers, epochs=60):
-  """Prints the augmented epoch's times and per-round ratios: orchard_jax / torch, and
-  orchard_jax augmented / orchard_jax without augmentation (same loader, same rounds)."""
+  """Prints the augmented epochs' times and per-round ratios against torch's augmented epoch
+  and against orchard_jax's epoch without augmentation on the same [0, 1] loader.
+
+  orchard_jax augments two ways: images in [0, 1] (``AugmentationConfig()``, as the
+  command line's sources are) and images normalised once with the reference's mean/std
+  (``AugmentationConfig(mean, std)``: the step un-normalises, augments and normalises).
+  """
   images, labels, mean, std = augment_images(samples)
   torch_loader = DataLoader(ReferenceImages(images, labels, reference_train_transform(mean, std)),
                             batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
                             pin_memory=False, persistent_workers=False,
                             worker_init_fn=reference_worker_init if workers > 0 else None,
                             generator=torch.Generator().manual_seed(0))
-  normalised = ((images / 255.0 - mean[0]) / std[0]).astype(np.float32).transpose(0, 3, 1, 2)
-  jax_loader = DataLoader(TensorDataset(torch.from_numpy(normalised), torch.from_numpy(labels)),
-                          batch_size=batch, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(0))
-  augmented, _ = _trainer(MiniCNN(num_classes=10), jax_loader, epochs,
-                          augmentation=AugmentationConfig(mean=mean, std=std))
-  plain, _ = _trainer(MiniCNN(num_classes=10), jax_loader, epochs)
+  unit = (images / 255.0).astype(np.float32).transpose(0, 3, 1, 2)
+
+  def loader(x):
+    return DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(labels)), batch_size=batch,
+                      shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
+  unit_loader, normalised_loader = loader(unit), loader((unit - mean[0]) / std[0])
+  augmented, _ = _trainer(MiniCNN(num_classes=10), unit_loader, epochs,
+                          augmentation=AugmentationConfig())
+  augmented_norm, _ = _trainer(MiniCNN(num_classes=10), normalised_loader, epochs,
+                               augmentation=AugmentationConfig(mean=mean, std=std))
+  plain, _ = _trainer(MiniCNN(num_classes=10), unit_loader, epochs)
   torch_model = ref.TorchMiniCNN()
   opt, sched = ref.make_optimizer(torch_model, epochs=epochs)
 
   def theirs():
     ref.train_epoch(torch_model, torch_loader, opt, sched)
 
-  augmented(); theirs(); plain()  # warm-up: compile, allocate, first workers
-  ours, torch_times, plain_times = _rounds(repeats, augmented, theirs, plain)
-  vs_torch = [a / b for a, b in zip(ours, torch_times)]
-  vs_plain = [a / b for a, b in zip(ours, plain_times)]
-  med = statistics.median
-  print(f"{name:16s} augmented train epoch  orchard_jax {med(ours):6.3f}s  torch {med(torch_times):6.3f}s  "
-        f"ratio {med(vs_torch):.3f}  pairs {' '.join(f'{r:.3f}' for r in vs_torch)}", flush=True)
-  print(f"{name:16s} orchard_jax epoch augmented / unaugmented ({med(plain_times):6.3f}s)  "
-        f"ratio {med(vs_plain):.3f}  pairs {' '.join(f'{r:.3f}' for r in vs_plain)}", flush=True)
+  fns = (augmented, theirs, augmented_norm, plain)
+  for fn in fns:  # warm-up: compile, allocate, first workers
+    fn()
+  ours, torch_times, ours_norm, plain_times = _rounds(repeats, *fns)
+  _line(name, "augmented epoch, [0, 1] inputs", ours, torch_times, "torch")
+  _line(name, "augmented epoch, mean/std inputs", ours_norm, torch_times, "torch")
+  _line(name, "augmented [0, 1] / unaugmented", ours, plain_times, "unaug")
+  _line(name, "augmented mean/std / unaugmented", ours_norm, plain_times, "unaug")
 
 
 def main_augment(args):

@@ -37,15 +37,16 @@ def test_tiny_augmented_run_names_the_reference_loader_settings(tiny):
                    r"persistent_workers=False drop_last=True$", header), header
 
 
-def test_tiny_augmented_run_prints_both_ratios_with_one_pair_per_repeat(tiny):
+def test_tiny_augmented_run_prints_each_ratio_with_one_pair_per_repeat(tiny):
   assert tiny.returncode == 0, tiny.stdout + tiny.stderr
   number = r"[0-9]+\.[0-9]{3}"
-  vs_torch = (rf"^mini_cnn b8\s+augmented train epoch  orchard_jax\s+{number}s  torch\s+{number}s  "
-              rf"ratio {number}  pairs {number} {number}$")
-  vs_plain = (rf"^mini_cnn b8\s+orchard_jax epoch augmented / unaugmented \(\s*{number}s\)  "
-              rf"ratio {number}  pairs {number} {number}$")
-  assert re.search(vs_torch, tiny.stdout, re.M), tiny.stdout
-  assert re.search(vs_plain, tiny.stdout, re.M), tiny.stdout
+  for what, base in (("augmented epoch, \\[0, 1\\] inputs", "torch"),
+                     ("augmented epoch, mean/std inputs", "torch"),
+                     ("augmented \\[0, 1\\] / unaugmented", "unaug"),
+                     ("augmented mean/std / unaugmented", "unaug")):
+    pattern = (rf"^mini_cnn b8\s+{what}\s+orchard_jax\s+{number}s  {base}\s+{number}s  "
+               rf"ratio {number}  pairs {number} {number}$")
+    assert re.search(pattern, tiny.stdout, re.M), f"no line for {what}:\n{tiny.stdout}"
   assert "os.fork()" not in tiny.stderr, tiny.stderr
 
 
