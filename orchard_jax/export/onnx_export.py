@@ -16,9 +16,13 @@ folding, standard-operator fusions; the file keeps to standard ONNX operators an
 anywhere): jax2onnx writes an inference BatchNorm as ``(x - mean) * k + b`` after the
 convolution, which no fusion matches, so each ``Sub`` of a constant becomes an ``Add`` of its
 negation and a second pass folds the chain into the convolution's weights and bias, as
-torch's exporter folds BatchNorm. Measured on ResNet-18 at 28 px (one thread, interleaved runs),
-this makes onnxruntime's latency that of the reference's torch export (x1.00 at batch 1 and
-32, against x1.06-1.07 unfolded).
+torch's exporter folds BatchNorm. Before that second pass, jax2onnx's 2x2/2 reshape-max pool
+and spatial mean of NHWC tensors become ``MaxPool`` and ``GlobalAveragePool``
+(:mod:`~orchard_jax.export.onnx_rewrite`), which lets onnxruntime cancel the layout transposes
+around the convolutions, so BatchNorms next to a pool or the mean fold too. Measured at 28 px
+(one thread, interleaved runs), this makes onnxruntime's latency that of the reference's torch
+export: ResNet-18 x1.00 at batch 1 and 32 (x1.06-1.07 unfolded), MiniCNN x1.0 at batch 1 and
+256 (x1.9-2.3 without the pool rewrite; see docs/performance.md).
 
 A model that uses an operation jax2onnx has no conversion for raises
 :class:`UnsupportedOperationError`, one line that names the operation.
@@ -43,6 +47,7 @@ import numpy as np
 from orchard_jax.export.common import (ONNX_TOLERANCE, Check, ExportError, check_input_shape,
                                        check_inputs, compare, inference_function, jax_outputs,
                                        require)
+from orchard_jax.export.onnx_rewrite import rewrite_pools
 from orchard_jax.fileio import atomic_write_bytes
 from orchard_jax.models.base import Model
 
@@ -154,7 +159,8 @@ def _subtractions_as_additions(proto: Any, onnx: Any) -> int:
 def _simplified(proto: Any, onnx: Any) -> Any:
   ort = require("onnxruntime", "ONNX export")
   proto = _basic_optimized(proto, ort, onnx)
-  if _subtractions_as_additions(proto, onnx):
+  pools = rewrite_pools(proto, onnx)
+  if _subtractions_as_additions(proto, onnx) or pools:
     proto = _basic_optimized(proto, ort, onnx)
   return proto
 
