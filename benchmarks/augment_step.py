@@ -9,13 +9,16 @@ warm-up:
   without augmentation;
 * ``step + augment``: the same step on a state built with
   ``augmentation=AugmentationConfig()`` (the step augments the gathered batch);
+* ``step + augment (mean/std)``: the same on normalised inputs
+  (``AugmentationConfig(mean=..., std=...)``: the step un-normalises, augments and
+  normalises again);
 * ``augment``: ``jax.jit(augment)`` alone on the batch.
 
 Prints milliseconds per call (median of the rounds) and the medians of the
 per-round ratios (augmented step / step, augment alone / step) with their
 range. The issue's target: augmentation adds at most 15 % to the step.
 
-  python benchmarks/augment_step.py [--rounds 15] [--steps 20]
+  python benchmarks/augment_step.py [--rounds 15] [--steps 20] [--batch 64]
 """
 
 from __future__ import annotations
@@ -33,14 +36,15 @@ from orchard_jax.core import augment as aug
 from orchard_jax import tune_host_memory
 tune_host_memory()  # the orchard-jax command's allocator (ORCHARD_JAX_MALLOC=system: glibc's)
 
-BATCH, SIDE = 64, 28
+SIDE = 28
+MEAN, STD = (0.5,), (0.25,)  # the normalised side's statistics
 
 
-def _batch():
+def _batch(size: int):
   rng = np.random.default_rng(0)
-  return {"image": jnp.asarray(rng.uniform(size=(BATCH, SIDE, SIDE, 1)), jnp.float32),
-          "label": jnp.asarray(rng.integers(0, 10, BATCH), jnp.int32),
-          "mask": jnp.ones(BATCH, bool)}
+  return {"image": jnp.asarray(rng.uniform(size=(size, SIDE, SIDE, 1)), jnp.float32),
+          "label": jnp.asarray(rng.integers(0, 10, size), jnp.int32),
+          "mask": jnp.ones(size, bool)}
 
 
 def _state(augmentation):
@@ -52,9 +56,11 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--steps", type=int, default=20, help="calls per round and program")
+  parser.add_argument("--batch", type=int, default=64)
   args = parser.parse_args()
-  batch, config = _batch(), AugmentationConfig()
-  states = {"step": _state(None), "step + augment": _state(config)}
+  batch, config = _batch(args.batch), AugmentationConfig()
+  states = {"step": _state(None), "step + augment": _state(config),
+            "step + augment (mean/std)": _state(AugmentationConfig(mean=MEAN, std=STD))}
   params = aug.AugmentParams.create(config.hflip, config.rotation_angle, config.jitter_val, config.min_scale)
   spec = states["step + augment"].spec.augment
   augment = jax.jit(aug.augment, static_argnames="spec")
@@ -69,7 +75,7 @@ def main() -> None:
       states[name], metrics = train_step(states[name], batch)
     return metrics
 
-  names = ("step", "step + augment", "augment")
+  names = ("step", "step + augment", "step + augment (mean/std)", "augment")
   for name in names:  # compile and warm up
     jax.block_until_ready(run(name))
   times = {name: [] for name in names}
@@ -84,10 +90,12 @@ def main() -> None:
     return f"{statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
   device = jax.devices()[0]
-  print(f"MiniCNN, batch {BATCH} of {SIDE}x{SIDE}x1, {device.platform} ({device.device_kind}), "
+  print(f"MiniCNN, batch {args.batch} of {SIDE}x{SIDE}x1, {device.platform} ({device.device_kind}), "
         f"{args.rounds} rounds of {args.steps} calls; ms per call (median):")
   print("  " + ", ".join(f"{name} {statistics.median(t):.3f}" for name, t in times.items()))
-  print(f"  step + augment / step {ratio('step + augment')}; augment alone / step {ratio('augment')}")
+  print(f"  step + augment / step {ratio('step + augment')}; "
+        f"step + augment (mean/std) / step {ratio('step + augment (mean/std)')}; "
+        f"augment alone / step {ratio('augment')}")
 
 
 if __name__ == "__main__":
