@@ -210,9 +210,24 @@ def fit(cfg: TrialConfig) -> FitResult:
   logger.info("Training completed: best %s %.6f at epoch %s, final loss %.4f",
               training.monitor_metric, result.best, result.best_epoch,
               result.final_train_loss)
+  written = directory if best.epoch is not None and best.write_error is None else None
+  if written is not None:
+    _record_model(cfg, result.state, written)
   return FitResult(result.best, result.best_epoch, result.history, result.state,
-                   best.apply_to(result.state), result.stopped_early,
-                   directory if best.epoch is not None and best.write_error is None else None)
+                   best.apply_to(result.state), result.stopped_early, written)
+
+
+def _record_model(cfg: TrialConfig, state: TrainState, directory: pathlib.Path) -> None:
+  """``model.json`` beside the best state (:mod:`orchard_jax.engine.inference`), so that
+  :func:`orchard_jax.load_model` rebuilds a built-in model from the folder alone (one of
+  one's own code is passed to it). A failed write is a warning: the checkpoint stays."""
+  from orchard_jax.engine.inference import write_model_record  # pylint: disable=import-outside-toplevel
+  try:
+    write_model_record(directory, architecture=None, num_classes=cfg.num_classes,
+                       input_shape=state.spec.input_shape, layout=cfg.layout,
+                       precision=str(state.spec.policy), model=trial_record(cfg)["model"])
+  except OSError as e:
+    logger.warning("model.json not written beside the best state in %s: %s", directory, e)
 
 
 def load_best_state(cfg: TrialConfig, trial_number: int | None = None) -> TrainState:

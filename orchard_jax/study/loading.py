@@ -24,8 +24,9 @@ architecture of the recipe (a registry model, or ``architecture.function``,
 found again relative to the file). A Python study's ``model.json`` holds the
 model's ``repr`` (what :func:`~orchard_jax.run_trial` recorded): a built-in
 model of :mod:`orchard_jax.models` is rebuilt from its fields there
-(:func:`builtin_from_repr`). A model of one's own Python code (a Python study's,
-a ``fit`` of one's own) cannot be rebuilt from files: pass it,
+(:func:`builtin_from_repr`); :func:`~orchard_jax.fit` writes the same record. A model of
+one's own Python code (a Python study's, a ``fit`` of one's own) cannot be rebuilt from
+files: pass it,
 ``load_model(path, model=MyModel(...))``; without it the error says so in one
 line.
 """
@@ -148,7 +149,7 @@ def load_model(path: str | os.PathLike, model: Any = None, *, precision: str | N
   if model is None:
     if record is None:
       raise ConfigError(f"{folder} has no {MODEL_FILE} to rebuild its model from (written by "
-                        f"orchard_jax before load_model, or by fit from Python): pass it, "
+                        f"an orchard_jax without load_model): pass it, "
                         f"load_model({str(path)!r}, model=<the model it trained>)")
     model = model_from_record(record, folder)
   model = as_model(model)

@@ -147,9 +147,23 @@ def test_a_python_study_of_ones_own_model_says_to_pass_it_in_one_line(tmp_path):
 
 
 def test_a_fit_folder_gives_its_best_value(tmp_path):
+  """``fit`` writes model.json beside its best state: a built-in model loads from the folder
+  alone, as from a study's."""
   result = fit(config(0.3, tmp_path))
-  loaded = load_model(tmp_path, model=MLP(num_classes=CLASSES, hidden=(16,)))
+  loaded = load_model(tmp_path)
   assert loaded.path == tmp_path / "fit"
+  assert loaded.model.module == MLP(num_classes=CLASSES, hidden=(16,))
+  assert roc_auc(loaded.predict(X_VAL), Y_VAL) == pytest.approx(result.best, abs=1e-6)
+  passed = load_model(tmp_path, model=MLP(num_classes=CLASSES, hidden=(16,)))
+  assert roc_auc(passed.predict(X_VAL), Y_VAL) == pytest.approx(result.best, abs=1e-6)
+
+
+def test_a_fit_of_ones_own_model_says_to_pass_it_in_one_line(tmp_path):
+  result = fit(config(0.3, tmp_path, epochs=1).replace(model=OwnMLP()))
+  with pytest.raises(ConfigError, match=r"cannot rebuild from files: pass it, load_model\(") as e:
+    load_model(tmp_path)
+  assert "\n" not in str(e.value) and "OwnMLP(" in str(e.value)
+  loaded = load_model(tmp_path, model=OwnMLP())
   assert roc_auc(loaded.predict(X_VAL), Y_VAL) == pytest.approx(result.best, abs=1e-6)
 
 
