@@ -40,6 +40,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import cohort_trials  # noqa: E402  pylint: disable=wrong-import-position
 import first_trial  # noqa: E402  pylint: disable=wrong-import-position
+from study_vs_torch import study_only  # noqa: E402  pylint: disable=wrong-import-position
 
 CLI = "import sys; from orchard_jax.cli import console; sys.exit(console(sys.argv[1:]))"
 
@@ -58,7 +59,7 @@ def _run(cmd: list[str], checkout: pathlib.Path, what: str) -> tuple[float, str]
 def study(checkout: pathlib.Path, work: pathlib.Path, name: str, cache: pathlib.Path,
           sets: tuple[str, ...] = ()) -> float:
   """Wall seconds of ``orchard-jax run`` on the bundled recipe, from ``checkout``."""
-  cmd = [sys.executable, "-c", CLI, "run", "--output", str(work / name),
+  cmd = [sys.executable, "-c", CLI, "run", *study_only(checkout), "--output", str(work / name),
          "--set", f"telemetry.compilation_cache={cache}"]
   for assignment in sets:
     cmd += ["--set", assignment]

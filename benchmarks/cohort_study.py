@@ -47,7 +47,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 # study_vs_torch runs the command the same way: its command, its timing and its log-line prefix
-from study_vs_torch import LOGGED, orchard_command, timed  # noqa: E402
+from study_vs_torch import LOGGED, orchard_command, study_only, timed  # noqa: E402
 ARCHS = ("mlp", "mini_cnn")
 SIDES = {"solo": 1, "cohort": 4}  # name: optuna.cohort_size
 RECIPE_WARMUP = 3                 # the bundled recipe's optuna.pruning_warmup_epochs
@@ -115,7 +115,7 @@ def run_side(arch: str, side: str, args: argparse.Namespace, work: pathlib.Path)
   cache.mkdir(parents=True)  # its own, empty: a cold run
   sets = {"architecture.name": arch, "optuna.cohort_size": SIDES[side],
           "telemetry.compilation_cache": str(cache), **size_sets(args.n_trials, args.epochs)}
-  cmd = [*orchard_command(), "run", "--output", str(out)]
+  cmd = [*orchard_command(), "run", *study_only(), "--output", str(out)]
   for key, value in sets.items():
     cmd += ["--set", f"{key}={value}"]
   env = dict(os.environ)

@@ -37,6 +37,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from study_vs_torch import study_only  # noqa: E402  pylint: disable=wrong-import-position
+
 CLI = ("import sys, orchard_jax; print('MODULE', orchard_jax.__file__, file=sys.stderr); "
        "from orchard_jax.cli import console; sys.exit(console(sys.argv[1:]))")
 SETS = ("architecture.name=mlp", "optuna.n_trials=32", "optuna.epochs=10",
@@ -53,7 +56,8 @@ def run_once(checkout: pathlib.Path, work: pathlib.Path, cache: pathlib.Path,
          "PYTHONUNBUFFERED": "1"}
   out = pathlib.Path(tempfile.mkdtemp(dir=work))
   cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), "-c", CLI, "run",
-         "--output", str(out / "run"), "--set", f"telemetry.compilation_cache={cache}"]
+         *study_only(checkout), "--output", str(out / "run"),
+         "--set", f"telemetry.compilation_cache={cache}"]
   for assignment in sets:
     cmd += ["--set", assignment]
   start = time.perf_counter()

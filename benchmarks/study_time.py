@@ -60,7 +60,7 @@ CHILD = HERE / "_study_child.py"
 sys.path.insert(0, str(HERE))
 # the conventions of the other whole-study benchmarks: the installed command and the recipe's warmup
 from cohort_study import RECIPE_WARMUP, size_sets  # noqa: E402
-from study_vs_torch import orchard_command  # noqa: E402
+from study_vs_torch import orchard_command, study_only  # noqa: E402
 
 COHORT_SIZE = 8
 DEFAULTS = {"mlp": (32, 10), "mini_cnn": (None, None)}  # arch: (n_trials, epochs); None: recipe's
@@ -97,7 +97,7 @@ def _run(sets: dict[str, object], out: pathlib.Path, totals: pathlib.Path, what:
   """Runs the study in a fresh child process (orchard_jax imported from ``checkout`` when one is
   given); returns its wall seconds, the wall clock when it was started and its log. Raises
   Refused on exit status 2 (a refused setting)."""
-  cmd = [sys.executable, str(CHILD), "run", "--output", str(out)]
+  cmd = [sys.executable, str(CHILD), "run", *study_only(checkout), "--output", str(out)]
   for key, value in sets.items():
     cmd += ["--set", f"{key}={value}"]
   env = dict(os.environ, STUDY_TIME_OUT=str(totals))

@@ -60,6 +60,13 @@ def orchard_command() -> list[str]:
   return [script] if script else [sys.executable, "-m", "orchard_jax.cli"]
 
 
+def study_only(checkout: pathlib.Path | None = None) -> list[str]:
+  """``run``'s arguments that end it with the search (no final run, evaluation or export), for
+  the code of ``checkout`` (None: this one); none for a checkout older than those phases."""
+  root = ROOT if checkout is None else pathlib.Path(checkout)
+  return ["--final", "off"] if (root / "orchard_jax" / "study" / "phases.py").is_file() else []
+
+
 def timed(cmd: list[str], env: dict[str, str], what: str) -> tuple[float, str, str]:
   start = time.perf_counter()
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -151,7 +158,7 @@ def run_round(index: int, args: argparse.Namespace, work: pathlib.Path) -> dict:
 
   def orchard(name: str) -> tuple[float, dict]:
     out = work / name
-    cmd = [*orchard_command(), "run", "--output", str(out), "--set",
+    cmd = [*orchard_command(), "run", *study_only(), "--output", str(out), "--set",
            f"telemetry.compilation_cache={cache}", *sets]
     seconds, stdout, stderr = timed(cmd, env, f"orchard-jax ({name})")
     (work / f"{name}.log").write_text(stdout + stderr)
