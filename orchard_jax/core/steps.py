@@ -125,18 +125,28 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, 
   return new_state, masked_sums(jnp.broadcast_to(loss, labels_B.shape), logits, labels_B, mask_B)
 
 
-def _eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-  spec, policy = state.spec, state.spec.policy
-  batch = materialize(batch)
-  check_batch(spec, batch)
-  labels_B, mask_B = batch["label"].astype(jnp.int32), batch["mask"]
-  logits, _ = spec.model.apply(policy.cast_to_compute(state.params), state.model_state,
-                               policy.cast_to_compute(batch["image"]), train=False,
-                               rng=state.rng, mask=mask_B)
-  logits_BxC = policy.cast_to_output(logits).astype(jnp.float32)
+def eval_logits(state: TrainState, images: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """Evaluation-mode float32 logits ``[N, C]`` of ``images`` under the state's dtype policy."""
+  policy = state.spec.policy
+  logits, _ = state.spec.model.apply(policy.cast_to_compute(state.params), state.model_state,
+                                     policy.cast_to_compute(images), train=False, rng=state.rng,
+                                     mask=mask)
+  return policy.cast_to_output(logits).astype(jnp.float32)
+
+
+def eval_outputs(logits_BxC: jax.Array, labels_B: jax.Array,
+                 mask_B: jax.Array) -> dict[str, jax.Array]:
+  """An evaluation step's outputs (see :data:`eval_step`) from a batch's logits."""
   loss_B = losses.per_sample_cross_entropy(logits_BxC, labels_B)
   return {"logits": logits_BxC, "loss": jnp.where(mask_B, loss_B, 0.0), "label": labels_B,
           "mask": mask_B, **masked_sums(loss_B, logits_BxC, labels_B, mask_B)}
+
+
+def _eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+  batch = materialize(batch)
+  check_batch(state.spec, batch)
+  labels_B, mask_B = batch["label"].astype(jnp.int32), batch["mask"]
+  return eval_outputs(eval_logits(state, batch["image"], mask_B), labels_B, mask_B)
 
 
 train_step = jax.jit(_train_step, donate_argnums=0)

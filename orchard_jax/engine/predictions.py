@@ -21,11 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from orchard_jax.core import losses
 from orchard_jax.core.batches import materialize
-from orchard_jax.core.metrics import masked_sums
 from orchard_jax.core.state import TrainState
-from orchard_jax.core.steps import check_batch
+from orchard_jax.core.steps import check_batch, eval_logits, eval_outputs
 from orchard_jax.engine.feed import batches
 from orchard_jax.engine.passes import Solo, Validation, validation_pass
 
@@ -37,24 +35,14 @@ _TINY = float(jnp.finfo(jnp.float32).tiny)  # the floor of a probability before 
 def _tta_eval_step(tta: Any, state: TrainState, batch: Any) -> dict[str, jax.Array]:
   from orchard_jax.core.tta import tta_probabilities  # pylint: disable=import-outside-toplevel
 
-  spec, policy = state.spec, state.spec.policy
   batch = materialize(batch)
-  check_batch(spec, batch)
+  check_batch(state.spec, batch)
   labels_B, mask_B = batch["label"].astype(jnp.int32), batch["mask"]
-  params = policy.cast_to_compute(state.params)
-
-  def logits_fn(x: jax.Array) -> jax.Array:
-    logits, _ = spec.model.apply(params, state.model_state, policy.cast_to_compute(x),
-                                 train=False, rng=state.rng)
-    return policy.cast_to_output(logits).astype(jnp.float32)
-
-  probs_BxC = tta_probabilities(logits_fn, batch["image"], tta)
+  probs_BxC = tta_probabilities(functools.partial(eval_logits, state), batch["image"], tta)
   # log(mean probability): its softmax is the ensemble's probabilities again, and its
   # cross-entropy the ensemble's negative log-likelihood
   logits_BxC = jnp.log(jnp.maximum(probs_BxC.astype(jnp.float32), _TINY))
-  loss_B = losses.per_sample_cross_entropy(logits_BxC, labels_B)
-  return {"logits": logits_BxC, "loss": jnp.where(mask_B, loss_B, 0.0), "label": labels_B,
-          "mask": mask_B, **masked_sums(loss_B, logits_BxC, labels_B, mask_B)}
+  return eval_outputs(logits_BxC, labels_B, mask_B)
 
 
 tta_eval_step = jax.jit(_tta_eval_step, static_argnums=0)
